@@ -1,0 +1,89 @@
+"""autograd.Function wrapping a backend kernel: it saves the gradient the forward made, no math.
+
+The Function returns the *reduced* loss (a scalar for "mean"/"sum", ``(R,)`` for "none"),
+because the kernel already folded the reduction's scale (1 / denominator for "mean") into the
+gradient: backward then only multiplies by the upstream gradient, and skips even that when
+the upstream gradient is exactly 1 (the usual ``loss.backward()``).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ._params import CEParams
+
+Kernel = Callable[..., tuple[Tensor, Tensor, "Tensor | None"]]
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """``(logits (R, C), target, weight, denominator, scale) -> (reduced loss, lse (R,))``.
+
+    ``denominator`` divides the summed loss for "mean" (``None`` otherwise); ``scale`` is the
+    matching gradient factor (``1 / denominator``, or 0 when nothing counts, as torch).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        logits: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        denominator: Tensor | None,
+        scale: Tensor,
+        params: CEParams,
+        kernel: Kernel,
+    ) -> tuple[Tensor, Tensor]:
+        want_grad = ctx.needs_input_grad[0]
+        loss, lse, grad = kernel(logits, target, weight, scale if want_grad else None, params)
+        if grad is not None and params.inplace_backward:
+            # The logits now hold the gradient: any other autograd node that saved them must
+            # fail loudly on backward instead of silently reading the gradient.
+            torch.autograd.graph.increment_version(logits)
+        if params.reduction == "sum":
+            loss = loss.sum()
+        elif params.reduction == "mean":
+            loss = loss.sum() / denominator
+        ctx.grad = grad
+        ctx.inplace = params.inplace_backward
+        ctx.scale = scale
+        ctx.params = params
+        if ctx.needs_input_grad[1]:
+            # Probability targets that require grad: d loss / d target needs log p, recomputed
+            # in backward from the logits and lse (never stored as an (R, C) buffer in forward).
+            ctx.save_for_backward(logits, lse, weight)
+        ctx.mark_non_differentiable(lse)
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_lse: Tensor | None):
+        grad_logits = grad_target = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = _times_upstream(ctx.grad, grad_loss, in_place=ctx.inplace)
+            if ctx.inplace:
+                ctx.grad = None  # the buffer is consumed; a second backward must not reuse it
+        if ctx.needs_input_grad[1]:
+            from .backends.torch_fused import prob_target_grad
+
+            logits, lse, weight = ctx.saved_tensors
+            g = prob_target_grad(logits, lse, weight, ctx.params) * ctx.scale
+            grad_target = g * (grad_loss.unsqueeze(1) if grad_loss.dim() else grad_loss)
+        return grad_logits, grad_target, None, None, None, None, None
+
+
+def _times_upstream(grad: Tensor | None, upstream: Tensor, in_place: bool) -> Tensor:
+    if grad is None:
+        raise RuntimeError(
+            "crossent: backward ran twice through a cross_entropy call made with "
+            "inplace_backward=True; its gradient lives in the logits' storage and can be used "
+            "once. Use inplace_backward=False with retain_graph=True."
+        )
+    if upstream.dim() == 0:
+        # Host read is free on CPU; on accelerators skip the check to avoid a sync.
+        if upstream.device.type == "cpu" and upstream.item() == 1.0:
+            return grad
+        factor = upstream.to(grad.dtype)
+    else:
+        factor = upstream.to(grad.dtype).unsqueeze(1)  # (R, 1)
+    return grad.mul_(factor) if in_place else grad * factor

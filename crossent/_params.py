@@ -1,0 +1,23 @@
+"""Options of one cross-entropy call, passed as one frozen object through every layer."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+@dataclass(frozen=True)
+class CEParams:
+    """Everything a backend needs besides tensors.
+
+    ``reduction`` tells the kernel how the per-row gradient is scaled (``grad_scale``);
+    ``softcap`` caps logits as ``softcap * tanh(x / softcap)`` before the softmax;
+    ``z_loss`` adds ``z_loss * lse**2`` to each non-ignored row.
+    """
+
+    ignore_index: int = -100
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+    inplace_backward: bool = False

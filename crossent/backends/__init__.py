@@ -1,0 +1,17 @@
+"""Compute backends. Every backend exposes the same kernel contract:
+
+``ce_forward(logits, target, weight, grad_scale, params) -> (loss, lse, grad)``
+
+- ``logits``: ``(R, C)`` contiguous, float16 / bfloat16 / float32 / float64.
+- ``target``: ``(R,)`` int64 class indices (already validated: each in ``[0, C)`` or
+  ``== params.ignore_index``), or ``(R, C)`` probabilities in the accumulation dtype.
+- ``weight``: ``(C,)`` class weights in the accumulation dtype, or ``None``.
+- ``grad_scale``: 0-d tensor in the accumulation dtype multiplying the gradient, or ``None``
+  when no gradient is wanted (then ``grad`` is ``None``).
+- returns ``loss`` ``(R,)`` per-row loss (weighted, smoothed, z-loss added, 0 for ignored rows),
+  ``lse`` ``(R,)`` logsumexp of the (soft-capped) logits, both in the accumulation dtype, and
+  ``grad`` ``(R, C)`` in the logits' dtype: ``grad_scale * d loss[r] / d logits[r]``. With
+  ``params.inplace_backward`` the gradient is written into ``logits``' storage.
+
+The accumulation dtype is float64 for float64 logits and float32 otherwise.
+"""

@@ -1,0 +1,157 @@
+"""Portable PyTorch backend: fused cross-entropy forward that also produces the gradient.
+
+Rows are processed in chunks so the temporaries stay a bounded size (``_CHUNK_ELEMENTS``
+per buffer) whatever N is; no (N, C) log-probabilities are ever kept. Runs on any device.
+See ``crossent.backends`` for the kernel contract.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._params import CEParams
+
+# About 4 MiB of fp32 per temporary on CPU: large enough that per-op overhead is amortised,
+# small enough to stay in cache-friendly territory. Accelerators prefer bigger launches.
+_CHUNK_ELEMENTS = {"cpu": 1 << 20}
+_DEFAULT_CHUNK_ELEMENTS = 1 << 26
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows_per_chunk(n_rows: int, n_classes: int, device: torch.device) -> int:
+    budget = _CHUNK_ELEMENTS.get(device.type, _DEFAULT_CHUNK_ELEMENTS)
+    return max(1, min(n_rows, budget // max(1, n_classes)))
+
+
+def _capped(x: Tensor, softcap: float | None) -> tuple[Tensor, Tensor | None]:
+    """Soft-cap logits; also return tanh(x / cap), whose square gives the chain-rule factor."""
+    if softcap is None:
+        return x, None
+    t = torch.tanh(x / softcap)
+    return t * softcap, t
+
+
+def ce_forward(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    grad_scale: Tensor | None,
+    params: CEParams,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-row loss ``(R,)``, lse ``(R,)`` and, if ``grad_scale`` is given, the gradient ``(R, C)``."""
+    n_rows, n_classes = logits.shape
+    acc = acc_dtype(logits.dtype)
+    loss = torch.empty(n_rows, dtype=acc, device=logits.device)  # (R,)
+    lse = torch.empty(n_rows, dtype=acc, device=logits.device)  # (R,)
+    grad = None
+    if grad_scale is not None:
+        grad = logits if params.inplace_backward else torch.empty_like(logits)  # (R, C)
+    probs_target = target.is_floating_point()
+    step = _rows_per_chunk(n_rows, n_classes, logits.device)
+    for start in range(0, n_rows, step):
+        rows = slice(start, start + step)
+        x, tanh_x = _capped(logits[rows].to(acc), params.softcap)  # (r, C) acc
+        if probs_target:
+            out = _prob_rows(x, target[rows], weight, grad is not None, params)
+        else:
+            out = _index_rows(x, target[rows], weight, grad is not None, params)
+        loss[rows], lse[rows], g = out
+        if grad is not None:
+            g.mul_(grad_scale)
+            if tanh_x is not None:
+                # d(cap * tanh(x / cap))/dx = 1 - tanh^2
+                g.mul_(1 - tanh_x * tanh_x)
+            grad[rows] = g
+    return loss, lse, grad
+
+
+def _softmax_lse(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax of each row and its logsumexp, max-subtracted so any finite logits are safe."""
+    m = x.amax(1, keepdim=True)  # (r, 1)
+    # A row of all -inf gives m = -inf and NaNs below, exactly as torch's log_softmax does.
+    p = (x - m).exp_()  # (r, C)
+    s = p.sum(1, keepdim=True)  # (r, 1)
+    p.div_(s)
+    return p, (m + s.log()).squeeze(1)
+
+
+def _index_rows(
+    x: Tensor, t: Tensor, weight: Tensor | None, want_grad: bool, params: CEParams
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Class-index rows. With smoothing eps and class weights w (torch's formula):
+
+    loss = (1 - eps) * w_y * (lse - x_y) + eps / C * sum_c w_c * (lse - x_c) [+ z * lse^2]
+    """
+    n_classes = x.shape[1]
+    eps = max(params.label_smoothing, 0.0)  # torch ignores smoothing <= 0
+    p, lse = _softmax_lse(x)
+    valid = t != params.ignore_index  # (r,)
+    t_safe = torch.where(valid, t, 0).unsqueeze(1)  # (r, 1)
+    w_y = valid.to(x.dtype)
+    if weight is not None:
+        w_y = w_y * weight[t_safe.squeeze(1)]
+    x_y = x.gather(1, t_safe).squeeze(1)
+    loss = (1 - eps) * w_y * (lse - x_y)
+    coef = (1 - eps) * w_y  # multiplies p in the gradient
+    if eps > 0:
+        if weight is None:
+            smooth = n_classes * lse - x.sum(1)
+            w_total = float(n_classes)
+        else:
+            # -(logp * w).sum(), written as torch does so that -inf * 0 gives the same NaN
+            smooth = -((x - lse.unsqueeze(1)) * weight).sum(1)
+            w_total = weight.sum()
+        loss = loss + (eps / n_classes) * torch.where(valid, smooth, 0)
+        coef = coef + (eps / n_classes) * w_total * valid
+    if params.z_loss:
+        loss = loss + params.z_loss * lse * lse
+        coef = coef + 2 * params.z_loss * valid * lse
+    # Ignored rows contribute exactly 0, even when their logits are not finite.
+    loss = torch.where(valid, loss, 0)
+    if not want_grad:
+        return loss, lse, None
+    g = p.mul_(coef.unsqueeze(1))  # (r, C), reuses the softmax buffer
+    # The true-class term is subtracted in the accumulation dtype (p_y - 1 must not round away).
+    g.scatter_add_(1, t_safe, (-(1 - eps) * w_y).unsqueeze(1))
+    if eps > 0:
+        w_row = 1.0 if weight is None else weight
+        g.sub_((eps / n_classes) * valid.to(x.dtype).unsqueeze(1) * w_row)
+    return loss, lse, g
+
+
+def _prob_rows(
+    x: Tensor, t: Tensor, weight: Tensor | None, want_grad: bool, params: CEParams
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Probability rows: loss = -sum_c w_c * t_c * log p_c, with t smoothed towards 1/C."""
+    eps = params.label_smoothing
+    p, lse = _softmax_lse(x)
+    t = t.to(x.dtype)
+    if eps > 0:
+        t = t * (1 - eps) + eps / x.shape[1]
+    wt = t if weight is None else t * weight  # (r, C)
+    loss = -((x - lse.unsqueeze(1)) * wt).sum(1)
+    mass = wt.sum(1)  # (r,): total weighted target mass, 1 for plain distributions
+    if params.z_loss:
+        loss = loss + params.z_loss * lse * lse
+        mass = mass + 2 * params.z_loss * lse
+    if not want_grad:
+        return loss, lse, None
+    g = p.mul_(mass.unsqueeze(1)).sub_(wt)
+    return loss, lse, g
+
+
+def prob_target_grad(
+    logits: Tensor, lse: Tensor, weight: Tensor | None, params: CEParams
+) -> Tensor:
+    """d loss[r] / d target[r, c] = -(1 - eps) * w_c * log p[r, c]  (probability targets), ``(R, C)``."""
+    acc = lse.dtype
+    x, _ = _capped(logits.to(acc), params.softcap)
+    eps = max(params.label_smoothing, 0.0)
+    g = (x - lse.unsqueeze(1)).mul_(-(1 - eps))
+    if weight is not None:
+        g.mul_(weight)
+    return g

@@ -1,0 +1,241 @@
+"""Public functions: validate, move the class dim last and flatten to rows, dispatch, reduce.
+
+Shapes: ``C`` classes, ``N`` batch, ``d1..dk`` extra (e.g. spatial) dims; internally every
+call becomes ``R`` rows of ``C`` logits (``R = N * d1 * ... * dk``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _validate
+from ._autograd import CrossEntropyFunction
+from ._dispatch import resolve
+from ._params import CEParams
+from ._softmax import LogSoftmax, Softmax, softmax_dim
+from .backends.torch_fused import acc_dtype
+
+__all__ = ["cross_entropy", "cross_entropy_with_lse", "nll_loss", "log_softmax", "softmax"]
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    impl: str = "auto",
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    inplace_backward: bool = False,
+) -> Tensor:
+    r"""Cross-entropy between logits and targets, a drop-in for ``torch.nn.functional.cross_entropy``.
+
+    For a row of logits :math:`x` and class index :math:`y` the loss is
+    :math:`w_y (\log\sum_c e^{x_c} - x_y)`, computed max-subtracted so any finite logits are safe.
+
+    Args:
+        input: logits ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``; never probabilities.
+        target: class indices ``()``, ``(N,)`` or ``(N, d1, ..., dk)`` (int64 or uint8), or class
+            probabilities of the input's shape.
+        weight: ``(C,)`` per-class weights, same dtype as ``input``.
+        ignore_index: class-index value whose rows contribute nothing (not to the mean either).
+        reduction: ``"none"`` (loss of the target's shape), ``"mean"`` (divided by the summed
+            weight of non-ignored targets, or by the row count for probabilities; NaN when every
+            target is ignored, as in torch) or ``"sum"``.
+        label_smoothing: mixes the target with the uniform distribution, torch's formula.
+        impl: backend, ``"auto"`` or a name from ``crossent.backends``; never falls back silently.
+        z_loss: adds ``z_loss * lse**2`` for each counted row (PaLM's auxiliary loss).
+        softcap: caps logits as ``softcap * tanh(x / softcap)`` before the softmax (Gemma 2).
+        inplace_backward: write the gradient into ``input``'s storage (saves one ``(N, C)``
+            buffer). ``input`` must not be needed afterwards; autograd raises if it is.
+
+    Shape: scalar for "mean"/"sum"; the target's index shape for "none".
+
+    Examples:
+        >>> import torch, crossent
+        >>> logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
+        >>> crossent.cross_entropy(logits, torch.tensor([0, 2]))
+        tensor(0.1934)
+    """
+    loss, _ = _cross_entropy(
+        input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
+        impl, z_loss, softcap, inplace_backward,
+    )
+    return loss
+
+
+def cross_entropy_with_lse(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    impl: str = "auto",
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    inplace_backward: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Like :func:`cross_entropy`, also returning the float32/float64 logsumexp of every row.
+
+    Returns ``(loss, lse)``; ``lse`` has the target's index shape and carries no gradient.
+    """
+    return _cross_entropy(
+        input, target, weight, None, ignore_index, None, reduction, label_smoothing,
+        impl, z_loss, softcap, inplace_backward,
+    )
+
+
+def _cross_entropy(
+    input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
+    impl, z_loss, softcap, inplace_backward,
+) -> tuple[Tensor, Tensor]:
+    reduction = _validate.resolve_reduction(size_average, reduce, reduction)
+    _validate.check_options(label_smoothing, z_loss, softcap)
+    _validate.check_input(input)
+    probs = _validate.target_is_probabilities(input, target, ignore_index)
+    _validate.check_weight(weight, input)
+    _validate.warn_weight_grad(weight)
+    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if not probs:
+        _validate.check_target_values(target, n_classes, ignore_index)
+    if inplace_backward and input.is_leaf and input.requires_grad:
+        raise RuntimeError(
+            "inplace_backward=True would overwrite a leaf tensor that requires grad (a parameter "
+            "or user input); pass the logits produced by the model, or inplace_backward=False"
+        )
+    params = CEParams(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss), softcap=softcap, inplace_backward=inplace_backward,
+    )
+    kernel = resolve(impl, input)
+    acc = acc_dtype(input.dtype)
+    logits, rows_target, out_shape = to_rows(input, target, probs)
+    if probs:
+        rows_target = rows_target.to(acc)
+    w = None if weight is None else weight.detach().to(acc)
+    denominator, scale = _mean_terms(rows_target, w, params, probs, acc)
+    loss, lse = CrossEntropyFunction.apply(logits, rows_target, w, denominator, scale, params, kernel)
+    out_dtype = torch.result_type(input, target) if probs else input.dtype
+    if reduction == "none":
+        loss = loss.reshape(out_shape)
+    return loss.to(out_dtype), lse.reshape(out_shape)
+
+
+def to_rows(input: Tensor, target: Tensor, probs: bool) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """Move the class dim last and flatten: logits ``(R, C)``, target ``(R,)`` or ``(R, C)``.
+
+    Also returns the index shape the per-row results are reshaped to for ``reduction="none"``.
+    """
+    if input.dim() == 1:
+        logits = input.unsqueeze(0)  # (1, C)
+        rows_target = target.reshape(1, -1) if probs else target.reshape(1)
+        return logits, rows_target, ()
+    n_classes = input.shape[1]
+    out_shape = (input.shape[0], *input.shape[2:])
+    logits = input.movedim(1, -1).reshape(-1, n_classes).contiguous()  # (R, C)
+    if probs:
+        rows_target = target.movedim(1, -1).reshape(-1, n_classes)  # (R, C)
+    else:
+        rows_target = target.reshape(-1).long()  # (R,)
+    return logits, rows_target, out_shape
+
+
+def _mean_terms(
+    target: Tensor, weight: Tensor | None, params: CEParams, probs: bool, acc: torch.dtype
+) -> tuple[Tensor | None, Tensor]:
+    """Denominator of "mean" and the gradient scale the kernel folds in (1 for "sum"/"none")."""
+    device = target.device
+    if params.reduction != "mean":
+        return None, torch.ones((), dtype=acc, device=device)
+    if probs:
+        denominator = torch.tensor(float(target.shape[0]), dtype=acc, device=device)
+    else:
+        valid = target != params.ignore_index  # (R,)
+        if weight is None:
+            denominator = valid.sum().to(acc)
+        else:
+            denominator = torch.where(valid, weight[torch.where(valid, target, 0)], 0).sum()
+    # An all-ignored batch: loss 0/0 = NaN and a zero gradient, exactly as torch.
+    scale = torch.where(denominator > 0, 1 / denominator, 0)
+    return denominator, scale
+
+
+def nll_loss(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Negative log-likelihood of log-probabilities, a drop-in for ``torch.nn.functional.nll_loss``.
+
+    ``loss = -w_y * input[y]`` per row; ``nll_loss(log_softmax(x, 1), y) == cross_entropy(x, y)``.
+
+    Args: ``input`` log-probabilities ``(C,)``, ``(N, C)`` or ``(N, C, d1..dk)``; the rest as in
+    :func:`cross_entropy` (class-index targets only).
+
+    Examples:
+        >>> import torch, crossent
+        >>> logp = crossent.log_softmax(torch.tensor([[2.0, 0.5, -1.0]]), dim=1)
+        >>> crossent.nll_loss(logp, torch.tensor([0]))
+        tensor(0.2413)
+    """
+    reduction = _validate.resolve_reduction(size_average, reduce, reduction)
+    _validate.check_input(input)
+    _validate.check_index_target(input, target)
+    _validate.check_weight(weight, input)
+    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    _validate.check_target_values(target, n_classes, ignore_index)
+    logp, rows_target, out_shape = to_rows(input, target, probs=False)
+    acc = acc_dtype(input.dtype)
+    valid = rows_target != ignore_index  # (R,)
+    safe = torch.where(valid, rows_target, 0)
+    w_y = valid.to(acc) if weight is None else torch.where(valid, weight.to(acc)[safe], 0)
+    picked = logp.gather(1, safe.unsqueeze(1)).squeeze(1).to(acc)  # (R,)
+    loss = torch.where(valid, -w_y * picked, 0)  # 0, not NaN, for ignored rows
+    if reduction == "none":
+        return loss.reshape(out_shape).to(input.dtype)
+    total = loss.sum()
+    return (total if reduction == "sum" else total / w_y.sum()).to(input.dtype)
+
+
+def log_softmax(
+    input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None
+) -> Tensor:
+    r"""``log_softmax(x)_i = x_i - \log\sum_j e^{x_j}`` along ``dim`` (any dim), as torch's.
+
+    Examples:
+        >>> import torch, crossent
+        >>> crossent.log_softmax(torch.tensor([0.0, 0.0]), dim=0)
+        tensor([-0.6931, -0.6931])
+    """
+    _validate.check_input(input)
+    if dtype is not None:
+        input = input.to(dtype)
+    return LogSoftmax.apply(input, softmax_dim("log_softmax", input.dim(), dim))
+
+
+def softmax(
+    input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None
+) -> Tensor:
+    r"""``softmax(x)_i = e^{x_i} / \sum_j e^{x_j}`` along ``dim`` (any dim), max-subtracted.
+
+    Examples:
+        >>> import torch, crossent
+        >>> crossent.softmax(torch.tensor([[1.0, 1.0], [0.0, 100.0]]), dim=1)
+        tensor([[0.5000, 0.5000],
+                [0.0000, 1.0000]])
+    """
+    _validate.check_input(input)
+    if dtype is not None:
+        input = input.to(dtype)
+    return Softmax.apply(input, softmax_dim("softmax", input.dim(), dim))
