@@ -5,7 +5,9 @@ cannot run raises instead of falling back silently.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import os
 from typing import Callable
 
 from torch import Tensor
@@ -13,17 +15,30 @@ from torch import Tensor
 from ._autograd import Kernel
 
 
-def _torch_kernel() -> Kernel:
-    from .backends import torch_fused
+def _kernel(module: str) -> Callable[[], Kernel]:
+    """Lazy loader: optional dependencies are imported on first use, never at import crossent."""
+    return lambda: importlib.import_module(f"crossent.backends.{module}").ce_forward
 
-    return torch_fused.ce_forward
+
+def _numba_why_not(t: Tensor) -> str | None:
+    return None if t.device.type == "cpu" else f"the numba backend runs on CPU tensors, got {t.device}"
+
+
+def _triton_why_not(t: Tensor) -> str | None:
+    if t.device.type == "cuda":
+        return None
+    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None  # Triton's interpreter runs the kernels on CPU tensors (tests, CI)
+    return f"Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 on CPU), got {t.device}"
 
 
 # name -> (loads the kernel, tells why it cannot run on this tensor or None)
 _BACKENDS: dict[str, tuple[Callable[[], Kernel], Callable[[Tensor], str | None]]] = {
-    "torch": (_torch_kernel, lambda t: None),
+    "torch": (_kernel("torch_fused"), lambda t: None),
+    "numba": (_kernel("numba_cpu"), _numba_why_not),
+    "triton": (_kernel("triton"), _triton_why_not),
 }
-# Preference order for impl="auto", per device type.
+# Preference order for impl="auto", per device type; "torch" runs everywhere.
 _AUTO = {"cpu": ("torch",), "cuda": ("torch",)}
 
 
@@ -40,7 +55,7 @@ def resolve(impl: str, tensor: Tensor) -> Kernel:
             loader, why_not = _BACKENDS[name]
             if available(name) and why_not(tensor) is None:
                 return loader()
-        return _torch_kernel()
+        return _BACKENDS["torch"][0]()
     if impl not in _BACKENDS:
         raise ValueError(f"impl={impl!r} is not a crossent backend; choose one of "
                          f"{', '.join(repr(n) for n in ['auto', *_BACKENDS])}")
