@@ -42,10 +42,13 @@ _BACKENDS: dict[str, tuple[Callable[[], Kernel], Callable[[Tensor], str | None]]
 _AUTO = {"cpu": ("torch",), "cuda": ("torch",)}
 
 
+_OPTIONAL_DEPENDENCY = {"triton": "triton", "numba": "numba"}
+
+
 def available(name: str) -> bool:
     """Whether backend ``name`` is installed (its optional dependency importable)."""
-    module = {"triton": "triton", "numba": "numba"}.get(name)
-    return name in _BACKENDS and (module is None or importlib.util.find_spec(module) is not None)
+    dependency = _OPTIONAL_DEPENDENCY.get(name)
+    return name in _BACKENDS and (dependency is None or importlib.util.find_spec(dependency) is not None)
 
 
 def resolve(impl: str, tensor: Tensor) -> Kernel:

@@ -49,11 +49,11 @@ def cross_entropy(
 
     keep = target != ignore_index
     safe = torch.where(keep, target, 0).long()
-    one_hot = torch.nn.functional.one_hot(safe, n_classes).movedim(-1, 1).double()  # like logp
-    nll = -(logp * one_hot * w).sum(1)  # w_y * (lse - x_y)
-    smooth = -(logp * w).sum(1) / n_classes
-    w_y = (one_hot * w).sum(1)
-    loss = (1 - eps) * nll + eps * smooth + z_loss * lse**2
+    w_y = w.flatten()[safe]  # weight of each row's target class, (N, ...)
+    nll = -w_y * logp.gather(1, safe.unsqueeze(1)).squeeze(1)  # w_y * (lse - x_y)
+    loss = (1 - eps) * nll + z_loss * lse**2
+    if eps > 0:  # only then, as torch: a -inf logit makes the smoothing term infinite
+        loss = loss - eps * (logp * w).sum(1) / n_classes
     loss = torch.where(keep, loss, 0.0)
     if reduction == "mean":
         return loss.sum() / torch.where(keep, w_y, 0.0).sum()

@@ -91,7 +91,8 @@ def _index_rows(
     p, lse = _softmax_lse(x)
     valid = t != params.ignore_index  # (r,)
     t_safe = torch.where(valid, t, 0).unsqueeze(1)  # (r, 1)
-    w_y = valid.to(x.dtype)
+    counted = valid.to(x.dtype)  # (r,) 1 for counted rows; a bool mask would compute in float32
+    w_y = counted
     if weight is not None:
         w_y = w_y * weight[t_safe.squeeze(1)]
     x_y = x.gather(1, t_safe).squeeze(1)
@@ -106,10 +107,10 @@ def _index_rows(
             smooth = -((x - lse.unsqueeze(1)) * weight).sum(1)
             w_total = weight.sum()
         loss = loss + (eps / n_classes) * torch.where(valid, smooth, 0)
-        coef = coef + (eps / n_classes) * w_total * valid
+        coef = coef + (eps / n_classes) * w_total * counted
     if params.z_loss:
         loss = loss + params.z_loss * lse * lse
-        coef = coef + 2 * params.z_loss * valid * lse
+        coef = coef + 2 * params.z_loss * counted * lse
     # Ignored rows contribute exactly 0, even when their logits are not finite.
     loss = torch.where(valid, loss, 0)
     if not want_grad:
@@ -119,7 +120,7 @@ def _index_rows(
     g.scatter_add_(1, t_safe, (-(1 - eps) * w_y).unsqueeze(1))
     if eps > 0:
         w_row = 1.0 if weight is None else weight
-        g.sub_((eps / n_classes) * valid.to(x.dtype).unsqueeze(1) * w_row)
+        g.sub_((eps / n_classes) * counted.unsqueeze(1) * w_row)
     return loss, lse, g
 
 

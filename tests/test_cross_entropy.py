@@ -1,0 +1,262 @@
+"""Conformance grid: crossent.cross_entropy vs torch and the float64 reference, values and grads.
+
+Every CPU backend runs the whole grid. Each case draws fresh seeded random data.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import crossent
+from crossent import _reference
+
+from ._oracle import assert_close_to_reference, cpu_backends, index_target, logits, prob_target
+
+BACKENDS = cpu_backends()
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def _run(impl, x, target, *, weight=None, reduction="mean", label_smoothing=0.0, ignore_index=-100,
+         dtype, seed, what):
+    """Forward and backward (random upstream gradient) through crossent, torch and the reference."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs = dict(weight=weight, reduction=reduction, label_smoothing=label_smoothing,
+                  ignore_index=ignore_index)
+    x_ours = x.clone().requires_grad_()
+    x_torch = x.clone().requires_grad_()
+    x_ref = x.double().requires_grad_()
+    ours = crossent.cross_entropy(x_ours, target, impl=impl, **kwargs)
+    theirs = F.cross_entropy(x_torch, target, **kwargs)
+    ref = _reference.cross_entropy(
+        x_ref, target.double() if target.is_floating_point() else target,
+        None if weight is None else weight.double(), ignore_index, reduction, label_smoothing)
+    assert ours.shape == theirs.shape, what
+    assert_close_to_reference(ours.detach(), theirs.detach(), ref.detach(), dtype, what + " loss")
+    upstream = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    (g_ours,) = torch.autograd.grad(ours, x_ours, upstream.to(ours.dtype))
+    (g_theirs,) = torch.autograd.grad(theirs, x_torch, upstream.to(theirs.dtype))
+    (g_ref,) = torch.autograd.grad(ref, x_ref, upstream)
+    assert g_ours.dtype == x.dtype
+    assert_close_to_reference(g_ours, g_theirs, g_ref, dtype, what + " grad")
+
+
+GRID = list(itertools.product(DTYPES, ["none", "mean", "sum"], [0.0, 0.1, 1.0], ["index", "probs"],
+                              [False, True]))
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("dtype,reduction,smoothing,kind,weighted", GRID)
+def test_grid(impl, dtype, reduction, smoothing, kind, weighted):
+    seed = hash((str(dtype), reduction, smoothing, kind, weighted)) % 2**31
+    gen = torch.Generator().manual_seed(seed)
+    shape = (37, 13)
+    x = logits(shape, dtype, gen)
+    target = index_target(shape, 13, gen) if kind == "index" else prob_target(shape, dtype, gen)
+    weight = (torch.rand(13, generator=gen, dtype=torch.float64) + 0.1).to(dtype) if weighted else None
+    _run(impl, x, target, weight=weight, reduction=reduction, label_smoothing=smoothing, dtype=dtype,
+         seed=seed, what=f"{impl} {dtype} {reduction} eps={smoothing} {kind} w={weighted}")
+
+
+SHAPES = [(11,), (6, 7), (3, 5, 4), (2, 4, 3, 5), (2, 3, 2, 2, 3)]
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("kind", ["index", "probs"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_shapes(impl, shape, kind, reduction):
+    """Unbatched (C,), batched (N, C) and K-dimensional (N, C, d1..dk) inputs."""
+    gen = torch.Generator().manual_seed(len(shape) * 7 + len(reduction))
+    n_classes = shape[0] if len(shape) == 1 else shape[1]
+    x = logits(shape, torch.float64, gen)
+    target = (index_target(shape, n_classes, gen, ignore_fraction=0.0 if len(shape) == 1 else 0.25)
+              if kind == "index" else prob_target(shape, torch.float64, gen))
+    weight = torch.rand(n_classes, generator=gen, dtype=torch.float64) + 0.5
+    _run(impl, x, target, weight=weight, reduction=reduction, label_smoothing=0.2,
+         dtype=torch.float64, seed=3, what=f"{shape} {kind} {reduction}")
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("n_classes", [1, 2, 507, 50257, 128256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_class_counts(impl, n_classes, dtype):
+    """Odd and huge class counts (C > 64K), including a single class."""
+    gen = torch.Generator().manual_seed(n_classes)
+    rows = 5 if n_classes > 1000 else 29
+    x = logits((rows, n_classes), dtype, gen)
+    target = index_target((rows, n_classes), n_classes, gen)
+    _run(impl, x, target, reduction="mean", label_smoothing=0.1, dtype=dtype, seed=n_classes,
+         what=f"C={n_classes}")
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_extreme_logits(impl, dtype):
+    """Logits at +-1e4 (the seeds' naive exp overflows there) and -inf entries."""
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randint(0, 2, (16, 9), generator=gen) * 2 - 1).double() * 1e4
+    x[:, 0] = torch.randn(16, generator=gen, dtype=torch.float64)  # a few moderate entries too
+    x[3, 4] = x[7, 1] = x[7, 2] = float("-inf")
+    target = index_target((16, 9), 9, gen)
+    target[3], target[7] = 0, 5  # -inf only away from the target
+    for reduction, smoothing in [("mean", 0.0), ("none", 0.0), ("sum", 0.3)]:
+        _run(impl, x.to(dtype), target, reduction=reduction, label_smoothing=smoothing,
+             dtype=dtype, seed=12, what=f"extreme {reduction} {smoothing}")
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_all_ignored(impl, reduction, smoothing):
+    """Every target ignored: mean is NaN as in torch, gradients are zero."""
+    gen = torch.Generator().manual_seed(5)
+    x = logits((6, 4), torch.float32, gen)
+    target = torch.full((6,), -100)
+    _run(impl, x, target, reduction=reduction, label_smoothing=smoothing, dtype=torch.float32,
+         seed=5, what="all ignored")
+    target = torch.full((6,), 2)
+    _run(impl, x, target, ignore_index=2, weight=torch.rand(4, generator=gen), reduction=reduction,
+         dtype=torch.float32, seed=6, what="all ignored, custom ignore_index")
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_empty_batch(impl):
+    for reduction in ["none", "mean", "sum"]:
+        x = torch.randn(0, 5, requires_grad=True)
+        t = torch.zeros(0, dtype=torch.long)
+        ours = crossent.cross_entropy(x, t, reduction=reduction, impl=impl)
+        theirs = F.cross_entropy(x, t, reduction=reduction)
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_uint8_target_and_legacy_arguments(impl):
+    gen = torch.Generator().manual_seed(2)
+    x = logits((8, 5), torch.float32, gen)
+    t = index_target((8, 5), 5, gen, ignore_fraction=0.0)
+    torch.testing.assert_close(crossent.cross_entropy(x, t.to(torch.uint8), impl=impl),
+                               F.cross_entropy(x, t))
+    with pytest.warns(UserWarning, match="size_average and reduce"):
+        ours = crossent.cross_entropy(x, t, size_average=False, impl=impl)
+    torch.testing.assert_close(ours, F.cross_entropy(x, t, reduction="sum"))
+    # negative smoothing is accepted by torch and means no smoothing
+    torch.testing.assert_close(crossent.cross_entropy(x, t, label_smoothing=-0.2, impl=impl),
+                               F.cross_entropy(x, t, label_smoothing=-0.2))
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_probability_target_gradient(impl):
+    """Probability targets may require grad too (torch supports it)."""
+    gen = torch.Generator().manual_seed(9)
+    x = logits((7, 6), torch.float64, gen)
+    weight = torch.rand(6, generator=gen, dtype=torch.float64)
+    for reduction in ["none", "mean", "sum"]:
+        tgt = prob_target((7, 6), torch.float64, gen)
+        t_ours, t_torch = tgt.clone().requires_grad_(), tgt.clone().requires_grad_()
+        ours = crossent.cross_entropy(x, t_ours, weight, reduction=reduction, label_smoothing=0.2,
+                                      impl=impl)
+        theirs = F.cross_entropy(x, t_torch, weight, reduction=reduction, label_smoothing=0.2)
+        up = torch.randn(ours.shape, generator=gen, dtype=torch.float64)
+        (ga,) = torch.autograd.grad(ours, t_ours, up)
+        (gb,) = torch.autograd.grad(theirs, t_torch, up)
+        torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("kind", ["index", "probs"])
+def test_gradcheck(impl, kind):
+    """Analytic gradients of every option (incl. z_loss, softcap) against finite differences."""
+    gen = torch.Generator().manual_seed(4)
+    x = logits((4, 5), torch.float64, gen).requires_grad_()
+    t = index_target((4, 5), 5, gen) if kind == "index" else prob_target((4, 5), torch.float64, gen)
+    t[0] = 1 if kind == "index" else t[0]  # at least one counted row
+    w = torch.rand(5, generator=gen, dtype=torch.float64) + 0.2
+    for reduction in ["none", "mean", "sum"]:
+        def f(x):
+            return crossent.cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.15,
+                                          z_loss=1e-2, softcap=2.5, impl=impl)
+        assert torch.autograd.gradcheck(f, (x,))
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("kind", ["index", "probs"])
+def test_z_loss_and_softcap_match_reference(impl, kind):
+    gen = torch.Generator().manual_seed(8)
+    shape = (9, 3, 4)
+    x = logits(shape, torch.float32, gen, scale=10.0)
+    t = index_target(shape, 3, gen) if kind == "index" else prob_target(shape, torch.float32, gen)
+    w = torch.rand(3, generator=gen) + 0.5
+    for reduction in ["none", "mean", "sum"]:
+        opts = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
+        ours = crossent.cross_entropy(x, t, w, impl=impl, **opts)
+        ref = _reference.cross_entropy(x, t.double() if kind == "probs" else t, w, **opts)
+        torch.testing.assert_close(ours.double(), ref, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_no_grad_and_inputs_untouched(impl):
+    gen = torch.Generator().manual_seed(3)
+    x = logits((10, 7), torch.float32, gen)
+    t = index_target((10, 7), 7, gen)
+    before = x.clone()
+    with torch.no_grad():
+        ours = crossent.cross_entropy(x.requires_grad_(), t, impl=impl, label_smoothing=0.1)
+    assert ours.grad_fn is None
+    torch.testing.assert_close(ours, F.cross_entropy(x, t, label_smoothing=0.1))
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward(impl, dtype):
+    """The gradient lands in the logits' storage, equals the out-of-place one, and autograd
+    refuses a later use of the overwritten logits."""
+    gen = torch.Generator().manual_seed(6)
+    base = logits((12, 9), dtype, gen)
+    t = index_target((12, 9), 9, gen)
+    h = base.clone().requires_grad_()
+    expected, = torch.autograd.grad(crossent.cross_entropy(h * 1, t, impl=impl), h)
+
+    h = base.clone().requires_grad_()
+    z = h * 1  # non-leaf logits, as a model produces them
+    loss = crossent.cross_entropy(z, t, impl=impl, inplace_backward=True)
+    loss.backward()
+    torch.testing.assert_close(h.grad, expected)
+    assert torch.equal(z.detach(), expected)  # the gradient is the logits' storage
+
+    h = base.clone().requires_grad_()
+    z = h.exp()  # exp saves its output for backward
+    loss = crossent.cross_entropy(z, t, impl=impl, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+    with pytest.raises(RuntimeError, match="leaf"):
+        crossent.cross_entropy(base.clone().requires_grad_(), t, impl=impl, inplace_backward=True)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_module_matches_functional(impl):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.rand(6, generator=gen)
+    mod = crossent.CrossEntropyLoss(weight=w, ignore_index=2, label_smoothing=0.05, impl=impl)
+    ref = torch.nn.CrossEntropyLoss(weight=w, ignore_index=2, label_smoothing=0.05)
+    assert "weight" in dict(mod.named_buffers()) and "weight" in mod.state_dict()
+    x = logits((5, 6, 3), torch.float32, gen)
+    t = index_target((5, 6, 3), 6, gen, ignore_fraction=0.0)
+    torch.testing.assert_close(mod(x, t), ref(x, t))
+    mod64 = mod.to(torch.float64)
+    assert mod64.weight.dtype == torch.float64
+    torch.testing.assert_close(mod64(x.double(), t), ref.to(torch.float64)(x.double(), t))
+
+
+def test_cross_entropy_with_lse():
+    gen = torch.Generator().manual_seed(7)
+    x = logits((3, 4, 5), torch.float32, gen)
+    t = index_target((3, 4, 5), 4, gen)
+    loss, lse = crossent.cross_entropy_with_lse(x, t, reduction="none")
+    assert lse.shape == t.shape and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, torch.logsumexp(x, 1))
+    torch.testing.assert_close(loss, F.cross_entropy(x, t, reduction="none"))
