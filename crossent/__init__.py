@@ -2,6 +2,7 @@
 
 Re-exports only; importing crossent has no side effects and does not import Triton or numba.
 """
+from ._diagnostics import ProbabilitiesAsLogitsWarning, set_diagnostics
 from .functional import cross_entropy, cross_entropy_with_lse, log_softmax, nll_loss, softmax
 from .modules import CrossEntropyLoss
 
@@ -9,9 +10,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CrossEntropyLoss",
+    "ProbabilitiesAsLogitsWarning",
     "cross_entropy",
     "cross_entropy_with_lse",
     "log_softmax",
     "nll_loss",
+    "set_diagnostics",
     "softmax",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _validate
+from . import _diagnostics, _validate
 from ._autograd import CrossEntropyFunction
 from ._dispatch import resolve
 from ._params import CEParams
@@ -99,6 +99,7 @@ def _cross_entropy(
     reduction = _validate.resolve_reduction(size_average, reduce, reduction)
     _validate.check_options(label_smoothing, z_loss, softcap)
     _validate.check_input(input)
+    _diagnostics.check_probabilities_as_logits(input)
     probs = _validate.target_is_probabilities(input, target, ignore_index)
     _validate.check_weight(weight, input)
     _validate.warn_weight_grad(weight)

@@ -1,0 +1,120 @@
+"""Misuse diagnostics: catch probabilities passed where logits belong, cheaply.
+
+The classic mistake: a model whose ``forward`` ends in ``softmax`` feeding ``cross_entropy``,
+which applies log-softmax itself. Training still runs, but the loss is squashed into
+``[log C - 1, log C]``-ish values and gradients nearly vanish, so it costs users days.
+
+Cost and scope, by design:
+- Bounded work: at most ``_SAMPLE_ROWS`` rows of ``C`` values are looked at (views, no copy of
+  the input), whatever the batch or spatial size.
+- CPU tensors only. Reading the verdict back from an accelerator would add a host sync to a
+  call that has none; on CUDA the check is skipped (run one batch on CPU to check a model).
+- Skipped while tracing (``torch.compile``, functorch transforms, meta/fake tensors), so it
+  never breaks a graph.
+- One warning per call site: sites that already warned are not checked again.
+- Switch off with ``crossent.set_diagnostics(False)`` (or ``CROSSENT_DIAGNOSTICS=0`` in the
+  environment, read at import).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+from torch import Tensor
+
+__all__ = ["ProbabilitiesAsLogitsWarning", "set_diagnostics", "diagnostics_enabled",
+           "check_probabilities_as_logits"]
+
+_SAMPLE_ROWS = 8
+_enabled = os.environ.get("CROSSENT_DIAGNOSTICS", "1").strip().lower() not in ("0", "false", "off", "no")
+_warned_sites: set[tuple[str, int]] = set()
+# Frames inside these directories are not "the caller": crossent itself, and nn.Module.__call__.
+_SKIP_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+              os.path.dirname(os.path.abspath(torch.nn.modules.module.__file__)) + os.sep)
+
+
+class ProbabilitiesAsLogitsWarning(UserWarning):
+    """The input of a cross-entropy looks like probabilities (softmax output), not logits."""
+
+
+def set_diagnostics(enabled: bool) -> None:
+    """Turn crossent's misuse diagnostics on or off for the whole process."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def diagnostics_enabled() -> bool:
+    """Whether misuse diagnostics run (``crossent.set_diagnostics`` / ``CROSSENT_DIAGNOSTICS``)."""
+    return _enabled
+
+
+def _caller() -> tuple[int, tuple[str, int]]:
+    """The stacklevel (for ``warnings.warn`` called from here) and location of the user's call."""
+    frame = sys._getframe(2)  # the function that called check_probabilities_as_logits
+    level = 2  # warnings.warn's stacklevel of that frame, seen from check_probabilities_as_logits
+    while frame is not None and frame.f_code.co_filename.startswith(_SKIP_DIRS):
+        frame = frame.f_back
+        level += 1
+    if frame is None:
+        return 2, ("", 0)
+    return level, (frame.f_code.co_filename, frame.f_lineno)
+
+
+def _sample_rows(input: Tensor, class_dim: int) -> Tensor:
+    """At most ``_SAMPLE_ROWS`` rows of ``C`` values, as a ``(r, C)`` tensor (a view or a tiny copy)."""
+    x = input.detach().movedim(class_dim, -1)  # (..., C) view
+    if x.dim() == 1:
+        return x.unsqueeze(0)  # (1, C)
+    # Keep the first index of every leading dim but the last, then up to 8 along the last one:
+    # views only, so a huge (N, C, H, W) costs the same as a small one.
+    for d in range(x.dim() - 2):
+        x = x.narrow(d, 0, min(1, x.shape[d]))
+    return x.narrow(x.dim() - 2, 0, min(_SAMPLE_ROWS, x.shape[-2])).reshape(-1, x.shape[-1])
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    # A softmax stored in dtype sums to 1 within a few ulps of 1 (each p_c is rounded with
+    # relative error eps/2, and the p_c sum to 1): 8 eps covers bf16/fp16, 1e-3 fp32/fp64.
+    return max(1e-3, 8 * torch.finfo(dtype).eps)
+
+
+def check_probabilities_as_logits(input: Tensor, class_dim: int | None = None) -> None:
+    """Warn (once per call site) when ``input`` looks like softmax output rather than logits.
+
+    "Looks like": every sampled value in ``[0, 1]`` and every sampled row summing to 1 along
+    ``class_dim`` (default: 0 for ``(C,)`` input, else 1). Log-probabilities (``log_softmax``
+    output) are valid input to cross-entropy and do not warn. ``C == 1`` never warns: the loss
+    is identically 0 for any input, probabilities or logits, so the warning would not help.
+    """
+    if not _enabled or input.device.type != "cpu" or input.numel() == 0:
+        return
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(input):
+        return
+    if class_dim is None:
+        class_dim = 0 if input.dim() == 1 else 1
+    if input.shape[class_dim] < 2:
+        return
+    level, site = _caller()
+    if site in _warned_sites:
+        return
+    with torch.no_grad():
+        x = _sample_rows(input, class_dim)
+        lo, hi = torch.aminmax(x)
+        # Real logits almost always have a negative entry: one reduction, one read, done.
+        if not (float(lo) >= 0.0 and float(hi) <= 1.0):
+            return
+        row_sums = x.sum(dim=-1, dtype=torch.float64)  # (r,)
+        if not bool(((row_sums - 1).abs() <= _tolerance(input.dtype)).all()):
+            return
+    _warned_sites.add(site)
+    warnings.warn(
+        f"crossent: the input of shape {tuple(input.shape)} looks like probabilities, not logits "
+        f"(values in [0, 1] summing to 1 along dim {class_dim}), as if the model ended in softmax. "
+        "Remove the softmax from the model's output; cross_entropy applies log-softmax itself "
+        "(softmax followed by cross_entropy squashes the loss and its gradients). "
+        "Silence with crossent.set_diagnostics(False).",
+        ProbabilitiesAsLogitsWarning,
+        stacklevel=level,
+    )
