@@ -1,0 +1,115 @@
+"""Misuse errors: torch's exception class (taken from torch itself), and a message with the facts and the fix."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import crossent
+
+
+def _long(*shape: int, fill: int = 0) -> torch.Tensor:
+    return torch.full(shape, fill, dtype=torch.long)
+
+
+def _kdim_out_of_range() -> torch.Tensor:
+    target = _long(2, 4, 4)
+    target[1, 2, 3] = 7
+    return target
+
+
+# name -> (input, target, options, fragments the message must contain)
+CASES = {
+    "target-too-large": (
+        torch.randn(5, 10), torch.tensor([1, 2, 3, 10, 4]), {},
+        ["10", "position 3", "10 classes", "0..9", "ignore_index=-100"],
+    ),
+    "target-negative": (
+        torch.randn(5, 10), torch.tensor([1, -5, 3, 1, 4]), {},
+        ["-5", "position 1", "10 classes", "ignore_index=-100"],
+    ),
+    "target-out-of-range-custom-ignore": (
+        torch.randn(3, 21), torch.tensor([255, 300, 2]), {"ignore_index": 255},
+        ["300", "position 1", "21 classes", "ignore_index=255"],
+    ),
+    "target-out-of-range-k-dim": (
+        torch.randn(2, 3, 4, 4), _kdim_out_of_range(), {},
+        ["7", "(1, 2, 3)", "3 classes"],
+    ),
+    "target-out-of-range-unbatched": (
+        torch.randn(4), torch.tensor(4), {},
+        ["4", "4 classes"],
+    ),
+    "float-target-of-index-shape": (
+        torch.randn(5, 10), torch.tensor([1.0, 2, 3, 4, 5]), {},
+        ["torch.float32", ".long()", "(5, 10)"],
+    ),
+    "float-target-k-dim": (
+        torch.randn(2, 3, 4, 5), torch.zeros(2, 4, 5), {},
+        [".long()", "(2, 4, 5)"],
+    ),
+    "batch-size-mismatch": (
+        torch.randn(4, 10), torch.tensor([1, 2, 3, 4, 5]), {},
+        ["(4, 10)", "(5,)", "batch_size"],
+    ),
+    "spatial-size-mismatch": (
+        torch.randn(2, 3, 4, 5), _long(2, 4, 6), {},
+        ["(2, 3, 4, 5)", "(2, 4, 6)", "(2, 4, 5)"],
+    ),
+    "weight-wrong-length": (
+        torch.randn(5, 10), torch.tensor([1, 2, 3, 4, 5]), {"weight": torch.ones(7)},
+        ["(7,)", "10 classes", "length 10"],
+    ),
+    "channels-last-segmentation": (
+        torch.randn(2, 4, 5, 3), _long(2, 4, 5), {},
+        ["(2, 4, 5, 3)", "(2, 4, 5)", "C=3", "permute(0, 3, 1, 2)"],
+    ),
+    "channels-last-sequence": (
+        torch.randn(4, 7, 11), _long(4, 7), {},
+        ["(4, 7, 11)", "(4, 7)", "C=11", "permute(0, 2, 1)"],
+    ),
+}
+
+# entry point -> (crossent's call, torch's call on the same arguments)
+ENTRY_POINTS = {
+    "cross_entropy": (crossent.cross_entropy, F.cross_entropy),
+    "nll_loss": (crossent.nll_loss, F.nll_loss),
+    "CrossEntropyLoss": (
+        lambda x, y, **kw: crossent.CrossEntropyLoss(**kw)(x, y),
+        lambda x, y, **kw: torch.nn.CrossEntropyLoss(**kw)(x, y),
+    ),
+}
+
+
+def _raised(call, *args, **kwargs) -> BaseException:
+    try:
+        call(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any exception is what we compare
+        return exc
+    raise AssertionError("no exception raised")
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_error_class_is_torchs_and_message_has_the_facts(case, entry):
+    input, target, options, fragments = CASES[case]
+    ours, theirs = ENTRY_POINTS[entry]
+    torch_exc = _raised(theirs, input, target, **options)
+    exc = _raised(ours, input, target, **options)
+    assert isinstance(exc, type(torch_exc)), (type(exc), type(torch_exc), str(exc))
+    message = str(exc)
+    missing = [f for f in fragments if f not in message]
+    assert not missing, f"{missing} not in: {message}"
+
+
+def test_uint8_target_out_of_range_names_value():
+    exc = _raised(crossent.cross_entropy, torch.randn(3, 4), torch.tensor([0, 9, 1], dtype=torch.uint8))
+    assert isinstance(exc, type(_raised(F.cross_entropy, torch.randn(3, 4),
+                                        torch.tensor([0, 9, 1], dtype=torch.uint8))))
+    assert "9" in str(exc) and "position 1" in str(exc)
+
+
+def test_ignore_index_value_is_not_an_error():
+    x, y = torch.randn(3, 4), torch.tensor([0, 255, 1])
+    torch.testing.assert_close(crossent.cross_entropy(x, y, ignore_index=255),
+                               F.cross_entropy(x, y, ignore_index=255))
