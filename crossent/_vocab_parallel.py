@@ -1,0 +1,298 @@
+"""Vocab-parallel cross-entropy math: local statistics, one all-gather, the local gradient.
+
+Each rank holds the logits of classes ``[start, start + V_local)``. The loss of a row needs
+``lse = log sum_c exp(x_c)`` over all ``V`` classes, the target logit (on one rank only) and,
+for label smoothing / probability targets, class-weighted sums of the logits. All of them merge
+from per-rank statistics:
+
+    lse        = M + log sum_r s_r * exp(m_r - M)        m_r local max, s_r = sum exp(x - m_r)
+    x_y, sums  = sum_r (rank's partial value)             0 on ranks that do not own the class
+
+so one all-gather of a ``(k, R)`` block per rank gives every rank everything (Megatron's
+vocab-parallel loss uses three all-reduces: max, target logit, sum-exp). The same buffer carries
+each rank's shard layout and a target checksum, so bad layouts raise the same error on every
+rank after the collective instead of deadlocking the others. With ``lse`` known, the gradient
+``softmax - target`` of this rank's slice is local: backward needs no communication.
+
+Rows are processed in chunks (``torch_fused``'s budget) so float32 temporaries stay bounded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import _validate
+from ._params import CEParams
+from .backends.torch_fused import _capped, _rows_per_chunk, acc_dtype
+
+_META = 4  # int64 fields per rank: shard start, shard size, weight length (-1: none), target checksum
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's classes ``[start, start + size)``; ``group`` is ``None`` for a single process
+    (no process group initialised: no collective at all)."""
+
+    start: int
+    size: int
+    group: object | None
+    distributed: bool
+    vocab_size: int | None = None  # known on the host when the offsets were gathered
+
+
+def all_gather(out: Tensor, inp: Tensor, group) -> None:
+    """``out (W, ...)`` <- every rank's ``inp``, in group-rank order (one collective)."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out.view(-1), inp, group=group)  # the concatenated form: gloo rejects the stacked one
+
+
+def shard_layout(local_size: int, group, distributed: bool, device: torch.device) -> tuple[int, int]:
+    """``(vocab_start, vocab_size)`` from every rank's shard size (one all-gather, one host read)."""
+    if not distributed:
+        return 0, local_size
+    size = torch.tensor([local_size], dtype=torch.int64, device=device)
+    sizes = size.new_empty(dist.get_world_size(group))
+    all_gather(sizes, size, group)
+    sizes = sizes.tolist()
+    return sum(sizes[: dist.get_rank(group)]), sum(sizes)
+
+
+@dataclass
+class Result:
+    loss: Tensor  # (R,) per-row loss, accumulation dtype, 0 for ignored rows
+    lse: Tensor  # (R,) global logsumexp of the (capped) logits
+    grad: Tensor | None  # (R, V_local) scale * d loss[r] / d logits[r], logits' dtype
+    denominator: Tensor | None  # divisor of "mean"
+    scale: Tensor  # gradient factor folded into grad (1 / denominator for "mean")
+    weight_local: Tensor | None  # (V_local,) this rank's class weights, accumulation dtype
+
+
+def forward(
+    logits: Tensor, target: Tensor, weight: Tensor | None, shard: Shard, params: CEParams,
+    want_grad: bool,
+) -> Result:
+    """Per-row loss, lse and (if ``want_grad``) this rank's gradient slice, for ``logits (R, V_local)``.
+
+    ``target`` is ``(R,)`` global class indices or ``(R, V_local)`` local probability slices;
+    ``weight`` the full ``(V,)`` class weights in the accumulation dtype.
+    """
+    n_rows, n_local = logits.shape
+    acc = acc_dtype(logits.dtype)
+    probs = target.is_floating_point()
+    eps = max(params.label_smoothing, 0.0)
+    w_local = None
+    if weight is not None:
+        w_local = weight[shard.start : shard.start + n_local]
+        if w_local.shape[0] != n_local:  # a bad layout: the check after the collective raises
+            w_local = weight.new_zeros(n_local)
+    owned = local = None
+    if not probs:
+        owned = (target != params.ignore_index) & (target >= shard.start)
+        owned &= target < shard.start + n_local  # (R,) this rank holds the target class
+        local = torch.where(owned, target - shard.start, 0)  # (R,) column in this shard
+
+    # Stats rows: max, sum-exp, then index: [x_y, (sum w x)]; probs: [sum w t x, sum w t, (sum w x)].
+    n_stats = 2 + (1 if not probs else 2) + (1 if eps > 0 else 0)
+    buf, stats, meta = _packed(n_stats, n_rows, acc, logits.device)
+    step = _rows_per_chunk(n_rows, max(n_local, 1), logits.device)
+    for start in range(0, n_rows, step):
+        rows = slice(start, start + step)
+        x, _ = _capped(logits[rows].to(acc), params.softcap)  # (r, V_local) acc
+        t = target[rows].to(acc) if probs else local[rows]
+        _local_stats(x, t, owned[rows] if owned is not None else None, w_local, eps, stats[:, rows])
+    meta[0], meta[1] = shard.start, n_local
+    meta[2] = -1 if weight is None else weight.shape[0]
+    meta[3] = 0 if probs else _checksum(target)
+
+    if shard.distributed:
+        world = dist.get_world_size(shard.group)
+        gathered = buf.new_empty(world, buf.shape[0])  # (W, L)
+        all_gather(gathered, buf, shard.group)
+    else:
+        gathered = buf.unsqueeze(0)  # (1, L)
+    all_stats = gathered[:, _slots(acc) : _slots(acc) + stats.numel()].view(-1, n_stats, n_rows)
+    vocab = _check_layout(gathered[:, : _slots(acc)].view(torch.int64), shard, weight, target,
+                          params.ignore_index, probs)
+    if isinstance(vocab, Tensor):
+        vocab = vocab.to(acc)  # device-side size (accelerators, offsets given by the caller)
+    lse, sums = _merge(all_stats)  # (R,), (n_stats - 2, R)
+
+    if probs:
+        loss, coef, t_scale, denominator = _prob_terms(lse, sums, weight, vocab, eps, params)
+        w_y = None
+    else:
+        loss, coef, w_y, denominator = _index_terms(lse, sums, target, weight, vocab, eps, params)
+    scale = torch.ones((), dtype=acc, device=logits.device)
+    if params.reduction == "mean":
+        # An all-ignored batch: loss 0/0 = NaN and a zero gradient, exactly as torch.
+        scale = torch.where(denominator > 0, 1 / denominator, 0)
+    else:
+        denominator = None
+    grad = None
+    if want_grad:
+        grad = torch.empty_like(logits)  # (R, V_local)
+        for start in range(0, n_rows, step):
+            rows = slice(start, start + step)
+            x, tanh_x = _capped(logits[rows].to(acc), params.softcap)  # (r, V_local) acc
+            g = (x - lse[rows].unsqueeze(1)).exp_().mul_(coef[rows].unsqueeze(1))  # p * coef (x may alias the logits)
+            if probs:
+                t = target[rows].to(acc) * (1 - eps) + t_scale  # smoothed local target slice
+                g.sub_(t if w_local is None else t * w_local)
+            else:
+                if n_local:
+                    hit = (-(1 - eps) * w_y[rows] * owned[rows]).unsqueeze(1)  # (r, 1)
+                    # The true-class term is subtracted in the accumulation dtype (p_y - 1).
+                    g.scatter_add_(1, local[rows].unsqueeze(1), hit)
+                if eps > 0:
+                    counted = (target[rows] != params.ignore_index).to(acc).unsqueeze(1)
+                    g.sub_((eps / vocab) * counted * (1.0 if w_local is None else w_local))
+            g.mul_(scale)
+            if tanh_x is not None:
+                g.mul_(1 - tanh_x * tanh_x)  # d(cap * tanh(x / cap))/dx
+            grad[rows] = g
+    return Result(loss, lse, grad, denominator, scale, w_local)
+
+
+def _slots(acc: torch.dtype) -> int:
+    return _META * 8 // torch.empty((), dtype=acc).element_size()
+
+
+def _packed(n_stats: int, n_rows: int, acc: torch.dtype, device) -> tuple[Tensor, Tensor, Tensor]:
+    """One flat buffer ``[meta (int64 bits) | stats (n_stats, R)]``: a single collective moves both."""
+    slots = _slots(acc)
+    ratio = 8 // torch.empty((), dtype=acc).element_size()
+    length = slots + n_stats * n_rows
+    length += -length % ratio  # every rank's meta block stays int64-aligned in the gather
+    buf = torch.zeros(length, dtype=acc, device=device)
+    stats = buf[slots : slots + n_stats * n_rows].view(n_stats, n_rows)
+    return buf, stats, buf[:slots].view(torch.int64)
+
+
+def _checksum(target: Tensor) -> Tensor:
+    """Position-weighted sum of the targets (wrapping int64): equal on ranks with equal targets."""
+    positions = torch.arange(1, target.shape[0] + 1, device=target.device)
+    return (target * positions).sum()
+
+
+def _local_stats(x: Tensor, t: Tensor, owned: Tensor | None, w: Tensor | None, eps: float,
+                 out: Tensor) -> None:
+    """Fill ``out (n_stats, r)`` with this shard's statistics of the capped logits ``x (r, V_local)``."""
+    if x.shape[1] == 0:  # an empty shard: max -inf, every sum 0
+        out.zero_()
+        out[0] = -torch.inf
+        return
+    m = x.amax(1)  # (r,)
+    out[0] = m
+    # A shard whose row is all -inf adds exactly 0 (not NaN) to the merged sum-exp.
+    m_safe = torch.where(m == -torch.inf, 0, m)
+    out[1] = (x - m_safe.unsqueeze(1)).exp_().sum(1)
+    if owned is not None:
+        x_y = x.gather(1, t.unsqueeze(1)).squeeze(1)
+        out[2] = torch.where(owned, x_y, 0)  # the target logit, on the owning rank only
+    else:
+        wt = t if w is None else t * w  # (r, V_local)
+        out[2] = (wt * x).sum(1)
+        out[3] = wt.sum(1)
+    if eps > 0:
+        out[-1] = (x if w is None else x * w).sum(1)
+
+
+def _merge(stats: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge ``(W, k, R)`` per-rank statistics into the global lse ``(R,)`` and sums ``(k-2, R)``."""
+    m = stats[:, 0]  # (W, R)
+    top = m.amax(0)  # (R,)
+    # All -inf rows give top = -inf and NaN here, as torch's log_softmax does.
+    s = (stats[:, 1] * (m - top).exp()).sum(0)
+    return top + s.log(), stats[:, 2:].sum(0)
+
+
+def _index_terms(lse, sums, target, weight, vocab, eps, params):
+    """Class-index rows, torch's formula with smoothing eps and class weights w:
+
+    loss = (1 - eps) * w_y * (lse - x_y) + eps / V * sum_c w_c * (lse - x_c) [+ z * lse^2]
+    Returns the loss, the factor multiplying softmax in the gradient, w_y and sum(w_y).
+    """
+    valid = target != params.ignore_index  # (R,)
+    counted = valid.to(lse.dtype)
+    w_y = counted if weight is None else counted * weight[torch.where(valid, target, 0)]
+    loss = (1 - eps) * w_y * (lse - sums[0])
+    coef = (1 - eps) * w_y
+    if eps > 0:
+        w_total = vocab if weight is None else weight.sum()
+        loss = loss + (eps / vocab) * torch.where(valid, w_total * lse - sums[1], 0)
+        coef = coef + (eps / vocab) * w_total * counted
+    if params.z_loss:
+        loss = loss + params.z_loss * lse * lse
+        coef = coef + 2 * params.z_loss * counted * lse
+    # Ignored rows contribute exactly 0, even when their logits are not finite.
+    return torch.where(valid, loss, 0), coef, w_y, w_y.sum()
+
+
+def _prob_terms(lse, sums, weight, vocab, eps, params):
+    """Probability rows: loss = lse * sum_c w_c t_c - sum_c w_c t_c x_c, t smoothed towards 1/V.
+
+    Returns the loss, the softmax factor (weighted target mass), the smoothing offset eps / V
+    of the target and the row count (the divisor of "mean").
+    """
+    wtx, mass = (1 - eps) * sums[0], (1 - eps) * sums[1]
+    t_scale = 0.0
+    if eps > 0:
+        t_scale = eps / vocab
+        w_total = vocab if weight is None else weight.sum()
+        wtx = wtx + t_scale * sums[2]
+        mass = mass + t_scale * w_total
+    loss = lse * mass - wtx
+    if params.z_loss:
+        loss = loss + params.z_loss * lse * lse
+        mass = mass + 2 * params.z_loss * lse
+    denominator = torch.tensor(float(lse.shape[0]), dtype=lse.dtype, device=lse.device)
+    return loss, mass, t_scale, denominator
+
+
+def _check_layout(meta: Tensor, shard: Shard, weight: Tensor | None, target: Tensor,
+                  ignore_index: int, probs: bool):
+    """Check every rank's layout from the gathered ``meta (W, 4)``; return the vocabulary size.
+
+    Every rank sees the same ``meta`` and so raises the same error. On CPU the message names the
+    offending values; on accelerators the checks are device-side asserts (no host sync).
+    """
+    if meta.device.type != "cpu":
+        sizes = meta[:, 1]
+        starts = torch.cumsum(sizes, 0) - sizes
+        torch._assert_async((meta[:, 0] == starts).all(), "crossent: vocab shards do not tile [0, V)")
+        vocab = sizes.sum()
+        torch._assert_async(((meta[:, 2] == -1) | (meta[:, 2] == vocab)).all(),
+                            "crossent: class weight length differs from the vocabulary size")
+        if not probs:
+            torch._assert_async((meta[:, 3] == meta[0, 3]).all(), "crossent: target differs across ranks")
+            bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+            torch._assert_async(~bad.any(), "crossent: target holds a class index out of range")
+        if weight is not None:
+            return weight.shape[0]
+        return shard.vocab_size if shard.vocab_size is not None else vocab
+    starts, sizes, w_lens, sums = (list(c) for c in zip(*meta.tolist()))
+    layout = ", ".join(f"rank {r}: [{a}, {a + n})" for r, (a, n) in enumerate(zip(starts, sizes)))
+    expected = [sum(sizes[:r]) for r in range(len(sizes))]
+    if starts != expected:
+        raise ValueError(
+            f"vocab shards must tile [0, V) in rank order without gaps or overlaps; got {layout} "
+            f"(expected starts {expected}): pass vocab_start=None to derive them from the sizes"
+        )
+    vocab = sum(sizes)
+    if len(set(w_lens)) > 1 or w_lens[0] not in (-1, vocab):
+        raise RuntimeError(
+            f"weight tensor should be defined either for all {vocab} classes (the summed shard "
+            f"sizes, {layout}) or no classes, but got weight lengths {w_lens} by rank "
+            f"(-1: none); pass the full (V,) class weights on every rank"
+        )
+    if not probs:
+        if len(set(sums)) > 1:
+            raise RuntimeError(
+                "target differs across ranks (checksums " + ", ".join(map(str, sums)) + "): every "
+                "rank must pass the same global class indices"
+            )
+        _validate.check_target_values(target, vocab, ignore_index)
+    return vocab

@@ -1,0 +1,279 @@
+"""crossent.distributed: vocab-parallel losses on 1, 2 and 3 gloo ranks vs the single-process result.
+
+Each spawn runs the whole case list (spawning costs seconds, a case milliseconds). Every rank
+rebuilds the full float64 problem from a seed, keeps its uneven slice of the classes, and
+compares the loss and its slice of the gradient with crossent.cross_entropy, the float64
+reference and (where it has the option) torch's F.cross_entropy. Failures are collected, so
+every rank runs every collective, and raised together at the end.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import crossent
+from crossent import _reference
+from crossent.distributed import (
+    vocab_parallel_cross_entropy,
+    vocab_parallel_linear_cross_entropy,
+    vocab_shard_range,
+)
+
+TOL = dict(rtol=1e-9, atol=1e-9)  # float64 throughout: merged statistics differ by roundings only
+V = 13
+SIZES = {1: [V], 2: [8, 5], 3: [6, 4, 3]}  # uneven shards of the 13 classes
+EMPTY = {1: [V], 2: [V, 0], 3: [5, 0, 8]}  # a rank holding no class at all
+
+EXTRAS = [dict(), dict(z_loss=1e-2), dict(softcap=2.5), dict(z_loss=3e-3, softcap=4.0)]
+CE_CASES = [
+    dict(reduction=r, weighted=w, label_smoothing=eps, **extra)
+    for r, w, eps, extra in itertools.product(["none", "mean", "sum"], [False, True], [0.0, 0.15], EXTRAS)
+]
+CE_CASES += [
+    dict(reduction="mean", weighted=True, label_smoothing=0.1, ignore_index=3),  # a class index
+    dict(reduction="mean", weighted=False, all_ignored=True),  # NaN loss, zero gradient
+    dict(reduction="sum", weighted=True, all_ignored=True),
+    dict(reduction="none", weighted=True, label_smoothing=0.2, shape=(3, V, 2, 3)),  # K-dim
+    dict(reduction="mean", weighted=True, label_smoothing=0.2, z_loss=1e-2, shape=(3, V, 4)),
+    dict(reduction="sum", weighted=False, shape=(V,)),  # unbatched
+    dict(reduction="mean", weighted=True, label_smoothing=0.1, sizes=EMPTY),
+    dict(reduction="none", weighted=False, softcap=3.0, sizes=EMPTY),
+]
+PROB_CASES = [
+    dict(reduction=r, weighted=w, label_smoothing=eps, probs=True, **extra)
+    for r, w, eps, extra in itertools.product(["none", "mean", "sum"], [False, True], [0.0, 0.2],
+                                              [dict(), dict(z_loss=1e-2, softcap=3.0)])
+]
+LINEAR_CASES = [
+    dict(reduction=r, weighted=w, label_smoothing=eps, bias=b, **extra)
+    for r, (w, eps, b), extra in itertools.product(
+        ["none", "mean", "sum"], [(False, 0.0, True), (True, 0.1, False), (True, 0.2, True)],
+        [dict(), dict(z_loss=1e-2, softcap=3.0)])
+]
+LINEAR_CASES += [
+    dict(reduction="mean", weighted=True, bias=True, shape=(2, 3)),  # (*, H) input
+    dict(reduction="sum", weighted=False, bias=True, probs=True, label_smoothing=0.1),
+    dict(reduction="mean", weighted=True, bias=True, label_smoothing=0.1, sizes=EMPTY),
+]
+
+
+def _problem(case: dict, seed: int, n_classes: int = V):
+    """Full logits, target and class weights, identical on every rank (same seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = case.get("shape", (11, n_classes))
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+    ignore_index = case.get("ignore_index", -100)
+    if case.get("probs"):
+        target = torch.randn(shape, generator=gen, dtype=torch.float64).softmax(1 if len(shape) > 1 else 0)
+    else:
+        index_shape = () if len(shape) == 1 else (shape[0], *shape[2:])
+        target = torch.randint(0, n_classes, index_shape, generator=gen)
+        drop = torch.rand(index_shape, generator=gen) < (1.0 if case.get("all_ignored") else 0.25)
+        if len(shape) == 1:
+            drop = torch.zeros((), dtype=torch.bool)
+        target = torch.where(drop, torch.full_like(target, ignore_index), target)
+    weight = torch.rand(n_classes, generator=gen, dtype=torch.float64) + 0.2 if case["weighted"] else None
+    options = dict(weight=weight, ignore_index=ignore_index, reduction=case["reduction"],
+                   label_smoothing=case.get("label_smoothing", 0.0))
+    extra = dict(z_loss=case.get("z_loss", 0.0), softcap=case.get("softcap"))
+    return gen, x, target, options, extra
+
+
+def _compare(fails: list, what: str, ours, theirs) -> None:
+    try:
+        torch.testing.assert_close(ours, theirs, equal_nan=True, **TOL)
+    except AssertionError as err:
+        fails.append(f"{what}: {err}")
+
+
+def _local_slice(t: torch.Tensor, start: int, size: int) -> torch.Tensor:
+    return t.narrow(0 if t.dim() == 1 else 1, start, size)
+
+
+def _check_ce(rank: int, world: int, case: dict, seed: int, fails: list) -> None:
+    sizes = case.get("sizes", SIZES)[world]
+    start, size = sum(sizes[:rank]), sizes[rank]
+    gen, x, target, options, extra = _problem(case, seed)
+    local = _local_slice(x, start, size).clone().requires_grad_()
+    local_target = _local_slice(target, start, size) if case.get("probs") else target
+    vocab_start = start if seed % 2 else None  # both ways of finding the offsets
+    ours = vocab_parallel_cross_entropy(local, local_target, vocab_start=vocab_start, **options, **extra)
+    full = x.clone().requires_grad_()
+    ref = crossent.cross_entropy(full, target, **options, **extra)
+    upstream = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    (g_ours,) = torch.autograd.grad(ours, local, upstream)
+    (g_full,) = torch.autograd.grad(ref, full, upstream)
+    what = f"world={world} rank={rank} {case}"
+    _compare(fails, what + " loss vs crossent", ours, ref)
+    _compare(fails, what + " grad vs crossent", g_ours, _local_slice(g_full, start, size))
+    full64 = x.clone().requires_grad_()
+    oracle = _reference.cross_entropy(full64, target, **options, **extra)
+    (g_oracle,) = torch.autograd.grad(oracle, full64, upstream)
+    _compare(fails, what + " loss vs reference", ours, oracle)
+    _compare(fails, what + " grad vs reference", g_ours, _local_slice(g_oracle, start, size))
+    if extra["z_loss"] == 0 and extra["softcap"] is None:  # options torch has
+        full_t = x.clone().requires_grad_()
+        theirs = F.cross_entropy(full_t, target, **options)
+        (g_torch,) = torch.autograd.grad(theirs, full_t, upstream)
+        _compare(fails, what + " loss vs torch", ours, theirs)
+        _compare(fails, what + " grad vs torch", g_ours, _local_slice(g_torch, start, size))
+
+
+def _check_linear(rank: int, world: int, case: dict, seed: int, fails: list) -> None:
+    sizes = case.get("sizes", SIZES)[world]
+    start, size = sum(sizes[:rank]), sizes[rank]
+    lead = case.get("shape", (9,))
+    gen, _, target, options, extra = _problem(dict(case, shape=(int(torch.tensor(lead).prod()), V)), seed)
+    if case.get("probs"):
+        target = target.reshape(*lead, V)
+    else:
+        target = target.reshape(lead)
+    hidden = torch.randn(*lead, 6, generator=gen, dtype=torch.float64)
+    weight = torch.randn(V, 6, generator=gen, dtype=torch.float64)
+    bias = torch.randn(V, generator=gen, dtype=torch.float64) if case["bias"] else None
+    h = hidden.clone().requires_grad_()
+    w_local = weight[start : start + size].clone().requires_grad_()
+    b_local = None if bias is None else bias[start : start + size].clone().requires_grad_()
+    local_target = target[..., start : start + size] if case.get("probs") else target
+    ours = vocab_parallel_linear_cross_entropy(
+        h, w_local, local_target, bias=b_local, vocab_start=start if seed % 2 else None,
+        **options, **extra)
+    h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    b_ref = None if bias is None else bias.clone().requires_grad_()
+    logits = F.linear(h_ref, w_ref, b_ref).movedim(-1, 1)  # class dim second, as torch wants
+    ref = crossent.cross_entropy(logits, target.movedim(-1, 1) if case.get("probs") else target,
+                                 **options, **extra)
+    upstream = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    ours_in = [h, w_local] + ([b_local] if bias is not None else [])
+    ref_in = [h_ref, w_ref] + ([b_ref] if bias is not None else [])
+    g_ours = torch.autograd.grad(ours, ours_in, upstream)
+    g_ref = torch.autograd.grad(ref, ref_in, upstream)
+    what = f"linear world={world} rank={rank} {case}"
+    _compare(fails, what + " loss", ours, ref)
+    _compare(fails, what + " grad input", g_ours[0], g_ref[0])
+    for name, ours_g, ref_g in zip(["weight", "bias"], g_ours[1:], g_ref[1:]):
+        _compare(fails, f"{what} grad {name}", ours_g, ref_g[start : start + size])
+
+
+def _expect(fails: list, what: str, exc: type, needle: str, fn) -> None:
+    try:
+        fn()
+    except exc as err:
+        if needle not in str(err):
+            fails.append(f"{what}: message {str(err)!r} lacks {needle!r}")
+        return
+    fails.append(f"{what}: no {exc.__name__} raised")
+
+
+def _check_errors(rank: int, world: int, fails: list) -> None:
+    """Bad layouts raise the same error on every rank, after the collective (no deadlock)."""
+    sizes = SIZES[world]
+    start, size = sum(sizes[:rank]), sizes[rank]
+    _, x, target, _, _ = _problem(dict(weighted=False, reduction="mean"), 5)
+    local = _local_slice(x, start, size)
+    ce = vocab_parallel_cross_entropy
+    if world > 1:
+        _expect(fails, "overlapping shards", ValueError, "tile",
+                lambda: ce(local, target, vocab_start=0))
+        bad_target = target.clone()
+        bad_target[0] = (target[0] + rank + 1) % V
+        _expect(fails, "targets differ", RuntimeError, "target differs",
+                lambda: ce(local, bad_target))
+    _expect(fails, "weight too long", RuntimeError, f"all {V} classes",
+            lambda: ce(local, target, weight=torch.ones(V + 1, dtype=torch.float64)))
+    _expect(fails, "weight too short", RuntimeError, f"all {V} classes",
+            lambda: ce(local, target, weight=torch.ones(V - 1, dtype=torch.float64),
+                       label_smoothing=0.1, vocab_start=start))
+    out_of_range = torch.where(target == -100, V, target)
+    _expect(fails, "target out of range", IndexError, f"{V} classes",
+            lambda: ce(local, out_of_range, vocab_start=start))
+    if vocab_shard_range(size) != (start, V):
+        fails.append(f"vocab_shard_range({size}) = {vocab_shard_range(size)}, expected {(start, V)}")
+
+
+def _worker(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)  # several ranks share two cores
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    fails: list[str] = []
+    try:
+        for seed, case in enumerate(CE_CASES + PROB_CASES):
+            _check_ce(rank, world, case, seed, fails)
+        for seed, case in enumerate(LINEAR_CASES):
+            _check_linear(rank, world, case, seed, fails)
+        _check_errors(rank, world, fails)
+    finally:
+        dist.destroy_process_group()
+    if fails:
+        raise AssertionError(f"{len(fails)} failures on rank {rank}:\n" + "\n".join(fails[:10]))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_vocab_parallel_matches_single_process(world):
+    mp.spawn(_worker, args=(world, _free_port()), nprocs=world, join=True)
+
+
+def test_single_process_without_process_group():
+    """No process group initialised, group=None: the same code path minus the collective."""
+    assert not dist.is_initialized()
+    fails: list[str] = []
+    for seed, case in enumerate(CE_CASES[::5] + PROB_CASES[::4]):
+        _check_ce(0, 1, case, seed, fails)
+    for seed, case in enumerate(LINEAR_CASES[::4]):
+        _check_linear(0, 1, case, seed, fails)
+    assert not fails, "\n".join(fails[:10])
+
+
+def test_bad_arguments():
+    x = torch.randn(4, 5, dtype=torch.float64)
+    t = torch.tensor([0, 1, 2, 3])
+    ce = vocab_parallel_cross_entropy
+    with pytest.raises(ValueError, match="tile"):
+        ce(x, t, vocab_start=2)  # a single process must hold [0, V)
+    with pytest.raises(ValueError, match="vocab_start"):
+        ce(x, t, vocab_start=-1)
+    with pytest.raises(RuntimeError, match="1-D"):
+        ce(x, t, weight=torch.ones(5, 1, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="dtype"):
+        ce(x, t, weight=torch.ones(5))
+    with pytest.raises(IndexError, match="Target 7 is out of bounds"):
+        ce(x, torch.tensor([0, 7, 1, 1]))
+    with pytest.raises(ValueError, match="reduction"):
+        ce(x, t, reduction="avg")
+    with pytest.raises(RuntimeError, match="target must be class indices"):
+        vocab_parallel_linear_cross_entropy(x, torch.randn(3, 5, dtype=torch.float64), t[:2])
+
+
+def test_float32_and_bfloat16_single_process():
+    """Low precision accumulates in float32, like crossent.cross_entropy: same answer."""
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(16, 50, generator=gen) * 4).to(dtype)
+        t = torch.randint(0, 50, (16,), generator=gen)
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours = vocab_parallel_cross_entropy(a, t, label_smoothing=0.1, z_loss=1e-3)
+        ref = crossent.cross_entropy(b, t, label_smoothing=0.1, z_loss=1e-3)
+        ours.backward()
+        ref.backward()
+        assert ours.dtype == ref.dtype == dtype and a.grad.dtype == dtype
+        # Same float32 math in a different order (merged statistics): within float32 rounding
+        # before the final cast, so at most one ulp of the output dtype apart.
+        torch.testing.assert_close(ours, ref, rtol=2**-7 if dtype == torch.bfloat16 else 1e-6, atol=0)
+        torch.testing.assert_close(a.grad, b.grad, rtol=2**-7 if dtype == torch.bfloat16 else 1e-6,
+                                   atol=1e-7)
