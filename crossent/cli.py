@@ -1,0 +1,122 @@
+"""The ``crossent`` command: ``demo``, ``bench`` and ``env``.
+
+``crossent demo``   trains the seeds' classifier with and without the softmax mistake (CPU, < 1 min)
+``crossent bench``  runs the benchmarks (every argument after ``bench`` goes to the harness)
+``crossent env``    prints versions, devices and which backends can run
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import os
+import platform
+import sys
+
+_PACKAGES = ("torch", "crossent", "numpy", "numba", "triton", "rich", "matplotlib", "scikit-learn",
+             "transformers")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crossent", description="An exact, fast, memory-lean drop-in for PyTorch's cross-entropy.")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,env}")
+    demo = sub.add_parser("demo", help="train the seeds' classifier with and without softmax before the loss")
+    demo.add_argument("--epochs", type=int, default=10, help="epochs per run (default 10)")
+    demo.add_argument("--out", default="crossent-demo.png", help="PNG of both loss curves")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--plain", action="store_true", help="plain text output, no rich")
+    sub.add_parser("bench", help="run the benchmarks (crossent bench --help for its options)",
+                   add_help=False)
+    env = sub.add_parser("env", help="versions, devices and available backends")
+    env.add_argument("--plain", action="store_true", help="plain text output, no rich")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``crossent`` script and ``python -m crossent``; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":
+        # Forwarded untouched, so the harness owns its flags (--quick, --json PATH, --help).
+        try:  # imported lazily: the harness pulls in optional dependencies
+            _bench = importlib.import_module("crossent._bench")
+        except ModuleNotFoundError as exc:
+            if exc.name != "crossent._bench":
+                raise
+            print("crossent bench: this installation has no benchmark harness (crossent._bench)",
+                  file=sys.stderr)
+            return 2
+        return int(_bench.main(argv[1:]) or 0)
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from . import _demo
+
+        return _demo.main(epochs=args.epochs, out=args.out, seed=args.seed, plain=args.plain)
+    if args.command == "env":
+        return env(plain=args.plain)
+    _parser().print_help()
+    return 2
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def env(plain: bool = False) -> int:
+    """Print versions, devices and backends (what a bug report needs)."""
+    import torch
+
+    from . import __version__
+    from ._console import Console
+    from ._diagnostics import diagnostics_enabled
+    from ._dispatch import available, resolve
+
+    console = Console(plain=plain)
+    versions = [("python", platform.python_version()), ("platform", platform.platform())]
+    versions += [(name, __version__ if name == "crossent" else _version(name)) for name in _PACKAGES]
+    console.table("versions", ["package", "version"], versions, left=2)
+
+    devices = [("cpu", _cpu_model()),
+               ("cpu threads", f"{torch.get_num_threads()} torch threads, {os.cpu_count()} logical cores"),
+               ("cpu capability", torch.backends.cpu.get_cpu_capability())]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            devices.append((f"cuda:{i}", f"{props.name}, {props.total_memory / 2**30:.0f} GiB, "
+                                         f"sm_{props.major}{props.minor}, CUDA {torch.version.cuda}"))
+    else:
+        devices.append(("cuda", "not available"))
+    console.table("devices", ["device", "details"], devices, left=2)
+
+    cpu = torch.empty(1, 2)
+    auto_cpu = resolve("auto", cpu).__module__.rsplit(".", 1)[-1]
+    rows = []
+    for name, needs in (("torch", "any device"), ("numba", "CPU tensors"),
+                        ("triton", "CUDA tensors (or TRITON_INTERPRET=1 on CPU)")):
+        rows.append((name, "yes" if available(name) else "no (pip install 'crossent[%s]')" % name, needs))
+    console.table("backends (impl=...)", ["backend", "installed", "runs on"], rows, left=3)
+    console.line(f"impl='auto' on CPU uses: {auto_cpu}")
+    if torch.cuda.is_available():
+        auto_cuda = resolve("auto", cpu.cuda()).__module__.rsplit(".", 1)[-1]
+        console.line(f"impl='auto' on CUDA uses: {auto_cuda}")
+    console.line(f"misuse diagnostics: {'on' if diagnostics_enabled() else 'off'} "
+                 "(crossent.set_diagnostics, CROSSENT_DIAGNOSTICS=0)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
