@@ -81,7 +81,8 @@ def _times_upstream(grad: Tensor | None, upstream: Tensor, in_place: bool) -> Te
         )
     if upstream.dim() == 0:
         # Host read is free on CPU; on accelerators skip the check to avoid a sync.
-        if upstream.device.type == "cpu" and upstream.item() == 1.0:
+        on_host = upstream.device.type == "cpu" and not torch.compiler.is_compiling()
+        if on_host and upstream.item() == 1.0:
             return grad
         factor = upstream.to(grad.dtype)
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from typing import Callable
 
 from torch import Tensor
@@ -17,7 +18,9 @@ from ._autograd import Kernel
 
 def _kernel(module: str) -> Callable[[], Kernel]:
     """Lazy loader: optional dependencies are imported on first use, never at import crossent."""
-    return lambda: importlib.import_module(f"crossent.backends.{module}").ce_forward
+    name = f"crossent.backends.{module}"
+    # sys.modules first: torch.compile can trace a dict lookup but not an import.
+    return lambda: (sys.modules.get(name) or importlib.import_module(name)).ce_forward
 
 
 def _numba_why_not(t: Tensor) -> str | None:

@@ -173,7 +173,8 @@ def check_target_values(target: Tensor, n_classes: int, ignore_index: int) -> No
     """
     flat = target.reshape(-1)
     bad = (flat != ignore_index) & ((flat < 0) | (flat >= n_classes))
-    if target.device.type != "cpu":
+    if target.device.type != "cpu" or torch.compiler.is_compiling():
+        # No host sync (and no data-dependent branch for torch.compile): assert on the device.
         torch._assert_async(~bad.any(), "crossent: target holds a class index out of range")
         return
     if not bad.any():
