@@ -248,8 +248,13 @@ def _prob_terms(lse, sums, weight, vocab, eps, params):
     if params.z_loss:
         loss = loss + params.z_loss * lse * lse
         mass = mass + 2 * params.z_loss * lse
-    denominator = torch.tensor(float(lse.shape[0]), dtype=lse.dtype, device=lse.device)
+    denominator = lse.new_full((), float(lse.shape[0]))  # a fill, not a host-to-device copy
     return loss, mass, t_scale, denominator
+
+
+def _host_readable(t: Tensor) -> bool:
+    """Reading CPU tensors costs no device sync; elsewhere the checks stay on the device."""
+    return t.device.type == "cpu"
 
 
 def _check_layout(meta: Tensor, shard: Shard, weight: Tensor | None, target: Tensor,
@@ -259,7 +264,7 @@ def _check_layout(meta: Tensor, shard: Shard, weight: Tensor | None, target: Ten
     Every rank sees the same ``meta`` and so raises the same error. On CPU the message names the
     offending values; on accelerators the checks are device-side asserts (no host sync).
     """
-    if meta.device.type != "cpu":
+    if not _host_readable(meta):
         sizes = meta[:, 1]
         starts = torch.cumsum(sizes, 0) - sizes
         torch._assert_async((meta[:, 0] == starts).all(), "crossent: vocab shards do not tile [0, V)")
