@@ -1,0 +1,183 @@
+"""Numba CPU backend: one parallel row kernel per target kind; see ``crossent.backends`` for the contract.
+
+Per row (rows split evenly over ``torch.get_num_threads()`` threads):
+  1. ``m = max_c x_c``                         the only read of the logits from memory
+  2. ``s = sum_c exp(x_c - m)``, storing each exp into the gradient row (when one is wanted)
+  3. the gradient row is rescaled in place: ``grad_c = scale * (coef * exp_c / s - ...)``
+so the logits are read once, the gradient written once, and exp evaluated once per element by
+a vectorised polynomial (``_numba_math.exp_f32``). The loss uses ``m - x_y + log s`` rather than
+``lse - x_y`` so that large logits (1e4) keep their small differences exact.
+
+float32 is computed in place in the rows; bfloat16/float16 logits are passed as their uint16 bits
+and converted per row into float32 scratch (exact both ways, rounding as torch). float64 logits
+are rare on CPU (gradcheck, references) and go to the PyTorch backend, which keeps float64
+accumulation. Without ``grad_scale`` (no_grad, ``requires_grad=False``) no gradient is made.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+from torch import Tensor
+
+from .._params import CEParams
+from . import torch_fused
+from ._cpu_alloc import empty_huge
+from ._numba_rows import (
+    BF16, F16, FM, cap_factor, exp_sum, exp_sum_inplace, exp_sum_store, fill_zero, gap_sum,
+    grad_dest, load_row, row_max, scale, scale_sub, scale_sub_targets, scale_sub_weighted,
+    soft_target_sums, store_row, weighted_gap_sum,
+)
+
+_F32 = np.float32
+_FORMATS = {torch.float32: 0, torch.bfloat16: BF16, torch.float16: F16}
+
+
+@njit(fastmath=FM, cache=True)
+def _exp_sum(xr, m, dest, want_grad, aliased):
+    """Step 2: sum_c exp(x_c - m), storing the exps into ``dest`` when a gradient is wanted."""
+    if not want_grad:
+        return exp_sum(xr, m)
+    return exp_sum_inplace(dest, m) if aliased else exp_sum_store(xr, m, dest)
+
+
+@njit(parallel=True, fastmath=FM, cache=True)
+def _index_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, cap, gscale, want_grad,
+                  inplace, grad, loss, lse, n_blocks):
+    """Class-index targets. ``w`` has size 0 when unweighted; ``eps`` is label smoothing."""
+    n_rows, n_cls = x.shape
+    has_w = w.size > 0
+    keep = _F32(1.0) - eps
+    eps_c = eps / _F32(n_cls)
+    inv_cap = _F32(1.0) / cap if cap > 0 else _F32(0.0)
+    aliased = inplace and fmt == 0 and cap == 0  # the gradient row is the logits row itself
+    for blk in prange(n_blocks):
+        buf = np.empty(n_cls if (fmt != 0 or cap > 0) else 0, np.float32)  # (C,) scratch
+        gbuf = np.empty(n_cls if fmt != 0 else 0, np.float32)  # (C,) scratch
+        for r in range(blk * n_rows // n_blocks, (blk + 1) * n_rows // n_blocks):
+            xr = load_row(x[r], fmt, cap, inv_cap, buf)
+            y = target[r]
+            valid = y != ignore_index
+            m = row_max(xr)
+            gaps = _F32(0.0)
+            if eps > 0 and valid:  # before step 2, which may overwrite xr (in place)
+                gaps = weighted_gap_sum(xr, m, w) if has_w else gap_sum(xr, m)
+            x_y = xr[y] if valid else _F32(0.0)
+            dest = grad_dest(grad[r], gbuf)
+            s = _exp_sum(xr, m, dest, want_grad, aliased)
+            log_s = _F32(math.log(s))
+            lse[r] = m + log_s
+            if not valid:
+                loss[r] = 0.0
+                if want_grad:
+                    fill_zero(dest)
+                    store_row(dest, fmt, grad[r])
+                continue
+            w_y = w[y] if has_w else _F32(1.0)
+            row_loss = keep * w_y * ((m - x_y) + log_s)
+            if eps > 0:
+                row_loss += eps_c * (gaps + w_total * log_s)
+            loss[r] = row_loss + z * lse[r] * lse[r]
+            if not want_grad:
+                continue
+            coef = keep * w_y + eps_c * w_total + _F32(2.0) * z * lse[r]
+            # p_y - 1 (and the smoothing term) in float32, never rounded through a 16-bit grad.
+            g_y = gscale * (coef * (dest[y] / s) - eps_c * w_y - keep * w_y)
+            k = gscale * coef / s
+            if eps > 0:
+                if has_w:
+                    scale_sub_weighted(dest, k, gscale * eps_c, w)
+                else:
+                    scale_sub(dest, k, gscale * eps_c)
+            else:
+                scale(dest, k)
+            if cap > 0:
+                cap_factor(dest, xr, inv_cap)
+                t_y = x_y * inv_cap
+                g_y *= _F32(1.0) - t_y * t_y
+            dest[y] = g_y
+            store_row(dest, fmt, grad[r])
+
+
+@njit(parallel=True, fastmath=FM, cache=True)
+def _prob_kernel(x, fmt, target, w, eps, z, cap, gscale, want_grad, inplace, grad, loss, lse, n_blocks):
+    """Probability targets ``(R, C)`` float32; ``w`` is ``(C,)`` (ones when unweighted)."""
+    n_rows, n_cls = x.shape
+    a = _F32(1.0) - eps if eps > 0 else _F32(1.0)
+    b = eps / _F32(n_cls) if eps > 0 else _F32(0.0)
+    inv_cap = _F32(1.0) / cap if cap > 0 else _F32(0.0)
+    aliased = inplace and fmt == 0 and cap == 0  # the gradient row is the logits row itself
+    for blk in prange(n_blocks):
+        buf = np.empty(n_cls if (fmt != 0 or cap > 0) else 0, np.float32)  # (C,) scratch
+        gbuf = np.empty(n_cls if fmt != 0 else 0, np.float32)  # (C,) scratch
+        for r in range(blk * n_rows // n_blocks, (blk + 1) * n_rows // n_blocks):
+            xr = load_row(x[r], fmt, cap, inv_cap, buf)
+            m = row_max(xr)
+            # loss = sum_c u_c (lse - x_c) = sum_c u_c (m - x_c) + (sum_c u_c) log s
+            mass, gaps = soft_target_sums(xr, m, target[r], w, a, b)
+            dest = grad_dest(grad[r], gbuf)
+            s = _exp_sum(xr, m, dest, want_grad, aliased)
+            log_s = _F32(math.log(s))
+            lse_r = m + log_s
+            lse[r] = lse_r
+            loss[r] = gaps + mass * log_s + z * lse_r * lse_r
+            if want_grad:
+                coef = mass + _F32(2.0) * z * lse_r
+                scale_sub_targets(dest, gscale * coef / s, target[r], w, gscale * a, gscale * b)
+                if cap > 0:
+                    cap_factor(dest, xr, inv_cap)
+                store_row(dest, fmt, grad[r])
+
+
+def _as_array(t: Tensor) -> np.ndarray:
+    """A numpy view of a contiguous CPU tensor; 16-bit floats as their uint16 bits."""
+    t = t.detach()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def ce_forward(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    grad_scale: Tensor | None,
+    params: CEParams,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-row loss ``(R,)``, lse ``(R,)`` and, if ``grad_scale`` is given, the gradient ``(R, C)``."""
+    if logits.dtype not in _FORMATS:
+        return torch_fused.ce_forward(logits, target, weight, grad_scale, params)  # float64
+    n_rows, n_cls = logits.shape
+    loss = torch.empty(n_rows, dtype=torch.float32)  # (R,)
+    lse = torch.empty(n_rows, dtype=torch.float32)  # (R,)
+    want_grad = grad_scale is not None
+    grad = None
+    if want_grad:
+        # A fresh (R, C) buffer is advised for huge pages: filling it costs 4x less in page faults.
+        grad = logits if params.inplace_backward else empty_huge(logits.shape, logits.dtype)
+    if n_rows == 0:
+        return loss, lse, grad
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(threads)
+    x = _as_array(logits)
+    out = _as_array(grad) if want_grad else x  # never written without want_grad
+    fmt = _FORMATS[logits.dtype]
+    eps = _F32(max(params.label_smoothing, 0.0))  # torch ignores smoothing <= 0
+    cap = _F32(params.softcap if params.softcap is not None else 0.0)
+    gscale = _F32(grad_scale.item() if want_grad else 0.0)
+    blocks = min(n_rows, threads)
+    if target.is_floating_point():
+        w = np.ones(n_cls, np.float32) if weight is None else _as_array(weight.float().contiguous())
+        _prob_kernel(x, fmt, _as_array(target.float().contiguous()), w, eps, _F32(params.z_loss),
+                     cap, gscale, want_grad, params.inplace_backward, out, loss.numpy(),
+                     lse.numpy(), blocks)
+    else:
+        w = np.empty(0, np.float32) if weight is None else _as_array(weight.float().contiguous())
+        w_total = _F32(w.sum(dtype=np.float32)) if weight is not None else _F32(n_cls)
+        _index_kernel(x, fmt, _as_array(target.long().contiguous()), w, w_total,
+                      np.int64(params.ignore_index), eps, _F32(params.z_loss), cap, gscale,
+                      want_grad, params.inplace_backward, out, loss.numpy(), lse.numpy(), blocks)
+    return loss, lse, grad
