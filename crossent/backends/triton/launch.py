@@ -1,0 +1,83 @@
+"""Host side of the Triton cross-entropy: allocation, grid, block size and warps, in one place."""
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .kernels import ce_fwd_kernel
+
+# Widest block a row is read in. A row of at most this many classes lives in registers and is
+# read from memory once; longer rows loop over blocks of this width and are read twice (the
+# second pass mostly from L2). 16K fp32 values over 16 warps is 32 registers per thread for the
+# logits. Tests lower it to run the multi-block path on small rows.
+MAX_BLOCK = 16384
+# Read when this module is imported, like Triton reads it when it is imported.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def block_config(n_cols: int) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` for rows of ``n_cols`` classes (a first guess, to tune on a GPU)."""
+    block = min(triton.next_power_of_2(max(n_cols, 1)), MAX_BLOCK)
+    # About 16 elements per thread for short rows, up to 16 warps for the widest blocks.
+    num_warps = max(1, min(16, block // 512))
+    return block, num_warps
+
+
+def _f32_pair(value: float) -> tuple[float, float]:
+    """Split a float64 into float32 ``hi + lo`` (Triton passes float arguments as float32)."""
+    hi = float(np.float32(value))
+    return hi, float(np.float32(value - hi))
+
+
+def launch_ce_forward(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    grad_scale: Tensor | None,
+    grad: Tensor | None,
+    loss: Tensor,
+    lse: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+) -> None:
+    """Launch one program per row over ``logits (R, C)`` (unit column stride); fills ``loss``,
+    ``lse`` and, when ``grad`` is given, ``grad (R, C)`` (which may be ``logits`` itself)."""
+    n_rows, n_cols = logits.shape
+    if n_rows == 0:
+        return
+    probs = target.is_floating_point()
+    eps = max(label_smoothing, 0.0)  # torch ignores smoothing <= 0
+    block, num_warps = block_config(n_cols)
+    want_grad = grad is not None
+    dummy = lse  # stands in for absent tensors; the constexpr flags keep it unread
+    with torch.cuda.device(logits.device) if logits.is_cuda else nullcontext():
+        ce_fwd_kernel[(n_rows,)](
+            logits, grad if want_grad else dummy, target,
+            dummy if weight is None else weight,
+            grad_scale if want_grad else dummy, loss, lse,
+            n_cols, logits.stride(0), grad.stride(0) if want_grad else 0,
+            target.stride(0), ignore_index,
+            *_f32_pair(eps), *_f32_pair(eps / n_cols), *_f32_pair(z_loss),
+            *_f32_pair(1.0 if softcap is None else softcap),
+            ACC=tl.float64 if lse.dtype == torch.float64 else tl.float32,
+            PROB_TARGET=probs,
+            HAS_WEIGHT=weight is not None,
+            HAS_SMOOTHING=eps > 0,
+            HAS_Z_LOSS=z_loss != 0,
+            HAS_SOFTCAP=softcap is not None,
+            WANT_GRAD=want_grad,
+            BLOCK=block,
+            SINGLE_BLOCK=n_cols <= block,
+            # The interpreter truncates float32 -> bfloat16; GPUs round to nearest even.
+            ROUND_BF16=_INTERPRET and grad is not None and grad.dtype == torch.bfloat16,
+            num_warps=num_warps,
+        )
+
