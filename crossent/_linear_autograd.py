@@ -1,0 +1,196 @@
+"""autograd.Function for the fused linear + cross-entropy: a loop over row chunks.
+
+Each chunk of ``r`` rows makes its logits ``x_c @ W.T + b`` in one reused ``(r, V)`` buffer,
+hands them to the backend kernel (which writes the gradient back into that buffer) and folds
+the gradient into ``grad_input``, ``grad_weight`` and ``grad_bias`` straight away, so no
+``(N, V)`` tensor ever exists and backward does no matmul for "mean"/"sum".
+
+"none" is different: the upstream gradient is a per-row vector known only in backward, and
+``grad_weight = sum_r u_r * dlogits_r^T x_r`` cannot be rescaled afterwards. Its forward makes
+the losses only (one matmul per chunk); backward runs the loop again with ``u`` folded into the
+rows of ``x`` (cheaper than scaling the ``(r, V)`` gradient): four matmuls in all instead of three.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from ._autograd import Kernel
+from ._params import CEParams
+from .backends.torch_fused import acc_dtype
+
+# Devices where finding the ignored rows (a host read of the target) costs no synchronisation.
+SKIP_IGNORED_ON = ("cpu",)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """``(x (N, H), W (V, H), b (V,) | None, target, ...) -> (reduced loss, lse (N,))``.
+
+    ``target`` is ``(N,)`` int64 or ``(N, V)`` probabilities in the accumulation dtype;
+    ``scale`` is the gradient factor of the reduction (``1 / denominator`` for "mean").
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        target: Tensor,
+        class_weight: Tensor | None,
+        denominator: Tensor | None,
+        scale: Tensor,
+        params: CEParams,
+        kernel: Kernel,
+        chunk_size: int,
+    ) -> tuple[Tensor, Tensor]:
+        needs = tuple(ctx.needs_input_grad[:3])
+        eager = any(needs) and params.reduction != "none"
+        loss, lse, grads = chunked_linear_ce(
+            x, weight, bias, target, class_weight, scale, params, kernel, chunk_size,
+            needs if eager else (False, False, False),
+        )
+        ctx.params, ctx.kernel, ctx.chunk_size = params, kernel, chunk_size
+        ctx.grads = grads
+        if any(needs) and params.reduction == "none":
+            ctx.save_for_backward(x, weight, bias, target, class_weight)
+        ctx.mark_non_differentiable(lse)
+        if params.reduction == "sum":
+            loss = loss.sum()
+        elif params.reduction == "mean":
+            loss = loss.sum() / denominator
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_lse: Tensor | None):
+        needs = tuple(ctx.needs_input_grad[:3])
+        if ctx.params.reduction == "none":
+            x, weight, bias, target, class_weight = ctx.saved_tensors
+            one = torch.ones((), dtype=acc_dtype(x.dtype), device=x.device)
+            _, _, grads = chunked_linear_ce(
+                x, weight, bias, target, class_weight, one, ctx.params, ctx.kernel,
+                ctx.chunk_size, needs, row_scale=grad_loss,
+            )
+        else:
+            grads = ctx.grads
+            if grads is None:
+                raise RuntimeError(
+                    "crossent: backward ran twice through a linear_cross_entropy call with "
+                    "reduction='mean'/'sum'; its gradients are made in forward and handed over "
+                    "once (keeping them would copy grad_weight). Call it again, or use "
+                    "reduction='none' and reduce yourself, to backward more than once."
+                )
+            # Hand the tensors over (no reference kept) so autograd can adopt them as .grad
+            # instead of copying a (V, H) gradient.
+            ctx.grads = None
+            grads = tuple(None if g is None else _times(g, grad_loss) for g in grads)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _times(grad: Tensor, upstream: Tensor) -> Tensor:
+    # Host read is free on CPU; on accelerators skip the check to avoid a sync.
+    if upstream.device.type == "cpu" and upstream.item() == 1.0:
+        return grad
+    return grad.mul_(upstream.to(grad.dtype))  # our own buffer, handed over once
+
+
+def _row_chunks(target: Tensor, params: CEParams, n_rows: int, chunk_size: int):
+    """Yield ``(rows, index)`` per chunk: a slice of rows, or the int64 indices of counted rows.
+
+    On CPU, rows whose target is ignored are dropped before any matmul (their loss and gradient
+    are 0). Finding them reads the target on the host, which would be a sync on accelerators:
+    there every row goes through the kernel, which zeroes ignored rows itself.
+    """
+    if target.dim() == 1 and target.device.type in SKIP_IGNORED_ON:
+        valid = target != params.ignore_index  # (N,)
+        if not bool(valid.all()):
+            index = valid.nonzero().squeeze(1)  # (N_valid,)
+            for start in range(0, index.numel(), chunk_size):
+                yield None, index[start:start + chunk_size]
+            return
+    for start in range(0, n_rows, chunk_size):
+        yield slice(start, min(start + chunk_size, n_rows)), None
+
+
+def chunked_linear_ce(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    class_weight: Tensor | None,
+    scale: Tensor,
+    params: CEParams,
+    kernel: Kernel,
+    chunk_size: int,
+    needs: tuple[bool, bool, bool],
+    row_scale: Tensor | None = None,
+) -> tuple[Tensor, Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
+    """Per-row loss ``(N,)`` and lse ``(N,)`` (accumulation dtype, 0 / NaN for skipped rows) and
+    the gradients of ``(x, weight, bias)`` flagged in ``needs``, each times ``scale`` and, when
+    ``row_scale`` ``(N,)`` is given, times that row's entry (the upstream gradient of "none").
+    """
+    n_rows, n_features = x.shape
+    n_classes = weight.shape[0]
+    acc = acc_dtype(x.dtype)
+    dev = x.device
+    want_grad = any(needs)
+    # The kernel writes the gradient over the logits: the chunk buffer is ours, reused.
+    kparams = replace(params, inplace_backward=True)
+    grad_scale = scale if want_grad else None
+    loss = torch.zeros(n_rows, dtype=acc, device=dev)  # (N,) ignored rows stay 0
+    lse = torch.full((n_rows,), float("nan"), dtype=acc, device=dev)  # (N,) skipped: NaN
+    logits_buf = torch.empty(min(chunk_size, n_rows), n_classes, dtype=x.dtype, device=dev)  # (r, V)
+    grad_x = torch.zeros_like(x) if needs[0] else None  # (N, H); skipped rows stay 0
+    # grad_weight / grad_bias accumulate over chunks in float32 for bf16/fp16 inputs: summing
+    # per-chunk partials in 8 or 11 bits loses the small contributions (the field's usual bug).
+    grad_w = torch.zeros(n_classes, n_features, dtype=acc, device=dev) if needs[1] else None  # (V, H)
+    grad_b = torch.zeros(n_classes, dtype=acc, device=dev) if needs[2] else None  # (V,)
+    wt = weight.t()  # (H, V) view; BLAS reads the transpose in place
+    for rows, index in _row_chunks(target, params, n_rows, chunk_size):
+        sel = rows if index is None else index
+        x_c = x[rows] if index is None else x.index_select(0, index)  # (r, H)
+        t_c = target[sel]
+        if t_c.is_floating_point():
+            t_c = t_c.to(acc)  # (r, V) probabilities, the kernel's dtype
+        logits = logits_buf[: x_c.shape[0]]  # (r, V)
+        if bias is None:
+            torch.mm(x_c, wt, out=logits)
+        else:
+            torch.addmm(bias, x_c, wt, out=logits)
+        loss_c, lse_c, g = kernel(logits, t_c, class_weight, grad_scale, kparams)
+        loss[sel] = loss_c
+        lse[sel] = lse_c
+        if not want_grad:
+            continue
+        if row_scale is not None:
+            u = row_scale[sel].to(x.dtype).unsqueeze(1)  # (r, 1)
+            x_c = x_c * u  # scaling x's rows scales each row's term of g^T x
+        if grad_w is not None:
+            if g.dtype == acc:
+                grad_w.addmm_(g.t(), x_c)
+            else:  # bf16/fp16: a float32 product (CPUs have no mixed-output matmul)
+                grad_w.addmm_(g.t().to(acc), x_c.to(acc))
+        if grad_b is not None:
+            if row_scale is None:
+                grad_b += g.sum(0, dtype=acc)
+            else:
+                grad_b.addmv_(g.t().to(acc), u.squeeze(1).to(acc))
+        if grad_x is not None:
+            if index is None and row_scale is None:
+                torch.mm(g, weight, out=grad_x[rows])
+            else:
+                g_x = g @ weight  # (r, H)
+                if row_scale is not None:
+                    g_x *= u
+                if index is None:
+                    grad_x[rows] = g_x
+                else:
+                    grad_x.index_copy_(0, index, g_x)
+    grads = (
+        grad_x,
+        None if grad_w is None else grad_w.to(weight.dtype),
+        None if grad_b is None else grad_b.to(bias.dtype),
+    )
+    return loss, lse, grads

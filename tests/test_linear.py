@@ -1,0 +1,285 @@
+"""crossent.linear_cross_entropy vs cross-entropy of the materialised logits ``x @ W.T + b``.
+
+Oracles: the float64 reference (``crossent._reference``) run through autograd on float64 logits,
+and torch (``F.cross_entropy``, or ``crossent.cross_entropy`` for z_loss/softcap, which torch
+lacks) on logits materialised in the test dtype. Values and gradients of input, weight, bias.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import crossent
+from crossent import _linear_autograd, _reference
+from crossent.linear import auto_chunk_size, linear_cross_entropy, linear_cross_entropy_with_lse
+from crossent.modules import LinearCrossEntropyLoss
+
+from ._oracle import assert_close_to_reference
+
+OPTIONS = {  # name -> keyword arguments; the weighted/smoothed ones are torch's own options
+    "plain": {},
+    "class_weight": {"class_weight": True},
+    "smoothing": {"label_smoothing": 0.1},
+    "weight+smoothing": {"class_weight": True, "label_smoothing": 0.3},
+    "z_loss+softcap": {"z_loss": 1e-3, "softcap": 5.0},
+    "all": {"class_weight": True, "label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 3.0},
+}
+
+
+def _data(n, h, v, dtype, seed, bias=True, ignore_fraction=0.25, lead=None, probs=False):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, h, generator=gen, dtype=torch.float64)
+    w = torch.randn(v, h, generator=gen, dtype=torch.float64) * (2 / h**0.5)
+    b = torch.randn(v, generator=gen, dtype=torch.float64) if bias else None
+    if probs:
+        t = torch.randn(n, v, generator=gen, dtype=torch.float64).softmax(1).to(dtype)
+    else:
+        t = torch.randint(0, v, (n,), generator=gen)
+        t[torch.rand(n, generator=gen) < ignore_fraction] = -100
+    cw = torch.rand(v, generator=gen, dtype=torch.float64) + 0.1
+    if lead is not None:
+        x = x.reshape(*lead, h)
+        t = t.reshape(*lead, *t.shape[1:])
+    up = torch.randn(t.shape[: x.dim() - 1], generator=gen, dtype=torch.float64)
+    cast = (lambda a: None if a is None else a.to(dtype))
+    return cast(x), cast(w), cast(b), t, cast(cw), up
+
+
+def _check(x, w, b, t, cw, up, dtype, what, reduction="mean", chunk_size=None, **options):
+    """Loss and grads of (x, w, b) under a random upstream gradient, against both oracles."""
+    cw = cw if options.pop("class_weight", False) else None
+    ignore = dict(ignore_index=-100)
+    z_loss, softcap = options.get("z_loss", 0.0), options.get("softcap", None)
+    smoothing = options.get("label_smoothing", 0.0)
+    leaves = [a.clone().requires_grad_() for a in (x, w) + ((b,) if b is not None else ())]
+    ours = linear_cross_entropy(*leaves[:2], t, leaves[2] if b is not None else None,
+                                class_weight=cw, reduction=reduction, chunk_size=chunk_size,
+                                **ignore, **options)
+
+    def materialised(tensors, ce):
+        logits = tensors[0] @ tensors[1].T
+        if len(tensors) > 2:
+            logits = logits + tensors[2]
+        logits = logits.movedim(-1, 1) if logits.dim() > 2 else logits  # (N, V, T) for 3-D
+        target = t.movedim(-1, 1) if (t.is_floating_point() and t.dim() > 2) else t
+        return logits, target
+
+    leaves_t = [a.clone().requires_grad_() for a in leaves]
+    logits, target = materialised(leaves_t, None)
+    kw = dict(weight=cw, reduction=reduction, label_smoothing=smoothing, **ignore)
+    if z_loss or softcap is not None:
+        theirs = crossent.cross_entropy(logits, target, z_loss=z_loss, softcap=softcap, **kw)
+    else:
+        theirs = F.cross_entropy(logits, target, **kw)
+    leaves_r = [a.detach().double().requires_grad_() for a in leaves]
+    logits64, target64 = materialised(leaves_r, None)
+    ref = _reference.cross_entropy(
+        logits64, target64.double() if target64.is_floating_point() else target64,
+        None if cw is None else cw.double(), -100, reduction, smoothing, z_loss, softcap)
+    assert ours.shape == theirs.shape == ref.shape, what
+    assert ours.dtype == theirs.dtype, what
+    _compare(ours.detach(), theirs.detach(), ref.detach(), dtype, what + " loss")
+    u = up if reduction == "none" else up.reshape(-1)[0]
+    if dtype in (torch.bfloat16, torch.float16) and reduction != "none":
+        # The gradients were made (and rounded) in forward: a scalar upstream multiplies them
+        # afterwards, one more rounding unless it is a power of two (as loss scaling is).
+        u = torch.tensor(-0.5, dtype=torch.float64)
+    g_ours = torch.autograd.grad(ours, leaves, u.to(ours.dtype))
+    g_theirs = torch.autograd.grad(theirs, leaves_t, u.to(theirs.dtype))
+    g_ref = torch.autograd.grad(ref, leaves_r, u)
+    for name, a, bt, r in zip(("input", "weight", "bias"), g_ours, g_theirs, g_ref):
+        assert a.dtype == dtype and a.shape == r.shape, f"{what} grad {name}"
+        _compare(a, bt, r, dtype, f"{what} grad {name}")
+
+
+def _compare(ours, theirs, ref64, dtype, what):
+    """float32/float64: the shared oracle (within TOL of float64, element by element).
+
+    bfloat16/float16: our relative error norm is no larger than torch's. Element by element
+    does not apply here: both round logits and their gradient once per element but along
+    different paths (fused addmm, float32 softmax), and each gradient entry sums V or N such
+    rounded products, so per entry it is chance which one lands closer to float64.
+    """
+    if dtype not in (torch.bfloat16, torch.float16):
+        assert_close_to_reference(ours, theirs, ref64, dtype, what)
+        return
+    assert ours.dtype == theirs.dtype, what
+    assert torch.equal(torch.isnan(ours), torch.isnan(ref64)), f"{what}: NaN pattern differs"
+    keep = ~torch.isnan(ref64)
+    err_ours = (ours.double() - ref64)[keep].norm()
+    err_torch = (theirs.double() - ref64)[keep].norm()
+    assert err_ours <= err_torch, f"{what}: error {float(err_ours):.3g} > torch's {float(err_torch):.3g}"
+
+
+GRID = list(itertools.product([torch.float64, torch.float32], ["none", "mean", "sum"], OPTIONS,
+                              [True, False]))
+
+
+@pytest.mark.parametrize("dtype,reduction,option,bias", GRID)
+def test_grid(dtype, reduction, option, bias):
+    # 37 rows in chunks of 8 (the last one partial), V = 515 (odd), a quarter ignored.
+    seed = hash((str(dtype), reduction, option, bias)) % 2**31
+    data = _data(37, 24, 515, dtype, seed, bias=bias)
+    _check(*data, dtype, f"{dtype} {reduction} {option} bias={bias}", reduction=reduction,
+           chunk_size=8, **dict(OPTIONS[option]))
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("option", ["plain", "weight+smoothing", "z_loss+softcap"])
+def test_probability_targets(reduction, option):
+    data = _data(29, 16, 131, torch.float64, 7, probs=True)
+    _check(*data, torch.float64, f"probs {reduction} {option}", reduction=reduction, chunk_size=6,
+           **dict(OPTIONS[option]))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 16, 100, None])
+@pytest.mark.parametrize("ignore_fraction", [0.0, 0.3])
+def test_chunk_sizes(chunk_size, ignore_fraction):
+    # None, a size over N, one that divides N and ones that don't; with and without skipped rows.
+    data = _data(80, 32, 300, torch.float64, 11, ignore_fraction=ignore_fraction)
+    _check(*data, torch.float64, f"chunk={chunk_size}", chunk_size=chunk_size, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_ignored_rows_without_skipping(monkeypatch, reduction):
+    # Accelerators do not skip ignored rows (that would sync): the kernel zeroes them instead,
+    # including chunks where every row is ignored.
+    monkeypatch.setattr(_linear_autograd, "SKIP_IGNORED_ON", ())
+    x, w, b, t, cw, up = _data(40, 16, 99, torch.float64, 3)
+    t[8:24] = -100  # chunks 1 and 2 (of 8 rows) entirely ignored
+    _check(x, w, b, t, cw, up, torch.float64, f"no skipping {reduction}", reduction=reduction,
+           chunk_size=8, class_weight=True, label_smoothing=0.2)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_all_ignored(monkeypatch, skip):
+    # "mean" over nothing is 0/0 = NaN with zero gradients, as torch.
+    if not skip:
+        monkeypatch.setattr(_linear_autograd, "SKIP_IGNORED_ON", ())
+    x, w, b, t, cw, up = _data(12, 8, 20, torch.float64, 5, ignore_fraction=1.0)
+    for reduction in ("none", "mean", "sum"):
+        _check(x, w, b, t, cw, up, torch.float64, f"all ignored {reduction}", reduction=reduction,
+               chunk_size=5)
+
+
+def test_large_odd_vocab():
+    # V = 50257 (GPT-2), few rows: chunk boundaries inside a small batch.
+    data = _data(6, 8, 50257, torch.float32, 13)
+    _check(*data, torch.float32, "V=50257", chunk_size=4, class_weight=True, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_3d_and_1d_input(reduction):
+    data = _data(2 * 9, 16, 77, torch.float64, 17, lead=(2, 9))
+    _check(*data, torch.float64, f"3-D {reduction}", reduction=reduction, chunk_size=4)
+    data = _data(2 * 9, 16, 77, torch.float64, 18, lead=(2, 9), probs=True)
+    _check(*data, torch.float64, f"3-D probs {reduction}", reduction=reduction, chunk_size=4)
+    x, w, b, t, cw, up = _data(1, 16, 77, torch.float64, 19, ignore_fraction=0.0)
+    _check(x[0], w, b, t[0], cw, up[0], torch.float64, f"1-D {reduction}", reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_low_precision(dtype, reduction):
+    # 256 rows in 16 chunks: grad_weight sums 16 partials. Accumulated in float32 its error
+    # must be no worse than torch's single bf16/fp16 matmul (plus one output rounding).
+    data = _data(256, 64, 1000, dtype, 23)
+    _check(*data, dtype, f"{dtype} {reduction}", reduction=reduction, chunk_size=16,
+           label_smoothing=0.1)
+
+
+def test_lse():
+    x, w, b, t, _, _ = _data(30, 16, 50, torch.float64, 29)
+    loss, lse = linear_cross_entropy_with_lse(x, w, t, b, softcap=4.0, chunk_size=7)
+    logits = x @ w.T + b
+    expected = torch.logsumexp(4.0 * torch.tanh(logits / 4.0), 1)
+    valid = t != -100
+    torch.testing.assert_close(lse[valid], expected[valid])
+    assert torch.isnan(lse[~valid]).all()
+    assert not lse.requires_grad
+    torch.testing.assert_close(loss, linear_cross_entropy(x, w, t, b, softcap=4.0))
+
+
+def test_partial_requires_grad_and_no_grad():
+    x, w, b, t, _, _ = _data(20, 8, 30, torch.float64, 31)
+    x = x.requires_grad_()
+    loss = linear_cross_entropy(x, w, t, b, chunk_size=6)  # weight and bias frozen
+    (gx,) = torch.autograd.grad(loss, x)
+    xr = x.detach().requires_grad_()
+    (gr,) = torch.autograd.grad(F.cross_entropy(xr @ w.T + b, t), xr)
+    torch.testing.assert_close(gx, gr)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(x, w, t, b), F.cross_entropy(x @ w.T + b, t))
+
+
+def test_backward_twice():
+    x, w, b, t, _, _ = _data(10, 8, 30, torch.float64, 37)
+    w = w.requires_grad_()
+    loss = linear_cross_entropy(x, w, t, b, reduction="none").sum()
+    loss.backward(retain_graph=True)
+    loss.backward()  # "none" recomputes: fine
+    mean = linear_cross_entropy(x, w, t, b) * 3.0  # non-unit upstream
+    mean.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        mean.backward()
+
+
+def test_gradcheck():
+    x, w, b, t, cw, _ = _data(7, 4, 9, torch.float64, 41)
+    leaves = [a.requires_grad_() for a in (x, w, b)]
+    fn = lambda x, w, b: linear_cross_entropy(x, w, t, b, class_weight=cw, reduction="none",
+                                              label_smoothing=0.2, z_loss=0.1, softcap=2.0,
+                                              chunk_size=3)
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_module():
+    x, w, b, t, cw, _ = _data(20, 8, 30, torch.float64, 43)
+    loss_fn = LinearCrossEntropyLoss(class_weight=cw, label_smoothing=0.1, reduction="sum")
+    assert "class_weight" in dict(loss_fn.named_buffers())
+    expected = linear_cross_entropy(x, w, t, b, class_weight=cw, label_smoothing=0.1, reduction="sum")
+    torch.testing.assert_close(loss_fn(x, w, t, b), expected)
+
+
+def test_auto_chunk_size():
+    cpu = torch.device("cpu")
+    assert auto_chunk_size(10, 64, 1000, cpu) == 10  # small N: one chunk
+    rows = auto_chunk_size(1 << 20, 4096, 128256, cpu)
+    assert 16 <= rows < 1 << 20 and rows % 16 == 0
+
+
+def test_errors():
+    x, w, b, t, cw, _ = _data(6, 8, 10, torch.float32, 47)
+    with pytest.raises(RuntimeError, match=r"input \(6, 8\) and weight \(10, 7\)"):
+        linear_cross_entropy(x, w[:, :7], t)
+    with pytest.raises(RuntimeError, match="2-D projection"):
+        linear_cross_entropy(x, w[0], t)
+    with pytest.raises(RuntimeError, match=r"bias must have shape \(10,\)"):
+        linear_cross_entropy(x, w, t, b[:9])
+    with pytest.raises(RuntimeError, match=r"class_weight must have shape \(10,\)"):
+        linear_cross_entropy(x, w, t, class_weight=cw[:3])
+    with pytest.raises(RuntimeError, match="weight has dtype torch.float64"):
+        linear_cross_entropy(x, w.double(), t)
+    with pytest.raises(RuntimeError, match="bias has dtype"):
+        linear_cross_entropy(x, w, t, b.double())
+    with pytest.raises(ValueError, match=r"target \(5,\) does not match input \(6, 8\)"):
+        linear_cross_entropy(x, w, t[:5])
+    with pytest.raises(RuntimeError, match="Long or Byte"):
+        linear_cross_entropy(x, w, t.int())
+    with pytest.raises(RuntimeError, match=r"must have shape \(6, 10\)"):
+        linear_cross_entropy(x, w, torch.rand(6, 9))
+    with pytest.raises(IndexError, match="out of bounds"):
+        linear_cross_entropy(x, w, torch.full((6,), 10))
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(x, w, t, reduction="avg")
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_cross_entropy(x, w, t, chunk_size=0)
+    with pytest.raises(NotImplementedError, match="floating-point"):
+        linear_cross_entropy(x.int(), w, t)
+    with pytest.raises(NotImplementedError, match="no gradient for probability targets"):
+        linear_cross_entropy(x, w, torch.rand(6, 10).softmax(1).requires_grad_())
+    with pytest.raises(ValueError, match="not a crossent backend"):
+        linear_cross_entropy(x, w, t, impl="nope")
