@@ -19,6 +19,7 @@ Rows are processed in chunks (``torch_fused``'s budget) so float32 temporaries s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from . import _validate
 from ._params import CEParams
-from .backends.torch_fused import _capped, _rows_per_chunk, acc_dtype
+from .backends.torch_fused import _capped, acc_dtype
 
 _META = 4  # int64 fields per rank: shard start, shard size, weight length (-1: none), target checksum
 
@@ -64,23 +65,29 @@ def shard_layout(local_size: int, group, distributed: bool, device: torch.device
 class Result:
     loss: Tensor  # (R,) per-row loss, accumulation dtype, 0 for ignored rows
     lse: Tensor  # (R,) global logsumexp of the (capped) logits
-    grad: Tensor | None  # (R, V_local) scale * d loss[r] / d logits[r], logits' dtype
     denominator: Tensor | None  # divisor of "mean"
     scale: Tensor  # gradient factor folded into grad (1 / denominator for "mean")
     weight_local: Tensor | None  # (V_local,) this rank's class weights, accumulation dtype
 
 
-def forward(
-    logits: Tensor, target: Tensor, weight: Tensor | None, shard: Shard, params: CEParams,
-    want_grad: bool,
-) -> Result:
-    """Per-row loss, lse and (if ``want_grad``) this rank's gradient slice, for ``logits (R, V_local)``.
+LogitsOf = Callable[[slice], Tensor]  # rows -> (r, V_local) logits of those rows
+GradSink = Callable[[slice, Tensor], None]  # (rows, (r, V_local) gradient in the acc dtype)
 
+
+def forward(
+    logits_of: LogitsOf, shape: tuple[int, int], dtype: torch.dtype, target: Tensor,
+    weight: Tensor | None, shard: Shard, params: CEParams, step: int, sink: GradSink | None,
+) -> Result:
+    """Per-row loss and lse of logits ``shape = (R, V_local)``; this rank's gradient to ``sink``.
+
+    ``logits_of(rows)`` gives the logits of ``rows`` (``step`` rows at a time, twice when a
+    gradient is wanted); ``sink(rows, g)`` receives ``scale * d loss / d logits`` of those rows.
     ``target`` is ``(R,)`` global class indices or ``(R, V_local)`` local probability slices;
     ``weight`` the full ``(V,)`` class weights in the accumulation dtype.
     """
-    n_rows, n_local = logits.shape
-    acc = acc_dtype(logits.dtype)
+    n_rows, n_local = shape
+    acc = acc_dtype(dtype)
+    device = target.device
     probs = target.is_floating_point()
     eps = max(params.label_smoothing, 0.0)
     w_local = None
@@ -96,11 +103,10 @@ def forward(
 
     # Stats rows: max, sum-exp, then index: [x_y, (sum w x)]; probs: [sum w t x, sum w t, (sum w x)].
     n_stats = 2 + (1 if not probs else 2) + (1 if eps > 0 else 0)
-    buf, stats, meta = _packed(n_stats, n_rows, acc, logits.device)
-    step = _rows_per_chunk(n_rows, max(n_local, 1), logits.device)
+    buf, stats, meta = _packed(n_stats, n_rows, acc, device)
     for start in range(0, n_rows, step):
         rows = slice(start, start + step)
-        x, _ = _capped(logits[rows].to(acc), params.softcap)  # (r, V_local) acc
+        x, _ = _capped(logits_of(rows).to(acc), params.softcap)  # (r, V_local) acc
         t = target[rows].to(acc) if probs else local[rows]
         _local_stats(x, t, owned[rows] if owned is not None else None, w_local, eps, stats[:, rows])
     meta[0], meta[1] = shard.start, n_local
@@ -125,19 +131,18 @@ def forward(
         w_y = None
     else:
         loss, coef, w_y, denominator = _index_terms(lse, sums, target, weight, vocab, eps, params)
-    scale = torch.ones((), dtype=acc, device=logits.device)
+    scale = torch.ones((), dtype=acc, device=device)
     if params.reduction == "mean":
         # An all-ignored batch: loss 0/0 = NaN and a zero gradient, exactly as torch.
         scale = torch.where(denominator > 0, 1 / denominator, 0)
     else:
         denominator = None
-    grad = None
-    if want_grad:
-        grad = torch.empty_like(logits)  # (R, V_local)
+    if sink is not None:
         for start in range(0, n_rows, step):
             rows = slice(start, start + step)
-            x, tanh_x = _capped(logits[rows].to(acc), params.softcap)  # (r, V_local) acc
-            g = (x - lse[rows].unsqueeze(1)).exp_().mul_(coef[rows].unsqueeze(1))  # p * coef (x may alias the logits)
+            x, tanh_x = _capped(logits_of(rows).to(acc), params.softcap)  # (r, V_local) acc
+            # p * coef, out of place: x may be the caller's logits
+            g = (x - lse[rows].unsqueeze(1)).exp_().mul_(coef[rows].unsqueeze(1))
             if probs:
                 t = target[rows].to(acc) * (1 - eps) + t_scale  # smoothed local target slice
                 g.sub_(t if w_local is None else t * w_local)
@@ -152,8 +157,8 @@ def forward(
             g.mul_(scale)
             if tanh_x is not None:
                 g.mul_(1 - tanh_x * tanh_x)  # d(cap * tanh(x / cap))/dx
-            grad[rows] = g
-    return Result(loss, lse, grad, denominator, scale, w_local)
+            sink(rows, g)
+    return Result(loss, lse, denominator, scale, w_local)
 
 
 def _slots(acc: torch.dtype) -> int:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import _vocab_parallel as vp
 from ._autograd import _times_upstream
 from ._params import CEParams
-from .backends.torch_fused import prob_target_grad
+from .backends.torch_fused import _rows_per_chunk, acc_dtype, prob_target_grad
 
 
 def _reduce(out: vp.Result, reduction: str) -> Tensor:
@@ -31,8 +32,11 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, weight: Tensor | None, shard: vp.Shard,
                 params: CEParams) -> Tensor:
-        out = vp.forward(logits, target, weight, shard, params, want_grad=ctx.needs_input_grad[0])
-        ctx.grad, ctx.scale, ctx.params = out.grad, out.scale, params
+        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None  # (R, V_local)
+        step = _rows_per_chunk(logits.shape[0], max(1, logits.shape[1]), logits.device)
+        out = vp.forward(lambda rows: logits[rows], logits.shape, logits.dtype, target, weight,
+                         shard, params, step, None if grad is None else grad.__setitem__)
+        ctx.grad, ctx.scale, ctx.params = grad, out.scale, params
         if ctx.needs_input_grad[1]:
             # Probability targets that require grad: d loss / d t = -(1 - eps) w log p, made
             # in backward from the logits and the global lse (local: no communication).
@@ -55,33 +59,54 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
     """``(input (R, H), local_weight (V_local, H), bias, target, weight, shard, params) -> loss``.
 
     For "mean"/"sum" only (a scalar upstream gradient scales every gradient after the fact).
-    The whole local logits ``(R, V_local)`` exist during forward only; what survives to
-    backward is the gradients of input, local weight and bias.
+    At most ``chunk`` rows of logits ``(chunk, V_local)`` exist at a time, during forward only;
+    what survives to backward is the gradients of input, local weight and bias. One chunk
+    (the default when it fits) computes the logits once; several recompute them for the
+    gradient pass, since the statistics of all rows must be merged before any gradient.
     """
 
     @staticmethod
     def forward(ctx, input: Tensor, local_weight: Tensor, bias: Tensor | None, target: Tensor,
-                weight: Tensor | None, shard: vp.Shard, params: CEParams) -> Tensor:
+                weight: Tensor | None, shard: vp.Shard, params: CEParams, chunk: int) -> Tensor:
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        logits = torch.nn.functional.linear(input, local_weight, bias)  # (R, V_local)
-        out = vp.forward(logits, target, weight, shard, params,
-                         want_grad=need_input or need_weight or need_bias)
-        del logits
+        n_rows, n_local = input.shape[0], local_weight.shape[0]
+        acc = acc_dtype(input.dtype)
+        whole: list[Tensor] = []
+
+        def logits_of(rows: slice) -> Tensor:  # (r, V_local)
+            if chunk < n_rows:
+                return F.linear(input[rows], local_weight, bias)
+            if not whole:  # one chunk: the gradient pass reuses the statistics pass's logits
+                whole.append(F.linear(input, local_weight, bias))
+            return whole[0]
+
         grads: list[Tensor | None] = [None, None, None]
-        ctx.work = None
-        if out.grad is not None:
-            g = out.grad  # (R, V_local), input dtype
+        if need_input:
+            grads[0] = torch.empty_like(input)  # (R, H)
+        if need_weight:
+            grads[1] = torch.zeros(local_weight.shape, dtype=acc, device=input.device)  # (V_local, H)
+        if need_bias:
+            grads[2] = torch.zeros(n_local, dtype=acc, device=input.device)  # (V_local,)
+
+        def sink(rows: slice, g: Tensor) -> None:
+            g_low = g.to(input.dtype)  # the matmuls run in the input's dtype, as autograd's would
             if need_input:
-                grads[0] = g @ local_weight  # (R, H): this rank's classes' share
-                if shard.distributed:
-                    # Every rank's share sums to the full input gradient; overlap the
-                    # all-reduce with whatever runs before backward.
-                    ctx.work = dist.all_reduce(grads[0], group=shard.group, async_op=True)
+                grads[0][rows] = g_low @ local_weight  # this rank's classes' share
             if need_weight:
-                grads[1] = g.t() @ input  # (V_local, H)
+                grads[1] += g_low.t() @ input[rows]
             if need_bias:
-                grads[2] = g.sum(0, dtype=out.scale.dtype).to(bias.dtype)  # (V_local,)
-        ctx.grads = grads
+                grads[2] += g.sum(0)
+
+        want = need_input or need_weight or need_bias
+        out = vp.forward(logits_of, (n_rows, n_local), input.dtype, target, weight, shard, params,
+                         chunk, sink if want else None)
+        whole.clear()
+        ctx.work = None
+        if need_input and shard.distributed:
+            # Every rank's share sums to the full input gradient; the all-reduce overlaps with
+            # whatever runs before backward.
+            ctx.work = dist.all_reduce(grads[0], group=shard.group, async_op=True)
+        ctx.grads = [None if g is None else g.to(input.dtype) for g in grads]
         return _reduce(out, params.reduction)
 
     @staticmethod
@@ -91,7 +116,7 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
             ctx.work = None
         grads = [None if g is None else _times_upstream(g, grad_loss, in_place=False)
                  for g in ctx.grads]
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 class ReduceGradInput(torch.autograd.Function):

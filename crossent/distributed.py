@@ -38,6 +38,7 @@ from ._vocab_parallel_autograd import (
     VocabParallelLinearCrossEntropy,
 )
 from .backends.torch_fused import acc_dtype
+from .linear import auto_chunk_size
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy", "vocab_shard_range"]
 
@@ -110,6 +111,7 @@ def vocab_parallel_linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    chunk_size: int | None = None,
 ) -> Tensor:
     r"""Vocab-parallel cross-entropy of ``input @ local_weight.T + bias`` (output layer fused).
 
@@ -120,11 +122,16 @@ def vocab_parallel_linear_cross_entropy(
         target: ``(N,)`` / ``(*)`` global class indices (same on every rank), or ``(*, V_local)``
             local probability slices. Other arguments as :func:`vocab_parallel_cross_entropy`.
 
-    The whole local logits ``(N, V_local)`` are computed at once (no row chunking). For "mean"
-    and "sum" they live only during forward: the input, weight and bias gradients are made
-    there, and the input gradient's all-reduce (SUM over ``group``) starts there and is awaited
-    in backward. ``reduction="none"`` keeps the logits' gradient until backward instead (its
-    per-row upstream gradient is needed first) and all-reduces the input gradient in backward.
+        chunk_size: rows of logits ``(chunk_size, V_local)`` alive at a time ("mean"/"sum");
+            default :func:`crossent.linear.auto_chunk_size`. When the rows need more than one
+            chunk the logits are computed twice (statistics, then gradient): 4 matmuls, not 3.
+
+    For "mean" and "sum" the logits live only during forward: the input, weight and bias
+    gradients are made there (weight and bias accumulated in float32 for low precision), and
+    the input gradient's all-reduce (SUM over ``group``) starts there and is awaited in
+    backward. ``reduction="none"`` (and probability targets that require grad) take the unfused
+    path: the whole local logits, their gradient kept until backward (its per-row upstream
+    gradient is needed first), the input gradient all-reduced in backward.
     """
     reduction = _validate.resolve_reduction(None, None, reduction)
     _validate.check_options(label_smoothing, z_loss, softcap)
@@ -136,6 +143,9 @@ def vocab_parallel_linear_cross_entropy(
             f"local_weight {tuple(local_weight.shape)}"
         )
     n_local = local_weight.shape[0]
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if local_weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
         raise RuntimeError(
             f"input, local_weight and bias must share a dtype, got {input.dtype}, "
@@ -163,8 +173,9 @@ def vocab_parallel_linear_cross_entropy(
     if not probs:
         rows_target = rows_target.long()
     if reduction != "none" and not (probs and target.requires_grad):
+        chunk = chunk_size or auto_chunk_size(rows.shape[0], rows.shape[1], n_local, rows.device)
         loss = VocabParallelLinearCrossEntropy.apply(
-            rows, local_weight, bias, rows_target, w, shard, params)
+            rows, local_weight, bias, rows_target, w, shard, params, chunk)
     else:
         if shard.distributed and torch.is_grad_enabled() and rows.requires_grad:
             rows = ReduceGradInput.apply(rows, shard.group)

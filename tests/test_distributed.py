@@ -62,6 +62,8 @@ LINEAR_CASES += [
     dict(reduction="mean", weighted=True, bias=True, shape=(2, 3)),  # (*, H) input
     dict(reduction="sum", weighted=False, bias=True, probs=True, label_smoothing=0.1),
     dict(reduction="mean", weighted=True, bias=True, label_smoothing=0.1, sizes=EMPTY),
+    dict(reduction="sum", weighted=True, bias=True, label_smoothing=0.1, z_loss=1e-2, chunk_size=4),
+    dict(reduction="mean", weighted=False, bias=False, softcap=2.0, chunk_size=1, sizes=EMPTY),
 ]
 
 
@@ -145,7 +147,7 @@ def _check_linear(rank: int, world: int, case: dict, seed: int, fails: list) -> 
     local_target = target[..., start : start + size] if case.get("probs") else target
     ours = vocab_parallel_linear_cross_entropy(
         h, w_local, local_target, bias=b_local, vocab_start=start if seed % 2 else None,
-        **options, **extra)
+        chunk_size=case.get("chunk_size"), **options, **extra)
     h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     b_ref = None if bias is None else bias.clone().requires_grad_()
     logits = F.linear(h_ref, w_ref, b_ref).movedim(-1, 1)  # class dim second, as torch wants
@@ -275,6 +277,8 @@ def test_bad_arguments():
         ce(x, torch.tensor([0, 7, 1, 1]))
     with pytest.raises(ValueError, match="reduction"):
         ce(x, t, reduction="avg")
+    with pytest.raises(ValueError, match="chunk_size"):
+        vocab_parallel_linear_cross_entropy(x, torch.randn(3, 5, dtype=torch.float64), t, chunk_size=0)
     with pytest.raises(RuntimeError, match="target must be class indices"):
         vocab_parallel_linear_cross_entropy(x, torch.randn(3, 5, dtype=torch.float64), t[:2])
 
@@ -296,3 +300,29 @@ def test_float32_and_bfloat16_single_process():
         torch.testing.assert_close(ours, ref, rtol=2**-7 if dtype == torch.bfloat16 else 1e-6, atol=0)
         torch.testing.assert_close(a.grad, b.grad, rtol=2**-7 if dtype == torch.bfloat16 else 1e-6,
                                    atol=1e-7)
+
+
+def test_linear_low_precision_single_process():
+    """The fused linear variant in float32/bfloat16 (chunked or not) vs crossent's own fused linear."""
+    from crossent.linear import linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        tensors = [torch.randn(40, 16, generator=gen), torch.randn(300, 16, generator=gen),
+                   torch.randn(300, generator=gen)]
+        t = torch.randint(0, 300, (40,), generator=gen)
+        for chunk_size in (None, 7):
+            ours_in = [x.to(dtype).requires_grad_() for x in tensors]
+            ref_in = [x.to(dtype).requires_grad_() for x in tensors]
+            ours = vocab_parallel_linear_cross_entropy(*ours_in[:2], t, bias=ours_in[2],
+                                                       chunk_size=chunk_size, label_smoothing=0.1)
+            ref = linear_cross_entropy(*ref_in[:2], t, ref_in[2], label_smoothing=0.1)
+            ours.backward()
+            ref.backward()
+            # float32: roundings of the same math; bfloat16: gradients summed over chunks in
+            # another order, each rounded to bfloat16 once: within one bfloat16 ulp of the largest.
+            rel = 1e-5 if dtype == torch.float32 else 2**-7
+            torch.testing.assert_close(ours, ref, rtol=rel, atol=0)
+            for a, b in zip(ours_in, ref_in):
+                assert a.grad.dtype == dtype
+                torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=rel * float(b.grad.abs().max()))
