@@ -11,7 +11,7 @@ Cost and scope, by design:
   call that has none; on CUDA the check is skipped (run one batch on CPU to check a model).
 - Skipped while tracing (``torch.compile``, functorch transforms, meta/fake tensors), so it
   never breaks a graph.
-- One warning per call site: sites that already warned are not checked again.
+- One warning per call site (a registry keyed by the caller's file and line).
 - Switch off with ``crossent.set_diagnostics(False)`` (or ``CROSSENT_DIAGNOSTICS=0`` in the
   environment, read at import).
 """
@@ -36,7 +36,17 @@ _SKIP_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
 
 
 class ProbabilitiesAsLogitsWarning(UserWarning):
-    """The input of a cross-entropy looks like probabilities (softmax output), not logits."""
+    """The input of a cross-entropy looks like probabilities (softmax output), not logits.
+
+    Examples:
+        >>> import torch, warnings, crossent
+        >>> probs = torch.softmax(torch.randn(4, 3), dim=1)  # the mistake: softmax, then the loss
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     loss = crossent.cross_entropy(probs, torch.tensor([0, 1, 2, 0]))
+        >>> caught[0].category.__name__
+        'ProbabilitiesAsLogitsWarning'
+    """
 
 
 def set_diagnostics(enabled: bool) -> None:
@@ -62,16 +72,21 @@ def _caller() -> tuple[int, tuple[str, int]]:
     return level, (frame.f_code.co_filename, frame.f_lineno)
 
 
-def _sample_rows(input: Tensor, class_dim: int) -> Tensor:
-    """At most ``_SAMPLE_ROWS`` rows of ``C`` values, as a ``(r, C)`` tensor (a view or a tiny copy)."""
-    x = input.detach().movedim(class_dim, -1)  # (..., C) view
-    if x.dim() == 1:
-        return x.unsqueeze(0)  # (1, C)
-    # Keep the first index of every leading dim but the last, then up to 8 along the last one:
-    # views only, so a huge (N, C, H, W) costs the same as a small one.
-    for d in range(x.dim() - 2):
-        x = x.narrow(d, 0, min(1, x.shape[d]))
-    return x.narrow(x.dim() - 2, 0, min(_SAMPLE_ROWS, x.shape[-2])).reshape(-1, x.shape[-1])
+def _sample_rows(input: Tensor, class_dim: int) -> tuple[Tensor, int]:
+    """At most ``_SAMPLE_ROWS`` rows of ``C`` values and the class axis in them, by one index.
+
+    Keeps index 0 of every non-class dim but the last, then up to 8 along the last one: a view
+    of at most ``8 * C`` values, so a huge ``(N, C, H, W)`` costs the same as a small one.
+    """
+    if input.dim() == 1:
+        return input, 0
+    if input.dim() == 2 and class_dim == 1:  # the common (N, C) case, by the cheapest op
+        return input.narrow(0, 0, min(_SAMPLE_ROWS, input.shape[0])), 1
+    others = [d for d in range(input.dim()) if d != class_dim]
+    last = others[-1]
+    index = tuple(slice(None) if d == class_dim else slice(0, _SAMPLE_ROWS) if d == last else 0
+                  for d in range(input.dim()))
+    return input[index], 0 if class_dim < last else 1
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -96,18 +111,17 @@ def check_probabilities_as_logits(input: Tensor, class_dim: int | None = None) -
         class_dim = 0 if input.dim() == 1 else 1
     if input.shape[class_dim] < 2:
         return
+    # detach: the probe must not enter the autograd graph. Real logits almost always have a
+    # negative entry: one reduction and one read reject them.
+    x, axis = _sample_rows(input.detach(), class_dim)
+    if not float(x.min()) >= 0.0 or not float(x.max()) <= 1.0:
+        return
+    row_sums = x.sum(dim=axis, dtype=torch.float64)  # (r,)
+    if not bool(((row_sums - 1).abs() <= _tolerance(input.dtype)).all()):
+        return
     level, site = _caller()
     if site in _warned_sites:
         return
-    with torch.no_grad():
-        x = _sample_rows(input, class_dim)
-        lo, hi = torch.aminmax(x)
-        # Real logits almost always have a negative entry: one reduction, one read, done.
-        if not (float(lo) >= 0.0 and float(hi) <= 1.0):
-            return
-        row_sums = x.sum(dim=-1, dtype=torch.float64)  # (r,)
-        if not bool(((row_sums - 1).abs() <= _tolerance(input.dtype)).all()):
-            return
     _warned_sites.add(site)
     warnings.warn(
         f"crossent: the input of shape {tuple(input.shape)} looks like probabilities, not logits "

@@ -150,8 +150,9 @@ def test_only_a_few_rows_are_inspected():
     x[8:] = F.softmax(x[8:], 1)
     assert _caught(lambda: check_probabilities_as_logits(x)) == []
     big = torch.randn(4, 7, 50, 60)
-    rows = _diagnostics._sample_rows(big, 1)
-    assert rows.shape == (8, 7)
+    rows, axis = _diagnostics._sample_rows(big, 1)
+    assert rows.shape == (7, 8) and axis == 0  # 8 positions of C = 7 classes
+    assert rows.data_ptr() == big.data_ptr()  # a view: nothing copied
 
 
 def test_switch_off_and_on():
