@@ -42,7 +42,7 @@ _BACKENDS: dict[str, tuple[Callable[[], Kernel], Callable[[Tensor], str | None]]
     "triton": (_kernel("triton"), _triton_why_not),
 }
 # Preference order for impl="auto", per device type; "torch" runs everywhere.
-_AUTO = {"cpu": ("torch",), "cuda": ("triton", "torch")}
+_AUTO = {"cpu": ("numba", "torch"), "cuda": ("triton", "torch")}
 
 
 _OPTIONAL_DEPENDENCY = {"triton": "triton", "numba": "numba"}

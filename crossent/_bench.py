@@ -1,0 +1,276 @@
+"""CPU timing and peak-memory harness: crossent vs torch eager (and torch.compile), ``crossent bench``.
+
+Method (DESIGN.md, "Measuring honestly"):
+- time: every contender runs once as warm-up, then the contenders alternate (A B C A B C ...)
+  ``--repeats`` times in one process; each contender's figure is the median of its per-round
+  ratio to torch eager, so drift of the shared machine cancels within a round;
+- peak memory: a fresh subprocess per case and contender (``MALLOC_MMAP_THRESHOLD_=131072`` so
+  glibc serves large blocks from fresh mappings), one warm-up call, then ``5`` is written to
+  ``/proc/self/clear_refs`` (resets VmHWM), one more call runs, and ``VmHWM - VmRSS(before)`` is
+  reported as a multiple of the logits' size ``N * C * itemsize``;
+- torch's allocator reads ``THP_MEM_ALLOC_ENABLE`` once per process: ``--thp both`` times a
+  second set in a child process with it set to 1.
+Targets: class-index targets, reduction "mean", every 7th row ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import crossent
+
+CASES = {  # name -> (N, C, dtype)
+    "8192x32000": (8192, 32000, torch.float32),
+    "4096x50257": (4096, 50257, torch.float32),
+    "2048x128256": (2048, 128256, torch.float32),
+    "bf16-8192x32000": (8192, 32000, torch.bfloat16),
+}
+QUICK_CASES = {"512x8192": (512, 8192, torch.float32), "bf16-256x8192": (256, 8192, torch.bfloat16)}
+MODES = ("fwd+bwd", "fwd", "no-grad")
+IGNORE_EVERY = 7  # about 1/7 of the rows carry ignore_index, as in padded LM batches
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _contenders(with_compile: bool) -> dict[str, tuple[Loss, bool]]:
+    """name -> (loss function, writes the gradient into the logits)."""
+    out: dict[str, tuple[Loss, bool]] = {
+        "torch": (F.cross_entropy, False),
+        "crossent": (crossent.cross_entropy, False),
+        "crossent inplace": (lambda x, t: crossent.cross_entropy(x, t, inplace_backward=True), True),
+    }
+    if with_compile:
+        out["torch.compile"] = (torch.compile(F.cross_entropy, dynamic=False), False)
+    return out
+
+
+def _inputs(n: int, c: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(n, c, generator=gen).mul_(2).to(dtype).requires_grad_()  # (N, C) leaf
+    target = torch.randint(0, c, (n,), generator=gen)  # (N,)
+    target[::IGNORE_EVERY] = -100
+    return logits, target
+
+
+def _prepare(base: torch.Tensor, inplace: bool) -> torch.Tensor:
+    # In-place needs non-leaf logits (a model's output) and fresh values each call; not timed.
+    return base.clone() if inplace else base
+
+
+def _call(fn: Loss, mode: str, logits: torch.Tensor, target: torch.Tensor) -> None:
+    if mode == "no-grad":
+        with torch.no_grad():
+            fn(logits, target)
+        return
+    loss = fn(logits, target)
+    if mode == "fwd+bwd":
+        torch.autograd.grad(loss, logits)  # the gradient w.r.t. the logits, no accumulation
+
+
+def _timed(fn: Loss, inplace: bool, mode: str, base: torch.Tensor, target: torch.Tensor) -> float:
+    logits = _prepare(base, inplace)
+    gc.collect()
+    start = time.perf_counter()
+    _call(fn, mode, logits, target)
+    return time.perf_counter() - start
+
+
+def _applicable(name: str, inplace: bool, mode: str) -> bool:
+    return not inplace or mode == "fwd+bwd"
+
+
+def time_cases(cases: dict, modes: tuple[str, ...], repeats: int, with_compile: bool) -> list[dict]:
+    """Alternating timings in this process; one row per case, mode and contender."""
+    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0") == "1"
+    contenders = _contenders(with_compile)
+    rows = []
+    for case, (n, c, dtype) in cases.items():
+        base, target = _inputs(n, c, dtype)
+        for mode in modes:
+            names = [k for k, (_, inplace) in contenders.items() if _applicable(k, inplace, mode)]
+            first = {k: _timed(*contenders[k], mode, base, target) for k in names}  # warm-up
+            times: dict[str, list[float]] = {k: [] for k in names}
+            for _ in range(repeats):
+                for k in names:
+                    times[k].append(_timed(*contenders[k], mode, base, target))
+            for k in names:
+                ratios = [a / b for a, b in zip(times[k], times["torch"])]
+                rows.append(dict(case=case, mode=mode, contender=k, thp=thp,
+                                 median_ms=1e3 * statistics.median(times[k]),
+                                 ratio=statistics.median(ratios), first_ms=1e3 * first[k],
+                                 runs=repeats))
+        del base, target
+        gc.collect()
+    return rows
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _memory_child(case: str, contender: str, mode: str) -> dict:
+    """Runs in a fresh process: extra peak resident memory of one call after a warm-up."""
+    n, c, dtype = {**CASES, **QUICK_CASES}[case]
+    fn, inplace = _contenders(contender == "torch.compile")[contender]
+    base, target = _inputs(n, c, dtype)
+    _call(fn, mode, _prepare(base, inplace), target)  # warm-up: JIT, thread pools, allocator
+    logits = _prepare(base, inplace)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = _status_kib("VmRSS")
+    _call(fn, mode, logits, target)
+    extra = 1024 * (_status_kib("VmHWM") - before)
+    return dict(case=case, contender=contender, mode=mode, extra_bytes=extra,
+                extra_x=extra / (n * c * base.element_size()))
+
+
+def memory_cases(cases: dict, with_compile: bool) -> list[dict]:
+    """One fresh subprocess per case, contender and mode; torch with and without THP."""
+    runs = [("torch", "fwd+bwd", "0"), ("torch", "fwd+bwd", "1"), ("crossent", "fwd+bwd", "0"),
+            ("crossent inplace", "fwd+bwd", "0"), ("torch", "no-grad", "0"),
+            ("crossent", "no-grad", "0")]
+    if with_compile:
+        runs.append(("torch.compile", "fwd+bwd", "0"))
+    rows = []
+    for case in cases:
+        for contender, mode, thp in runs:
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "THP_MEM_ALLOC_ENABLE": thp}
+            cmd = [sys.executable, "-m", "crossent._bench", "--_memory", case, contender, mode]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            rows.append({**json.loads(proc.stdout.splitlines()[-1]), "thp": thp == "1"})
+    return rows
+
+
+def first_call_times() -> list[dict]:
+    """Seconds from a fresh process's first fwd+bwd (64x32000) to its end: cold and warm JIT cache."""
+    script = ("import time, torch, crossent; x = torch.randn(64, 32000, requires_grad=True); "
+              "t = torch.randint(0, 32000, (64,)); s = time.perf_counter(); "
+              "crossent.cross_entropy(x, t).backward(); print(time.perf_counter() - s)")
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        for label in ("cold cache", "warm cache"):  # the same empty directory, filled by the first
+            env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+            out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                                 text=True, check=True).stdout
+            rows.append(dict(cache=label, seconds=float(out.split()[-1])))
+    return rows
+
+
+def _machine() -> dict:
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return dict(cpu=model, cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                torch=torch.__version__, load_avg=os.getloadavg(),
+                thp=open("/sys/kernel/mm/transparent_hugepage/enabled").read().strip()
+                if os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled") else "n/a")
+
+
+def _timing_in_child(args: argparse.Namespace, thp: str) -> list[dict]:
+    """Time the same cases in a subprocess whose torch allocator sees THP_MEM_ALLOC_ENABLE=thp."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+        cmd = [sys.executable, "-m", "crossent._bench", "--cases", *args.cases, "--modes",
+               *args.modes, "--repeats", str(args.repeats), "--thp", "here", "--no-memory",
+               "--json", tmp.name, "--plain"]
+        if args.compile:
+            cmd.append("--compile")
+        env = {**os.environ, "THP_MEM_ALLOC_ENABLE": thp}
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        return json.load(open(tmp.name))["timing"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="crossent bench", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small shapes (smoke test, CI)")
+    p.add_argument("--cases", nargs="+", help=f"cases to run (default: all of {list(CASES)})")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--repeats", type=int, default=5, help="alternating rounds after warm-up (>= 5)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile(F.cross_entropy)")
+    p.add_argument("--thp", choices=("off", "on", "both", "here"), default=None,
+                   help="torch allocator huge pages (THP_MEM_ALLOC_ENABLE) for the timings; "
+                        "default both (off only with --quick)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--jit", action="store_true", help="also time the first call, cold/warm JIT cache")
+    p.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
+    p.add_argument("--plain", action="store_true", help="plain text tables, no rich")
+    p.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; prints tables (rich when installed) and optionally writes JSON."""
+    args = _parser().parse_args(argv)
+    if args._memory:
+        print(json.dumps(_memory_child(*args._memory)))
+        return 0
+    from ._console import Console
+
+    console = Console(plain=args.plain)
+    known = QUICK_CASES if args.quick else CASES
+    args.cases = args.cases or list(known)
+    cases = {k: {**CASES, **QUICK_CASES}[k] for k in args.cases}
+    thp_runs = {"here": [None], "off": ["0"], "on": ["1"], "both": ["0", "1"]}[
+        args.thp or ("off" if args.quick else "both")]
+    here = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
+    timing: list[dict] = []
+    for thp in thp_runs:
+        if thp is None or thp == here:
+            timing += time_cases(cases, tuple(args.modes), args.repeats, args.compile)
+        else:
+            timing += _timing_in_child(args, thp)
+    memory = [] if args.no_memory else memory_cases(cases, args.compile)
+    jit = first_call_times() if args.jit else []
+    machine = _machine()
+    _print(console, timing, memory, jit, machine)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+                           command="crossent bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+                           machine=machine, timing=timing, memory=memory, jit=jit), f, indent=1)
+    return 0
+
+
+def _print(console, timing: list[dict], memory: list[dict], jit: list[dict], machine: dict) -> None:
+    console.heading(f"crossent bench: {machine['cpu']}, {machine['cpus']} CPUs, "
+                    f"torch {machine['torch']} ({machine['torch_threads']} threads)")
+    for thp in sorted({r["thp"] for r in timing}):
+        rows = [(r["case"], r["mode"], r["contender"], f"{r['median_ms']:.1f}",
+                 f"{r['ratio']:.3f}", f"{1 / r['ratio']:.1f}x" if r["ratio"] else "-",
+                 f"{r['first_ms']:.0f}")
+                for r in timing if r["thp"] == thp]
+        console.table(f"time, THP_MEM_ALLOC_ENABLE={int(thp)} (median of {timing[0]['runs']} "
+                      "alternating rounds; ratio = median of per-round time / torch's)",
+                      ["case", "mode", "contender", "median ms", "time / torch", "speed-up",
+                       "first call ms"], rows, left=3)
+    if memory:
+        rows = [(r["case"], r["mode"], r["contender"], "1" if r["thp"] else "0",
+                 f"{r['extra_bytes'] / 2**20:.0f}", f"{r['extra_x']:.2f}") for r in memory]
+        console.table("peak extra resident memory of one call (fresh process, after warm-up)",
+                      ["case", "mode", "contender", "THP", "MiB", "x N*C*itemsize"], rows, left=4)
+    if jit:
+        console.table("first fwd+bwd in a fresh process (64x32000, includes importing numba)",
+                      ["numba cache", "seconds"], [(r["cache"], f"{r['seconds']:.2f}") for r in jit])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
