@@ -105,7 +105,7 @@ def vocab_parallel_linear_cross_entropy(
     bias: Tensor | None = None,
     vocab_start: int | None = None,
     group: dist.ProcessGroup | None = None,
-    weight: Tensor | None = None,
+    class_weight: Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
@@ -120,7 +120,11 @@ def vocab_parallel_linear_cross_entropy(
         local_weight: ``(V_local, H)``, rows ``[vocab_start, vocab_start + V_local)`` of the
             output projection; ``bias``: its ``(V_local,)`` slice, optional.
         target: ``(N,)`` / ``(*)`` global class indices (same on every rank), or ``(*, V_local)``
-            local probability slices. Other arguments as :func:`vocab_parallel_cross_entropy`.
+            local probability slices.
+        class_weight: the full ``(V,)`` class weights (``weight`` of
+            :func:`vocab_parallel_cross_entropy`; renamed as in :func:`crossent.linear_cross_entropy`
+            because ``weight`` names the projection there). Other arguments as
+            :func:`vocab_parallel_cross_entropy`.
 
         chunk_size: rows of logits ``(chunk_size, V_local)`` alive at a time ("mean"/"sum");
             default :func:`crossent.linear.auto_chunk_size`. When the rows need more than one
@@ -166,10 +170,10 @@ def vocab_parallel_linear_cross_entropy(
     probs = tuple(target.shape) != lead
     rows_target = target.reshape(rows.shape[0], n_local) if probs else target.reshape(-1)
     _validate.target_is_probabilities(proxy, rows_target, ignore_index)  # dtype checks
-    _check_weight(weight, input.dtype, input.device)
+    _check_weight(class_weight, input.dtype, input.device)
     shard = _shard(n_local, vocab_start, group, input.device)
     params = _params(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    w = None if weight is None else weight.detach().to(acc_dtype(input.dtype))
+    w = None if class_weight is None else class_weight.detach().to(acc_dtype(input.dtype))
     if not probs:
         rows_target = rows_target.long()
     if reduction != "none" and not (probs and target.requires_grad):

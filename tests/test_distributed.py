@@ -46,6 +46,9 @@ CE_CASES += [
     dict(reduction="sum", weighted=False, shape=(V,)),  # unbatched
     dict(reduction="mean", weighted=True, label_smoothing=0.1, sizes=EMPTY),
     dict(reduction="none", weighted=False, softcap=3.0, sizes=EMPTY),
+    dict(reduction="mean", weighted=True, padded=True),
+    dict(reduction="none", weighted=False, z_loss=1e-2, padded=True),
+    dict(reduction="sum", weighted=True, label_smoothing=0.1, padded=True),  # inf / NaN as torch
 ]
 PROB_CASES = [
     dict(reduction=r, weighted=w, label_smoothing=eps, probs=True, **extra)
@@ -72,6 +75,8 @@ def _problem(case: dict, seed: int, n_classes: int = V):
     gen = torch.Generator().manual_seed(seed)
     shape = case.get("shape", (11, n_classes))
     x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+    if case.get("padded"):  # padded vocabulary: classes 9.. masked to -inf (a whole shard of 3 ranks)
+        x[:, 9:] = -torch.inf
     ignore_index = case.get("ignore_index", -100)
     if case.get("probs"):
         target = torch.randn(shape, generator=gen, dtype=torch.float64).softmax(1 if len(shape) > 1 else 0)
@@ -82,6 +87,8 @@ def _problem(case: dict, seed: int, n_classes: int = V):
         if len(shape) == 1:
             drop = torch.zeros((), dtype=torch.bool)
         target = torch.where(drop, torch.full_like(target, ignore_index), target)
+        if case.get("padded"):
+            target = torch.where(target == ignore_index, target, target % 9)
     weight = torch.rand(n_classes, generator=gen, dtype=torch.float64) + 0.2 if case["weighted"] else None
     options = dict(weight=weight, ignore_index=ignore_index, reduction=case["reduction"],
                    label_smoothing=case.get("label_smoothing", 0.0))
@@ -116,6 +123,15 @@ def _check_ce(rank: int, world: int, case: dict, seed: int, fails: list) -> None
     what = f"world={world} rank={rank} {case}"
     _compare(fails, what + " loss vs crossent", ours, ref)
     _compare(fails, what + " grad vs crossent", g_ours, _local_slice(g_full, start, size))
+    if case.get("probs") and seed % 3 == 0:  # probability targets that require grad
+        local_t = local_target.clone().requires_grad_()
+        full_t = target.clone().requires_grad_()
+        loss_t = vocab_parallel_cross_entropy(local.detach(), local_t, vocab_start=vocab_start,
+                                              **options, **extra)
+        (gt_ours,) = torch.autograd.grad(loss_t, local_t, upstream)
+        (gt_ref,) = torch.autograd.grad(crossent.cross_entropy(x, full_t, **options, **extra),
+                                        full_t, upstream)
+        _compare(fails, what + " target grad", gt_ours, _local_slice(gt_ref, start, size))
     full64 = x.clone().requires_grad_()
     oracle = _reference.cross_entropy(full64, target, **options, **extra)
     (g_oracle,) = torch.autograd.grad(oracle, full64, upstream)
@@ -147,7 +163,8 @@ def _check_linear(rank: int, world: int, case: dict, seed: int, fails: list) -> 
     local_target = target[..., start : start + size] if case.get("probs") else target
     ours = vocab_parallel_linear_cross_entropy(
         h, w_local, local_target, bias=b_local, vocab_start=start if seed % 2 else None,
-        chunk_size=case.get("chunk_size"), **options, **extra)
+        chunk_size=case.get("chunk_size"), class_weight=options["weight"],
+        **{k: v for k, v in options.items() if k != "weight"}, **extra)
     h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     b_ref = None if bias is None else bias.clone().requires_grad_()
     logits = F.linear(h_ref, w_ref, b_ref).movedim(-1, 1)  # class dim second, as torch wants
