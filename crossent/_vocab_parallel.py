@@ -14,7 +14,8 @@ each rank's shard layout and a target checksum, so bad layouts raise the same er
 rank after the collective instead of deadlocking the others. With ``lse`` known, the gradient
 ``softmax - target`` of this rank's slice is local: backward needs no communication.
 
-Rows are processed in chunks (``torch_fused``'s budget) so float32 temporaries stay bounded.
+Rows are processed in chunks chosen by the caller, so float32 temporaries (and, for the fused
+linear variant, the logits themselves) stay bounded.
 """
 from __future__ import annotations
 
@@ -162,13 +163,13 @@ def forward(
 
 
 def _slots(acc: torch.dtype) -> int:
-    return _META * 8 // torch.empty((), dtype=acc).element_size()
+    return _META * 8 // acc.itemsize
 
 
 def _packed(n_stats: int, n_rows: int, acc: torch.dtype, device) -> tuple[Tensor, Tensor, Tensor]:
     """One flat buffer ``[meta (int64 bits) | stats (n_stats, R)]``: a single collective moves both."""
     slots = _slots(acc)
-    ratio = 8 // torch.empty((), dtype=acc).element_size()
+    ratio = 8 // acc.itemsize
     length = slots + n_stats * n_rows
     length += -length % ratio  # every rank's meta block stays int64-aligned in the gather
     buf = torch.zeros(length, dtype=acc, device=device)
@@ -274,7 +275,8 @@ def _check_layout(meta: Tensor, shard: Shard, weight: Tensor | None, target: Ten
         starts = torch.cumsum(sizes, 0) - sizes
         torch._assert_async((meta[:, 0] == starts).all(), "crossent: vocab shards do not tile [0, V)")
         vocab = sizes.sum()
-        torch._assert_async(((meta[:, 2] == -1) | (meta[:, 2] == vocab)).all(),
+        w_len = meta[0, 2]
+        torch._assert_async((meta[:, 2] == w_len).all() & ((w_len == -1) | (w_len == vocab)),
                             "crossent: class weight length differs from the vocabulary size")
         if not probs:
             torch._assert_async((meta[:, 3] == meta[0, 3]).all(), "crossent: target differs across ranks")

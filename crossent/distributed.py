@@ -122,13 +122,12 @@ def vocab_parallel_linear_cross_entropy(
         target: ``(N,)`` / ``(*)`` global class indices (same on every rank), or ``(*, V_local)``
             local probability slices.
         class_weight: the full ``(V,)`` class weights (``weight`` of
-            :func:`vocab_parallel_cross_entropy`; renamed as in :func:`crossent.linear_cross_entropy`
-            because ``weight`` names the projection there). Other arguments as
-            :func:`vocab_parallel_cross_entropy`.
-
+            :func:`vocab_parallel_cross_entropy`, named as in
+            :func:`crossent.linear.linear_cross_entropy`, where ``weight`` is the projection).
         chunk_size: rows of logits ``(chunk_size, V_local)`` alive at a time ("mean"/"sum");
             default :func:`crossent.linear.auto_chunk_size`. When the rows need more than one
             chunk the logits are computed twice (statistics, then gradient): 4 matmuls, not 3.
+        Other arguments as :func:`vocab_parallel_cross_entropy`.
 
     For "mean" and "sum" the logits live only during forward: the input, weight and bias
     gradients are made there (weight and bias accumulated in float32 for low precision), and
