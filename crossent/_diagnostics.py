@@ -50,7 +50,19 @@ class ProbabilitiesAsLogitsWarning(UserWarning):
 
 
 def set_diagnostics(enabled: bool) -> None:
-    """Turn crossent's misuse diagnostics on or off for the whole process."""
+    """Turn crossent's misuse diagnostics on or off for the whole process.
+
+    Args:
+        enabled: ``False`` skips the probabilities-as-logits check in every call
+            (the environment variable ``CROSSENT_DIAGNOSTICS=0`` sets this at import).
+
+    Examples:
+        >>> import crossent
+        >>> crossent.set_diagnostics(False)
+        >>> crossent._diagnostics.diagnostics_enabled()
+        False
+        >>> crossent.set_diagnostics(True)
+    """
     global _enabled
     _enabled = bool(enabled)
 

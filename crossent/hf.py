@@ -5,8 +5,8 @@ float32 and keeps them for backward: for a 128K vocabulary that is the largest t
 step. :func:`causal_lm_loss` computes the same loss from the final hidden states and the
 ``lm_head`` weight with :func:`crossent.linear_cross_entropy`, which never holds all logits.
 
-    >>> loss = causal_lm_loss(model, input_ids, labels)   # doctest: +SKIP
-    >>> loss.backward()                                   # doctest: +SKIP
+    loss = causal_lm_loss(model, input_ids, labels)   # instead of model(..., labels=labels).loss
+    loss.backward()
 
 transformers is not a dependency of crossent: the model is only used through its public
 methods (``base_model``, ``get_output_embeddings``, ``config``).
@@ -62,7 +62,17 @@ def causal_lm_loss(
         attention_mask, **model_kwargs: passed to the base model.
         label_smoothing, z_loss, impl, chunk_size: as :func:`crossent.linear_cross_entropy`.
 
-    Returns: the scalar loss in the model's dtype (accumulated in float32 inside crossent).
+    Shape: ``input_ids``, ``labels``, ``attention_mask`` ``(B, T)``; the loss is a scalar in the
+    model's dtype (accumulated in float32 inside crossent).
+
+    Examples:
+        >>> import torch, transformers  # doctest: +SKIP
+        >>> config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)  # doctest: +SKIP
+        >>> model = transformers.LlamaForCausalLM(config)  # doctest: +SKIP
+        >>> ids = torch.randint(0, 97, (2, 12))  # doctest: +SKIP
+        >>> torch.allclose(causal_lm_loss(model, ids, ids), model(ids, labels=ids).loss)  # doctest: +SKIP
+        True
     """
     from .linear import linear_cross_entropy  # written alongside; imported on use
 
