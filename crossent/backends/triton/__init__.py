@@ -7,11 +7,10 @@ set before Triton is imported; slow, for tests). See ``crossent.backends`` for t
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ..._params import CEParams
-from .launch import launch_ce_forward
+from .ops import ce_forward_op
 
 __all__ = ["ce_forward"]
 
@@ -28,21 +27,16 @@ def ce_forward(
     ``grad_scale`` is read by the kernel from device memory (no host sync). With
     ``params.inplace_backward`` the gradient overwrites ``logits`` and is returned as ``logits``.
     """
-    n_rows, _ = logits.shape
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if logits.stride(1) != 1:
         if params.inplace_backward and grad_scale is not None:
             raise ValueError("inplace_backward needs logits with a unit class stride")
         logits = logits.contiguous()
     if target.dim() == 2 and target.stride(1) != 1:
         target = target.contiguous()  # (R, C) probabilities, read row by row
-    loss = torch.empty(n_rows, dtype=acc, device=logits.device)  # (R,)
-    lse = torch.empty(n_rows, dtype=acc, device=logits.device)  # (R,)
-    grad = None
-    if grad_scale is not None:
-        grad = logits if params.inplace_backward else torch.empty_like(logits)  # (R, C)
-    launch_ce_forward(
-        logits, target, weight, grad_scale, grad, loss, lse,
-        params.ignore_index, params.label_smoothing, params.z_loss, params.softcap,
+    loss, lse, grad = ce_forward_op(
+        logits, target, weight, grad_scale, params.ignore_index, params.label_smoothing,
+        params.z_loss, params.softcap, params.inplace_backward,
     )
-    return loss, lse, grad
+    if grad_scale is None:
+        return loss, lse, None
+    return loss, lse, logits if params.inplace_backward else grad

@@ -12,21 +12,28 @@ from torch import Tensor
 
 from .kernels import ce_fwd_kernel
 
-# Widest block a row is read in. A row of at most this many classes lives in registers and is
-# read from memory once; longer rows loop over blocks of this width and are read twice (the
-# second pass mostly from L2). 16K fp32 values over 16 warps is 32 registers per thread for the
-# logits. Tests lower it to run the multi-block path on small rows.
-MAX_BLOCK = 16384
+# Block widths, from ptxas register reports for sm_90 (Triton 3.9, num_warps = BLOCK / 512):
+# a row of up to SINGLE_MAX classes is held in registers and read from memory once; longer
+# rows loop over LOOP_BLOCK-wide blocks and are read twice (the second pass mostly from L2).
+# Wider blocks spill once weights, smoothing and softcap keep more per-lane values live, and
+# float64 needs half the width. Speed is still to be tuned on a GPU (BENCHMARKS.md).
+SINGLE_MAX = {torch.float32: 16384, torch.float64: 4096}
+LOOP_BLOCK = {torch.float32: 8192, torch.float64: 4096}
+# Test hook (a power of 2): caps every block, so small rows run the multi-block path.
+MAX_BLOCK = 1 << 30
 # Read when this module is imported, like Triton reads it when it is imported.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def block_config(n_cols: int) -> tuple[int, int]:
-    """``(BLOCK, num_warps)`` for rows of ``n_cols`` classes (a first guess, to tune on a GPU)."""
-    block = min(triton.next_power_of_2(max(n_cols, 1)), MAX_BLOCK)
-    # About 16 elements per thread for short rows, up to 16 warps for the widest blocks.
+def block_config(n_cols: int, acc: torch.dtype) -> tuple[int, int, bool]:
+    """``(BLOCK, num_warps, single_block)`` for rows of ``n_cols`` classes accumulated in ``acc``."""
+    if n_cols <= min(SINGLE_MAX[acc], MAX_BLOCK):
+        block = triton.next_power_of_2(max(n_cols, 1))
+    else:
+        block = min(LOOP_BLOCK[acc], MAX_BLOCK)
+    # 8 to 16 elements per thread; 16 warps (512 threads) at most, which keeps 128 registers each.
     num_warps = max(1, min(16, block // 512))
-    return block, num_warps
+    return block, num_warps, n_cols <= block
 
 
 def _f32_pair(value: float) -> tuple[float, float]:
@@ -55,7 +62,7 @@ def launch_ce_forward(
         return
     probs = target.is_floating_point()
     eps = max(label_smoothing, 0.0)  # torch ignores smoothing <= 0
-    block, num_warps = block_config(n_cols)
+    block, num_warps, single = block_config(n_cols, lse.dtype)
     want_grad = grad is not None
     dummy = lse  # stands in for absent tensors; the constexpr flags keep it unread
     with torch.cuda.device(logits.device) if logits.is_cuda else nullcontext():
@@ -75,7 +82,7 @@ def launch_ce_forward(
             HAS_SOFTCAP=softcap is not None,
             WANT_GRAD=want_grad,
             BLOCK=block,
-            SINGLE_BLOCK=n_cols <= block,
+            SINGLE_BLOCK=single,
             # The interpreter truncates float32 -> bfloat16; GPUs round to nearest even.
             ROUND_BF16=_INTERPRET and grad is not None and grad.dtype == torch.bfloat16,
             num_warps=num_warps,
