@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import crossent
-from ._diagnostics import ProbabilitiesAsLogitsWarning
+from ._diagnostics import ProbabilitiesAsLogitsWarning, diagnostics_enabled
 
 
 class DNN(nn.Module):
@@ -185,7 +185,9 @@ def main(epochs: int = 10, out: str = "crossent-demo.png", seed: int = 0, plain:
                  f"{bad.train_loss[-1]:.4f}, the good one at {good.train_loss[-1]:.4f}.")
 
     console.heading("the warning crossent raised for the bad example")
-    for message in bad.warnings or ["(none: this call site already warned earlier in this process)"]:
+    none = ("(none: diagnostics are switched off)" if not diagnostics_enabled()
+            else "(none: this call site already warned earlier in this process)")
+    for message in bad.warnings or [none]:
         console.line(message, style="yellow")
     if good.warnings:
         console.line(f"unexpected warnings for the good example: {good.warnings}", style="red")
@@ -205,4 +207,4 @@ def main(epochs: int = 10, out: str = "crossent-demo.png", seed: int = 0, plain:
         console.line(f"wrote {out}")
     except ImportError:
         console.line(f"matplotlib is not installed, so {out} was not written: pip install 'crossent[cli]'")
-    return 0 if holds and bad.warnings and not good.warnings else 1
+    return 0 if holds and not good.warnings else 1
