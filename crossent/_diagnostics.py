@@ -2,7 +2,7 @@
 
 The classic mistake: a model whose ``forward`` ends in ``softmax`` feeding ``cross_entropy``,
 which applies log-softmax itself. Training still runs, but the loss is squashed into
-``[log C - 1, log C]``-ish values and gradients nearly vanish, so it costs users days.
+``[log(e + C - 1) - 1, log(e + C - 1)]`` and its gradients shrink, so it costs users days.
 
 Cost and scope, by design:
 - Bounded work: at most ``_SAMPLE_ROWS`` rows of ``C`` values are looked at (views, no copy of
