@@ -4,15 +4,19 @@ Re-exports only; importing crossent has no side effects and does not import Trit
 """
 from ._diagnostics import ProbabilitiesAsLogitsWarning, set_diagnostics
 from .functional import cross_entropy, cross_entropy_with_lse, log_softmax, nll_loss, softmax
-from .modules import CrossEntropyLoss
+from .linear import linear_cross_entropy, linear_cross_entropy_with_lse
+from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
     "ProbabilitiesAsLogitsWarning",
     "cross_entropy",
     "cross_entropy_with_lse",
+    "linear_cross_entropy",
+    "linear_cross_entropy_with_lse",
     "log_softmax",
     "nll_loss",
     "set_diagnostics",
