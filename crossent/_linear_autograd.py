@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ._autograd import Kernel
 from ._params import CEParams
+from .backends._cpu_alloc import empty_huge
 from .backends.torch_fused import acc_dtype
 
 # Devices where finding the ignored rows (a host read of the target) costs no synchronisation.
@@ -96,6 +97,13 @@ def _times(grad: Tensor, upstream: Tensor) -> Tensor:
     return grad.mul_(upstream.to(grad.dtype))  # our own buffer, handed over once
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Uninitialised buffer; on CPU huge-page backed, as fresh 4 KiB pages fault in slowly."""
+    if device.type == "cpu":
+        return empty_huge(tuple(shape), dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _row_chunks(target: Tensor, params: CEParams, n_rows: int, chunk_size: int):
     """Yield ``(rows, index)`` per chunk: a slice of rows, or the int64 indices of counted rows.
 
@@ -141,14 +149,21 @@ def chunked_linear_ce(
     grad_scale = scale if want_grad else None
     loss = torch.zeros(n_rows, dtype=acc, device=dev)  # (N,) ignored rows stay 0
     lse = torch.full((n_rows,), float("nan"), dtype=acc, device=dev)  # (N,) skipped: NaN
-    logits_buf = torch.empty(min(chunk_size, n_rows), n_classes, dtype=x.dtype, device=dev)  # (r, V)
-    grad_x = torch.zeros_like(x) if needs[0] else None  # (N, H); skipped rows stay 0
+    logits_buf = _empty((min(chunk_size, n_rows), n_classes), x.dtype, dev)  # (r, V)
+    chunks = list(_row_chunks(target, params, n_rows, chunk_size))
+    skipping = bool(chunks) and chunks[0][1] is not None
+    grad_x = None
+    if needs[0]:  # (N, H); rows skipped as ignored must read 0
+        grad_x = torch.zeros_like(x) if skipping or not chunks else _empty(x.shape, x.dtype, dev)
     # grad_weight / grad_bias accumulate over chunks in float32 for bf16/fp16 inputs: summing
     # per-chunk partials in 8 or 11 bits loses the small contributions (the field's usual bug).
-    grad_w = torch.zeros(n_classes, n_features, dtype=acc, device=dev) if needs[1] else None  # (V, H)
+    # The first chunk writes grad_weight (no zero-fill pass over (V, H)); later ones add.
+    grad_w = _empty((n_classes, n_features), acc, dev) if needs[1] else None  # (V, H)
     grad_b = torch.zeros(n_classes, dtype=acc, device=dev) if needs[2] else None  # (V,)
+    if grad_w is not None and not chunks:
+        grad_w.zero_()
     wt = weight.t()  # (H, V) view; BLAS reads the transpose in place
-    for rows, index in _row_chunks(target, params, n_rows, chunk_size):
+    for i, (rows, index) in enumerate(chunks):
         sel = rows if index is None else index
         x_c = x[rows] if index is None else x.index_select(0, index)  # (r, H)
         t_c = target[sel]
@@ -168,10 +183,12 @@ def chunked_linear_ce(
             u = row_scale[sel].to(x.dtype).unsqueeze(1)  # (r, 1)
             x_c = x_c * u  # scaling x's rows scales each row's term of g^T x
         if grad_w is not None:
-            if g.dtype == acc:
-                grad_w.addmm_(g.t(), x_c)
-            else:  # bf16/fp16: a float32 product (CPUs have no mixed-output matmul)
-                grad_w.addmm_(g.t().to(acc), x_c.to(acc))
+            g_t, x_w = (g.t(), x_c) if g.dtype == acc else (g.t().to(acc), x_c.to(acc))
+            # bf16/fp16 above: a float32 product (CPUs have no mixed-output matmul)
+            if i == 0:
+                torch.mm(g_t, x_w, out=grad_w)
+            else:
+                grad_w.addmm_(g_t, x_w)
         if grad_b is not None:
             if row_scale is None:
                 grad_b += g.sum(0, dtype=acc)

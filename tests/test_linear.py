@@ -166,8 +166,9 @@ def test_all_ignored(monkeypatch, skip):
 
 
 def test_large_odd_vocab():
-    # V = 50257 (GPT-2), few rows: chunk boundaries inside a small batch.
-    data = _data(6, 8, 50257, torch.float32, 13)
+    # V = 50257 (GPT-2), few rows: chunk boundaries inside a small batch; grad_weight (18 MiB)
+    # is large enough to come from the huge-page allocator.
+    data = _data(6, 96, 50257, torch.float32, 13)
     _check(*data, torch.float32, "V=50257", chunk_size=4, class_weight=True, label_smoothing=0.1)
 
 
