@@ -8,6 +8,7 @@ every rank runs every collective, and raised together at the end.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import socket
@@ -107,14 +108,15 @@ def _local_slice(t: torch.Tensor, start: int, size: int) -> torch.Tensor:
     return t.narrow(0 if t.dim() == 1 else 1, start, size)
 
 
-def _check_ce(rank: int, world: int, case: dict, seed: int, fails: list) -> None:
+def _check_ce(rank: int, world: int, case: dict, seed: int, fails: list, group=None) -> None:
     sizes = case.get("sizes", SIZES)[world]
     start, size = sum(sizes[:rank]), sizes[rank]
     gen, x, target, options, extra = _problem(case, seed)
     local = _local_slice(x, start, size).clone().requires_grad_()
     local_target = _local_slice(target, start, size) if case.get("probs") else target
     vocab_start = start if seed % 2 else None  # both ways of finding the offsets
-    ours = vocab_parallel_cross_entropy(local, local_target, vocab_start=vocab_start, **options, **extra)
+    ours = vocab_parallel_cross_entropy(local, local_target, vocab_start=vocab_start, group=group,
+                                        **options, **extra)
     full = x.clone().requires_grad_()
     ref = crossent.cross_entropy(full, target, **options, **extra)
     upstream = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
@@ -126,7 +128,7 @@ def _check_ce(rank: int, world: int, case: dict, seed: int, fails: list) -> None
     if case.get("probs") and seed % 3 == 0:  # probability targets that require grad
         local_t = local_target.clone().requires_grad_()
         full_t = target.clone().requires_grad_()
-        loss_t = vocab_parallel_cross_entropy(local.detach(), local_t, vocab_start=vocab_start,
+        loss_t = vocab_parallel_cross_entropy(local.detach(), local_t, vocab_start=vocab_start, group=group,
                                               **options, **extra)
         (gt_ours,) = torch.autograd.grad(loss_t, local_t, upstream)
         (gt_ref,) = torch.autograd.grad(crossent.cross_entropy(x, full_t, **options, **extra),
@@ -145,7 +147,7 @@ def _check_ce(rank: int, world: int, case: dict, seed: int, fails: list) -> None
         _compare(fails, what + " grad vs torch", g_ours, _local_slice(g_torch, start, size))
 
 
-def _check_linear(rank: int, world: int, case: dict, seed: int, fails: list) -> None:
+def _check_linear(rank: int, world: int, case: dict, seed: int, fails: list, group=None) -> None:
     sizes = case.get("sizes", SIZES)[world]
     start, size = sum(sizes[:rank]), sizes[rank]
     lead = case.get("shape", (9,))
@@ -163,7 +165,7 @@ def _check_linear(rank: int, world: int, case: dict, seed: int, fails: list) -> 
     local_target = target[..., start : start + size] if case.get("probs") else target
     ours = vocab_parallel_linear_cross_entropy(
         h, w_local, local_target, bias=b_local, vocab_start=start if seed % 2 else None,
-        chunk_size=case.get("chunk_size"), class_weight=options["weight"],
+        group=group, chunk_size=case.get("chunk_size"), class_weight=options["weight"],
         **{k: v for k, v in options.items() if k != "weight"}, **extra)
     h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     b_ref = None if bias is None else bias.clone().requires_grad_()
@@ -192,13 +194,13 @@ def _expect(fails: list, what: str, exc: type, needle: str, fn) -> None:
     fails.append(f"{what}: no {exc.__name__} raised")
 
 
-def _check_errors(rank: int, world: int, fails: list) -> None:
+def _check_errors(rank: int, world: int, fails: list, group=None) -> None:
     """Bad layouts raise the same error on every rank, after the collective (no deadlock)."""
     sizes = SIZES[world]
     start, size = sum(sizes[:rank]), sizes[rank]
     _, x, target, _, _ = _problem(dict(weighted=False, reduction="mean"), 5)
     local = _local_slice(x, start, size)
-    ce = vocab_parallel_cross_entropy
+    ce = functools.partial(vocab_parallel_cross_entropy, group=group)
     if world > 1:
         _expect(fails, "overlapping shards", ValueError, "tile",
                 lambda: ce(local, target, vocab_start=0))
@@ -214,26 +216,31 @@ def _check_errors(rank: int, world: int, fails: list) -> None:
     out_of_range = torch.where(target == -100, V, target)
     _expect(fails, "target out of range", IndexError, f"{V} classes",
             lambda: ce(local, out_of_range, vocab_start=start))
-    if vocab_shard_range(size) != (start, V):
-        fails.append(f"vocab_shard_range({size}) = {vocab_shard_range(size)}, expected {(start, V)}")
+    got = vocab_shard_range(size, group)
+    if got != (start, V):
+        fails.append(f"world={world}: vocab_shard_range({size}) = {got}, expected {(start, V)}")
 
 
-def _worker(rank: int, world: int, port: int) -> None:
-    torch.set_num_threads(1)  # several ranks share two cores
+def _worker(rank: int, port: int) -> None:
+    """Three ranks: the default group (world 3), then a subgroup of ranks 0 and 1 (world 2) while
+    rank 2 runs alone in a group of size 1 (world 1): one spawn covers all three."""
+    torch.set_num_threads(1)  # three ranks share two cores
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
+    pair = dist.new_group([0, 1])
+    alone = dist.new_group([2])  # every rank takes part in every new_group call
     fails: list[str] = []
-    every = 3 if world == 1 else 1  # one rank checks the collective's plumbing; the math runs below
     try:
-        for seed, case in enumerate(CE_CASES + PROB_CASES):
-            if seed % every == 0:
-                _check_ce(rank, world, case, seed, fails)
-        for seed, case in enumerate(LINEAR_CASES):
-            if seed % every == 0:
-                _check_linear(rank, world, case, seed, fails)
-        _check_errors(rank, world, fails)
+        for world, group, member in [(3, None, True), (2, pair, rank < 2), (1, alone, rank == 2)]:
+            if not member:
+                continue
+            group_rank = dist.get_rank(group)
+            for seed, case in enumerate(CE_CASES + PROB_CASES):
+                _check_ce(group_rank, world, case, seed, fails, group)
+            for seed, case in enumerate(LINEAR_CASES):
+                _check_linear(group_rank, world, case, seed, fails, group)
+            _check_errors(group_rank, world, fails, group)
     finally:
         dist.destroy_process_group()
     if fails:
@@ -246,9 +253,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_vocab_parallel_matches_single_process(world):
-    mp.spawn(_worker, args=(world, _free_port()), nprocs=world, join=True)
+def test_vocab_parallel_matches_single_process():
+    """2 and 3 gloo ranks with uneven (and empty) shards, and a process group of size 1."""
+    mp.spawn(_worker, args=(_free_port(),), nprocs=3, join=True)
 
 
 def test_single_process_without_process_group():
