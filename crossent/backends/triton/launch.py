@@ -25,9 +25,10 @@ MAX_BLOCK = 1 << 30
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def block_config(n_cols: int, acc: torch.dtype) -> tuple[int, int, bool]:
-    """``(BLOCK, num_warps, single_block)`` for rows of ``n_cols`` classes accumulated in ``acc``."""
-    if n_cols <= min(SINGLE_MAX[acc], MAX_BLOCK):
+def block_config(n_cols: int, acc: torch.dtype, probs: bool) -> tuple[int, int, bool]:
+    """``(BLOCK, num_warps, single_block)`` for rows of ``n_cols`` classes accumulated in ``acc``
+    (``probs``: probability targets, whose per-lane target values halve the single-block width)."""
+    if n_cols <= min(SINGLE_MAX[acc] // (2 if probs else 1), MAX_BLOCK):
         block = triton.next_power_of_2(max(n_cols, 1))
     else:
         block = min(LOOP_BLOCK[acc], MAX_BLOCK)
@@ -62,7 +63,7 @@ def launch_ce_forward(
         return
     probs = target.is_floating_point()
     eps = max(label_smoothing, 0.0)  # torch ignores smoothing <= 0
-    block, num_warps, single = block_config(n_cols, lse.dtype)
+    block, num_warps, single = block_config(n_cols, lse.dtype, probs)
     want_grad = grad is not None
     dummy = lse  # stands in for absent tensors; the constexpr flags keep it unread
     with torch.cuda.device(logits.device) if logits.is_cuda else nullcontext():
