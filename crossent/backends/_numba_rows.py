@@ -133,12 +133,6 @@ def softcap_into(x, cap, inv_cap, out):
 
 
 @njit(fastmath=FM, cache=True)
-def fill_zero(g):
-    for c in range(g.size):
-        g[c] = _F32(0.0)
-
-
-@njit(fastmath=FM, cache=True)
 def bits_to_f32(h, fmt, out):
     if fmt == BF16:
         for c in range(h.size):

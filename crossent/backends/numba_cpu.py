@@ -1,6 +1,6 @@
 """Numba CPU backend: one parallel row kernel per target kind; see ``crossent.backends`` for the contract.
 
-Per row (rows split evenly over ``torch.get_num_threads()`` threads):
+Per row (rows split into ``torch.get_num_threads()`` contiguous blocks, one per thread):
   1. ``m = max_c x_c``                         the only read of the logits from memory
   2. ``s = sum_c exp(x_c - m)``, storing each exp into the gradient row (when one is wanted)
   3. the gradient row is rescaled in place: ``grad_c = scale * (coef * exp_c / s - ...)``
@@ -16,18 +16,19 @@ accumulation. Without ``grad_scale`` (no_grad, ``requires_grad=False``) no gradi
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
-import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit
 from torch import Tensor
 
 from .._params import CEParams
 from . import torch_fused
 from ._cpu_alloc import empty_huge
 from ._numba_rows import (
-    BF16, F16, FM, cap_factor, exp_sum, exp_sum_inplace, exp_sum_store, fill_zero, gap_sum,
+    BF16, F16, FM, cap_factor, exp_sum, exp_sum_inplace, exp_sum_store, gap_sum,
     grad_dest, load_row, row_max, scale, scale_sub, scale_sub_targets, scale_sub_weighted,
     soft_target_sums, store_row, weighted_gap_sum,
 )
@@ -44,9 +45,9 @@ def _exp_sum(xr, m, dest, want_grad, aliased):
     return exp_sum_inplace(dest, m) if aliased else exp_sum_store(xr, m, dest)
 
 
-@njit(parallel=True, fastmath=FM, cache=True)
+@njit(nogil=True, fastmath=FM, cache=True)
 def _index_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, cap, gscale, want_grad,
-                  inplace, grad, loss, lse, n_blocks):
+                  inplace, grad, loss, lse, lo, hi):
     """Class-index targets. ``w`` has size 0 when unweighted; ``eps`` is label smoothing."""
     n_rows, n_cls = x.shape
     has_w = w.size > 0
@@ -54,82 +55,112 @@ def _index_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, cap, gscale,
     eps_c = eps / _F32(n_cls)
     inv_cap = _F32(1.0) / cap if cap > 0 else _F32(0.0)
     aliased = inplace and fmt == 0 and cap == 0  # the gradient row is the logits row itself
-    for blk in prange(n_blocks):
-        buf = np.empty(n_cls if (fmt != 0 or cap > 0) else 0, np.float32)  # (C,) scratch
-        gbuf = np.empty(n_cls if fmt != 0 else 0, np.float32)  # (C,) scratch
-        for r in range(blk * n_rows // n_blocks, (blk + 1) * n_rows // n_blocks):
-            xr = load_row(x[r], fmt, cap, inv_cap, buf)
-            y = target[r]
-            valid = y != ignore_index
-            m = row_max(xr)
-            gaps = _F32(0.0)
-            if eps > 0 and valid:  # before step 2, which may overwrite xr (in place)
-                gaps = weighted_gap_sum(xr, m, w) if has_w else gap_sum(xr, m)
-            x_y = xr[y] if valid else _F32(0.0)
-            dest = grad_dest(grad[r], gbuf)
-            s = _exp_sum(xr, m, dest, want_grad, aliased)
-            log_s = _F32(math.log(s))
-            lse[r] = m + log_s
-            if not valid:
-                loss[r] = 0.0
-                if want_grad:
-                    fill_zero(dest)
-                    store_row(dest, fmt, grad[r])
-                continue
-            w_y = w[y] if has_w else _F32(1.0)
-            row_loss = keep * w_y * ((m - x_y) + log_s)
-            if eps > 0:
-                row_loss += eps_c * (gaps + w_total * log_s)
-            loss[r] = row_loss + z * lse[r] * lse[r]
-            if not want_grad:
-                continue
-            coef = keep * w_y + eps_c * w_total + _F32(2.0) * z * lse[r]
-            # p_y - 1 (and the smoothing term) in float32, never rounded through a 16-bit grad.
-            g_y = gscale * (coef * (dest[y] / s) - eps_c * w_y - keep * w_y)
-            k = gscale * coef / s
-            if eps > 0:
-                if has_w:
-                    scale_sub_weighted(dest, k, gscale * eps_c, w)
-                else:
-                    scale_sub(dest, k, gscale * eps_c)
+    buf = np.empty(n_cls if (fmt != 0 or cap > 0) else 0, np.float32)  # (C,) scratch
+    gbuf = np.empty(n_cls if fmt != 0 else 0, np.float32)  # (C,) scratch
+    for r in range(lo, hi):
+        xr = load_row(x[r], fmt, cap, inv_cap, buf)
+        y = target[r]
+        valid = y != ignore_index
+        m = row_max(xr)
+        gaps = _F32(0.0)
+        if eps > 0 and valid:  # before step 2, which may overwrite xr (in place)
+            gaps = weighted_gap_sum(xr, m, w) if has_w else gap_sum(xr, m)
+        x_y = xr[y] if valid else _F32(0.0)
+        dest = grad_dest(grad[r], gbuf)
+        s = _exp_sum(xr, m, dest, want_grad, aliased)
+        log_s = _F32(math.log(s))
+        lse[r] = m + log_s
+        if not valid:
+            loss[r] = 0.0
+            if want_grad:
+                # 0 * p, not 0: a row whose softmax is NaN (all -inf) keeps NaN, as in torch.
+                scale(dest, _F32(0.0) / s)
+                store_row(dest, fmt, grad[r])
+            continue
+        w_y = w[y] if has_w else _F32(1.0)
+        row_loss = keep * w_y * ((m - x_y) + log_s)
+        if eps > 0:
+            row_loss += eps_c * (gaps + w_total * log_s)
+        loss[r] = row_loss + z * lse[r] * lse[r]
+        if not want_grad:
+            continue
+        coef = keep * w_y + eps_c * w_total + _F32(2.0) * z * lse[r]
+        # p_y - 1 (and the smoothing term) in float32, never rounded through a 16-bit grad.
+        g_y = gscale * (coef * (dest[y] / s) - eps_c * w_y - keep * w_y)
+        k = gscale * coef / s
+        if eps > 0:
+            if has_w:
+                scale_sub_weighted(dest, k, gscale * eps_c, w)
             else:
-                scale(dest, k)
-            if cap > 0:
-                cap_factor(dest, xr, inv_cap)
-                t_y = x_y * inv_cap
-                g_y *= _F32(1.0) - t_y * t_y
-            dest[y] = g_y
-            store_row(dest, fmt, grad[r])
+                scale_sub(dest, k, gscale * eps_c)
+        else:
+            scale(dest, k)
+        if cap > 0:
+            cap_factor(dest, xr, inv_cap)
+            t_y = x_y * inv_cap
+            g_y *= _F32(1.0) - t_y * t_y
+        dest[y] = g_y
+        store_row(dest, fmt, grad[r])
 
 
-@njit(parallel=True, fastmath=FM, cache=True)
-def _prob_kernel(x, fmt, target, w, eps, z, cap, gscale, want_grad, inplace, grad, loss, lse, n_blocks):
+@njit(nogil=True, fastmath=FM, cache=True)
+def _prob_kernel(x, fmt, target, w, eps, z, cap, gscale, want_grad, inplace, grad, loss, lse,
+                 lo, hi):
     """Probability targets ``(R, C)`` float32; ``w`` is ``(C,)`` (ones when unweighted)."""
     n_rows, n_cls = x.shape
     a = _F32(1.0) - eps if eps > 0 else _F32(1.0)
     b = eps / _F32(n_cls) if eps > 0 else _F32(0.0)
     inv_cap = _F32(1.0) / cap if cap > 0 else _F32(0.0)
     aliased = inplace and fmt == 0 and cap == 0  # the gradient row is the logits row itself
-    for blk in prange(n_blocks):
-        buf = np.empty(n_cls if (fmt != 0 or cap > 0) else 0, np.float32)  # (C,) scratch
-        gbuf = np.empty(n_cls if fmt != 0 else 0, np.float32)  # (C,) scratch
-        for r in range(blk * n_rows // n_blocks, (blk + 1) * n_rows // n_blocks):
-            xr = load_row(x[r], fmt, cap, inv_cap, buf)
-            m = row_max(xr)
-            # loss = sum_c u_c (lse - x_c) = sum_c u_c (m - x_c) + (sum_c u_c) log s
-            mass, gaps = soft_target_sums(xr, m, target[r], w, a, b)
-            dest = grad_dest(grad[r], gbuf)
-            s = _exp_sum(xr, m, dest, want_grad, aliased)
-            log_s = _F32(math.log(s))
-            lse_r = m + log_s
-            lse[r] = lse_r
-            loss[r] = gaps + mass * log_s + z * lse_r * lse_r
-            if want_grad:
-                coef = mass + _F32(2.0) * z * lse_r
-                scale_sub_targets(dest, gscale * coef / s, target[r], w, gscale * a, gscale * b)
-                if cap > 0:
-                    cap_factor(dest, xr, inv_cap)
-                store_row(dest, fmt, grad[r])
+    buf = np.empty(n_cls if (fmt != 0 or cap > 0) else 0, np.float32)  # (C,) scratch
+    gbuf = np.empty(n_cls if fmt != 0 else 0, np.float32)  # (C,) scratch
+    for r in range(lo, hi):
+        xr = load_row(x[r], fmt, cap, inv_cap, buf)
+        m = row_max(xr)
+        # loss = sum_c u_c (lse - x_c) = sum_c u_c (m - x_c) + (sum_c u_c) log s
+        mass, gaps = soft_target_sums(xr, m, target[r], w, a, b)
+        dest = grad_dest(grad[r], gbuf)
+        s = _exp_sum(xr, m, dest, want_grad, aliased)
+        log_s = _F32(math.log(s))
+        lse_r = m + log_s
+        lse[r] = lse_r
+        loss[r] = gaps + mass * log_s + z * lse_r * lse_r
+        if want_grad:
+            coef = mass + _F32(2.0) * z * lse_r
+            scale_sub_targets(dest, gscale * coef / s, target[r], w, gscale * a, gscale * b)
+            if cap > 0:
+                cap_factor(dest, xr, inv_cap)
+            store_row(dest, fmt, grad[r])
+
+
+_PARALLEL_MIN = 1 << 16  # elements below which one thread beats waking others (~10 us of work)
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _split_rows(kernel, args: tuple, n_rows: int, threads: int) -> None:
+    """Run ``kernel(*args, lo, hi)`` on ``threads`` contiguous row blocks at once.
+
+    The kernels release the GIL (``nogil``), so plain Python threads run them in parallel. A
+    pool of sleeping threads rather than numba's OpenMP layer: a second OpenMP runtime next to
+    torch's spins between calls, and on a 2-core machine the two runtimes' spinning threads
+    slowed each other (and torch's own ops) several-fold.
+    """
+    global _pool, _pool_size
+    bounds = [n_rows * i // threads for i in range(threads + 1)]
+    if threads == 1:
+        kernel(*args, 0, n_rows)
+        return
+    with _pool_lock:
+        if _pool is None or _pool_size < threads - 1:
+            _pool_size = threads - 1
+            _pool = ThreadPoolExecutor(_pool_size, thread_name_prefix="crossent-numba")
+        pool = _pool
+    futures = [pool.submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    kernel(*args, bounds[0], bounds[1])  # the calling thread takes the first block
+    for f in futures:
+        f.result()
 
 
 def _as_array(t: Tensor) -> np.ndarray:
@@ -160,24 +191,23 @@ def ce_forward(
         grad = logits if params.inplace_backward else empty_huge(logits.shape, logits.dtype)
     if n_rows == 0:
         return loss, lse, grad
-    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    numba.set_num_threads(threads)
+    threads = 1 if n_rows * n_cls < _PARALLEL_MIN else min(torch.get_num_threads(), n_rows)
     x = _as_array(logits)
     out = _as_array(grad) if want_grad else x  # never written without want_grad
     fmt = _FORMATS[logits.dtype]
     eps = _F32(max(params.label_smoothing, 0.0))  # torch ignores smoothing <= 0
     cap = _F32(params.softcap if params.softcap is not None else 0.0)
     gscale = _F32(grad_scale.item() if want_grad else 0.0)
-    blocks = min(n_rows, threads)
     if target.is_floating_point():
         w = np.ones(n_cls, np.float32) if weight is None else _as_array(weight.float().contiguous())
-        _prob_kernel(x, fmt, _as_array(target.float().contiguous()), w, eps, _F32(params.z_loss),
-                     cap, gscale, want_grad, params.inplace_backward, out, loss.numpy(),
-                     lse.numpy(), blocks)
+        args = (x, fmt, _as_array(target.float().contiguous()), w, eps, _F32(params.z_loss), cap,
+                gscale, want_grad, params.inplace_backward, out, loss.numpy(), lse.numpy())
+        _split_rows(_prob_kernel, args, n_rows, threads)
     else:
         w = np.empty(0, np.float32) if weight is None else _as_array(weight.float().contiguous())
         w_total = _F32(w.sum(dtype=np.float32)) if weight is not None else _F32(n_cls)
-        _index_kernel(x, fmt, _as_array(target.long().contiguous()), w, w_total,
-                      np.int64(params.ignore_index), eps, _F32(params.z_loss), cap, gscale,
-                      want_grad, params.inplace_backward, out, loss.numpy(), lse.numpy(), blocks)
+        args = (x, fmt, _as_array(target.long().contiguous()), w, w_total,
+                np.int64(params.ignore_index), eps, _F32(params.z_loss), cap, gscale, want_grad,
+                params.inplace_backward, out, loss.numpy(), lse.numpy())
+        _split_rows(_index_kernel, args, n_rows, threads)
     return loss, lse, grad

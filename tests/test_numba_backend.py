@@ -1,0 +1,274 @@
+"""The numba CPU backend: kernel contract vs the PyTorch backend, end-to-end vs torch and the float64
+reference, edge values, in place, no-grad, threads, and its element functions (exp, 16-bit bits).
+
+The conformance grid (test_cross_entropy.py) also runs on this backend; these tests add what is
+specific to it: long rows (vectorised loops and their tails), 16-bit storage, its own exp.
+"""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import crossent
+from crossent import _reference
+from crossent._params import CEParams
+
+numba = pytest.importorskip("numba")
+from crossent.backends import _numba_math, numba_cpu, torch_fused  # noqa: E402
+
+from ._oracle import assert_close_to_reference, index_target, logits, prob_target  # noqa: E402
+
+SIZES = [(5, 1), (7, 2), (33, 507), (3, 50257)]
+
+
+def _gen(*key) -> torch.Generator:
+    # crc32, not hash(): str hashes change between processes, and the data must not.
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _run_both(x, t, opts, upstream_seed):
+    """loss and d loss / d x (random upstream, reduction none) from numba and the float64 reference."""
+    gen = torch.Generator().manual_seed(upstream_seed)
+    ours_x = x.clone().requires_grad_()
+    ref_x = x.double().requires_grad_()
+    ours = crossent.cross_entropy(ours_x, t, impl="numba", reduction="none", **opts)
+    ref_opts = {k: (v.double() if torch.is_tensor(v) else v) for k, v in opts.items()}
+    ref = _reference.cross_entropy(ref_x, t.double() if t.is_floating_point() else t,
+                                   reduction="none", **ref_opts)
+    up = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    (g_ours,) = torch.autograd.grad(ours, ours_x, up.to(ours.dtype))
+    (g_ref,) = torch.autograd.grad(ref, ref_x, up)
+    return ours.detach(), g_ours, ref.detach(), g_ref
+
+
+@pytest.mark.parametrize("n,c", SIZES)
+@pytest.mark.parametrize("kind", ["index", "probs"])
+@pytest.mark.parametrize("opts", [
+    {},
+    {"label_smoothing": 0.1, "weight": True},
+    {"ignore_index": 1, "label_smoothing": -0.5},  # smoothing <= 0 means none, as torch
+    {"z_loss": 1e-3, "softcap": 15.0, "weight": True, "label_smoothing": 0.05},
+], ids=["plain", "smooth-weight", "ignore1", "zloss-softcap"])
+def test_float32_matches_reference(n, c, kind, opts):
+    """float32 loss and gradient within float32 tolerance of the float64 reference (and torch)."""
+    gen = _gen(n, c, kind, str(opts))
+    x = logits((n, c), torch.float32, gen)
+    opts = dict(opts)
+    if opts.pop("weight", False):
+        opts["weight"] = torch.rand(c, generator=gen) + 0.1
+    ignore = opts.get("ignore_index", -100)
+    if kind == "index":
+        t = index_target((n, c), c, gen, ignore_fraction=0.25, ignore_index=ignore)
+    else:
+        opts.pop("ignore_index", None)
+        t = prob_target((n, c), torch.float32, gen)
+    ours, g_ours, ref, g_ref = _run_both(x, t, opts, n * c)
+    if "z_loss" not in opts:  # torch has no z_loss / softcap: the reference alone judges those
+        x_t = x.clone().requires_grad_()
+        theirs = F.cross_entropy(x_t, t, reduction="none", **opts)
+        assert_close_to_reference(ours, theirs.detach(), ref, torch.float32, "loss")
+    else:
+        assert_close_to_reference(ours, ours, ref, torch.float32, "loss")
+    assert_close_to_reference(g_ours, g_ours, g_ref, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["index", "probs"])
+@pytest.mark.parametrize("c", [2, 507, 4099])
+def test_16bit_storage_is_float32_math_rounded_once(dtype, kind, c):
+    """16-bit logits are converted exactly, computed in float32 and rounded once: the kernel's
+    16-bit gradient equals its float32 gradient (for the same values) rounded to the dtype."""
+    gen = _gen(str(dtype), kind, c)
+    x = logits((20, c), dtype, gen)
+    t = index_target((20, c), c, gen) if kind == "index" else prob_target((20, c), torch.float32, gen)
+    w = torch.rand(c, generator=gen) + 0.1
+    params = CEParams(label_smoothing=0.1, z_loss=1e-3)
+    scale = torch.tensor(0.37)
+    loss16, lse16, g16 = numba_cpu.ce_forward(x, t, w, scale, params)
+    loss32, lse32, g32 = numba_cpu.ce_forward(x.float(), t, w, scale, params)
+    assert g16.dtype == dtype
+    torch.testing.assert_close(loss16, loss32, rtol=0, atol=0)
+    torch.testing.assert_close(lse16, lse32, rtol=0, atol=0)
+    assert torch.equal(g16, g32.to(dtype))
+
+
+@pytest.mark.parametrize("kind", ["index", "probs"])
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_contract_matches_torch_backend(kind, softcap):
+    """Same (loss, lse, grad) as the PyTorch backend, for every option at once, incl. lse."""
+    gen = _gen(kind, softcap)
+    n, c = 64, 1500  # 96000 elements: large enough to run on several threads
+    x = logits((n, c), torch.float32, gen)
+    t = index_target((n, c), c, gen) if kind == "index" else prob_target((n, c), torch.float32, gen)
+    w = torch.rand(c, generator=gen) + 0.1
+    params = CEParams(label_smoothing=0.2, z_loss=1e-4, softcap=softcap)
+    scale = torch.tensor(1 / 50)
+    ours = numba_cpu.ce_forward(x, t, w, scale, params)
+    theirs = torch_fused.ce_forward(x.clone(), t, w, scale, params)
+    for a, b, what in zip(ours, theirs, ["loss", "lse", "grad"]):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-7, msg=what)
+
+
+def test_extreme_and_infinite_logits():
+    """±1e4 logits, -inf entries (also on the target class), and a row of all -inf."""
+    gen = _gen("extreme")
+    x = logits((6, 300), torch.float32, gen)
+    x[0, :] *= 1e4 / 3  # differences of thousands: every exp but the max's underflows
+    x[1, 7] = 1e4
+    x[2, ::3] = float("-inf")
+    x[3, ::2] = -1e4
+    x[4, 5] = float("-inf")
+    x[5, :] = float("-inf")
+    t = torch.tensor([3, 7, 1, 4, 5, -100])  # row 2 targets a -inf logit: loss inf, as torch
+    t[2] = 3
+    up = torch.randn(6, generator=gen)
+    for opts in [{}, {"label_smoothing": 0.1}, {"weight": torch.rand(300, generator=gen) + 0.1}]:
+        # torch is the oracle here: the float64 reference turns 0 * -inf into NaN where torch
+        # (and crossent) give inf for a -inf target logit.
+        results = []
+        for impl in ("numba", None):
+            x_i = x.clone().requires_grad_()
+            loss = (crossent.cross_entropy(x_i, t, impl=impl, reduction="none", **opts) if impl
+                    else F.cross_entropy(x_i, t, reduction="none", **opts))
+            results.append((loss.detach(), *torch.autograd.grad(loss, x_i, up)))
+        (ours, g_ours), (theirs, g_theirs) = results
+        torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=2e-6, equal_nan=True)
+        torch.testing.assert_close(g_ours, g_theirs, rtol=2e-5, atol=2e-6, equal_nan=True)
+
+
+def test_all_rows_ignored():
+    """mean over nothing: NaN loss and a zero gradient, exactly as torch."""
+    x = logits((8, 40), torch.float32, _gen("ignored")).requires_grad_()
+    t = torch.full((8,), -100)
+    ours = crossent.cross_entropy(x, t, impl="numba")
+    (g,) = torch.autograd.grad(ours, x)
+    assert torch.isnan(ours) and torch.isnan(F.cross_entropy(x, t))
+    assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_inplace_backward_long_rows(dtype, softcap):
+    """Long rows (the vectorised in-place loop): the gradient lands in the logits' storage, equals
+    the out-of-place one bit for bit, and a saved copy of the logits makes backward raise."""
+    gen = _gen("inplace", str(dtype), softcap)
+    base = logits((24, 5003), dtype, gen)
+    t = index_target((24, 5003), 5003, gen)
+    h = base.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(crossent.cross_entropy(h * 1, t, impl="numba", softcap=softcap), h)
+    h = base.clone().requires_grad_()
+    z = h * 1  # non-leaf logits, as a model produces them
+    ptr = z.data_ptr()
+    loss = crossent.cross_entropy(z, t, impl="numba", softcap=softcap, inplace_backward=True)
+    (g,) = torch.autograd.grad(loss, z)
+    assert g.data_ptr() == ptr
+    assert torch.equal(g, expected)
+    h = base.clone().requires_grad_()
+    z = h * 1
+    y = z.sin()  # saves z for its backward; z is then overwritten by the gradient
+    loss = crossent.cross_entropy(z, t, impl="numba", inplace_backward=True) + y.sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_loss_only_path_makes_no_gradient():
+    """Without grad_scale the kernel returns no gradient and leaves the logits untouched."""
+    gen = _gen("nograd")
+    x = logits((16, 1000), torch.float32, gen)
+    t = index_target((16, 1000), 1000, gen)
+    before = x.clone()
+    loss, lse, grad = numba_cpu.ce_forward(x, t, None, None, CEParams(inplace_backward=True))
+    assert grad is None and torch.equal(x, before)
+    torch.testing.assert_close(loss, F.cross_entropy(x, t, reduction="none"))
+    torch.testing.assert_close(lse, torch.logsumexp(x, 1))
+    with torch.no_grad():
+        ours = crossent.cross_entropy(x.requires_grad_(), t, impl="numba")
+    assert ours.grad_fn is None
+    torch.testing.assert_close(ours, F.cross_entropy(x, t))
+
+
+def test_result_does_not_depend_on_thread_count():
+    """Rows are split between threads, never a row: any thread count gives identical bits."""
+    gen = _gen("threads")
+    x = logits((50, 3000), torch.float32, gen)
+    t = index_target((50, 3000), 3000, gen)
+    scale = torch.tensor(0.02)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(numba_cpu.ce_forward(x, t, None, scale, CEParams()))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_float64_goes_to_the_torch_backend():
+    gen = _gen("f64")
+    x = logits((4, 9), torch.float64, gen)
+    t = index_target((4, 9), 9, gen)
+    ours = numba_cpu.ce_forward(x, t, None, torch.tensor(1.0, dtype=torch.float64), CEParams())
+    theirs = torch_fused.ce_forward(x, t, None, torch.tensor(1.0, dtype=torch.float64), CEParams())
+    for a, b in zip(ours, theirs):
+        assert a.dtype == torch.float64 and torch.equal(a, b)
+
+
+def test_exp_f32_accuracy():
+    """The polynomial exp is within 1.5 ulp of float64 exp over the range softmax uses."""
+    z = torch.cat([torch.linspace(-87.3, 0.0, 1_000_003), torch.linspace(-1e-3, 1e-3, 10_001)])
+    ours = _exp_array(z.numpy())
+    ref = torch.exp(z.double())
+    ulp = torch.finfo(torch.float32).eps * ref.float().abs().double().clamp_min(2**-126)
+    ulps = ((torch.from_numpy(ours).double() - ref).abs() / ulp)
+    assert float(ulps.max()) <= 1.5
+    special = torch.tensor([float("-inf"), float("nan"), -100.0, 0.0])
+    out = torch.from_numpy(_exp_array(special.numpy()))
+    assert out[0] == 0 and torch.isnan(out[1]) and out[2] == 0 and out[3] == 1
+
+
+def _exp_array(z):
+    import numpy as np
+
+    out = np.empty_like(z)
+    _exp_loop(z, out)
+    return out
+
+
+@numba.njit(cache=False)
+def _exp_loop(z, out):
+    for i in range(z.size):
+        out[i] = _numba_math.exp_f32(z[i])
+
+
+@pytest.mark.parametrize("dtype,fmt", [(torch.bfloat16, 1), (torch.float16, 2)])
+def test_16bit_conversions_match_torch(dtype, fmt):
+    """Every 16-bit pattern converts to float32 exactly as torch; float32 -> 16-bit rounds as torch
+    (round to nearest even, overflow to inf, subnormals, NaN stays NaN)."""
+    import numpy as np
+
+    from crossent.backends import _numba_rows
+
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    widened = np.empty(65536, np.float32)
+    _numba_rows.bits_to_f32(bits.numpy().view(np.uint16), fmt, widened)
+    expected = bits.view(dtype).float()
+    ours = torch.from_numpy(widened)
+    assert torch.equal(ours.isnan(), expected.isnan())
+    assert torch.equal(ours[~ours.isnan()], expected[~expected.isnan()])
+
+    gen = torch.Generator().manual_seed(fmt)
+    f = torch.randint(-2**31, 2**31, (1 << 20,), generator=gen, dtype=torch.int64).to(torch.int32)
+    f = torch.cat([f.view(torch.float32), torch.tensor([65504.0, 65520.0, 3e38, 1e-8, -0.0])])
+    narrowed = np.empty(f.numel(), np.uint16)
+    _numba_rows.f32_to_bits(f.numpy(), fmt, narrowed)
+    ours = torch.from_numpy(narrowed.view(np.int16)).view(dtype)
+    expected = f.to(dtype)
+    assert torch.equal(ours.isnan(), expected.isnan())
+    keep = ~expected.isnan()
+    assert torch.equal(ours[keep].view(torch.int16), expected[keep].view(torch.int16))
