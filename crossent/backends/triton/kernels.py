@@ -195,7 +195,7 @@ def ce_fwd_kernel(
             loss += z_loss * lse * lse
             coef += 2 * z_loss * lse
     else:
-        y = tl.load(target_ptr + row)
+        y = tl.load(target_row)
         valid = y != ignore_index
         y = tl.where(valid, y, 0)
         if HAS_WEIGHT:
