@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .kernels import ce_fwd_kernel
 
-# Block widths, from ptxas register reports for sm_90 (Triton 3.9, num_warps = BLOCK / 512):
+# Block widths, from ptxas register reports for sm_90 (Triton 3.6 and 3.9, num_warps = BLOCK/512):
 # a row of up to SINGLE_MAX classes is held in registers and read from memory once; longer
 # rows loop over LOOP_BLOCK-wide blocks and are read twice (the second pass mostly from L2).
 # Wider blocks spill once weights, smoothing and softcap keep more per-lane values live, and
