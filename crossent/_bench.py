@@ -70,9 +70,9 @@ def _prepare(base: torch.Tensor, inplace: bool) -> torch.Tensor:
 
 
 def _call(fn: Loss, mode: str, logits: torch.Tensor, target: torch.Tensor) -> None:
-    if mode == "no-grad":
+    if mode == "no-grad":  # evaluation: logits made under no_grad do not require grad
         with torch.no_grad():
-            fn(logits, target)
+            fn(logits.detach(), target)
         return
     loss = fn(logits, target)
     if mode == "fwd+bwd":
@@ -158,6 +158,23 @@ def memory_cases(cases: dict, with_compile: bool) -> list[dict]:
     return rows
 
 
+def alloc_fill_rates(nbytes: int, rounds: int) -> list[dict]:
+    """GB/s of allocating and filling a fresh buffer: torch.empty vs crossent's huge-page buffer."""
+    from .backends._cpu_alloc import empty_huge
+
+    makers = {"torch.empty": lambda n: torch.empty(n, dtype=torch.uint8),
+              "huge-page mmap (crossent)": lambda n: empty_huge((n,), torch.uint8)}
+    times: dict[str, list[float]] = {k: [] for k in makers}
+    for _ in range(rounds):
+        for name, make in makers.items():
+            start = time.perf_counter()
+            make(nbytes).fill_(1)
+            times[name].append(time.perf_counter() - start)
+            gc.collect()
+    return [dict(allocator=k, gb=nbytes / 1e9, gb_per_s=nbytes / 1e9 / statistics.median(v),
+                 runs=[round(t, 3) for t in v]) for k, v in times.items()]
+
+
 def first_call_times() -> list[dict]:
     """Seconds from a fresh process's first fwd+bwd (64x32000) to its end: cold and warm JIT cache."""
     script = ("import time, torch, crossent; x = torch.randn(64, 32000, requires_grad=True); "
@@ -240,17 +257,21 @@ def main(argv: list[str] | None = None) -> int:
             timing += _timing_in_child(args, thp)
     memory = [] if args.no_memory else memory_cases(cases, args.compile)
     jit = first_call_times() if args.jit else []
+    n, c, dtype = next(iter(cases.values()))
+    alloc = alloc_fill_rates(n * c * torch.empty((), dtype=dtype).element_size(), args.repeats)
     machine = _machine()
-    _print(console, timing, memory, jit, machine)
+    _print(console, timing, memory, jit, alloc, machine)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
                            command="crossent bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-                           machine=machine, timing=timing, memory=memory, jit=jit), f, indent=1)
+                           machine=machine, timing=timing, memory=memory, jit=jit, alloc=alloc), f,
+                      indent=1)
     return 0
 
 
-def _print(console, timing: list[dict], memory: list[dict], jit: list[dict], machine: dict) -> None:
+def _print(console, timing: list[dict], memory: list[dict], jit: list[dict], alloc: list[dict],
+           machine: dict) -> None:
     console.heading(f"crossent bench: {machine['cpu']}, {machine['cpus']} CPUs, "
                     f"torch {machine['torch']} ({machine['torch_threads']} threads)")
     for thp in sorted({r["thp"] for r in timing}):
@@ -267,6 +288,10 @@ def _print(console, timing: list[dict], memory: list[dict], jit: list[dict], mac
                  f"{r['extra_bytes'] / 2**20:.0f}", f"{r['extra_x']:.2f}") for r in memory]
         console.table("peak extra resident memory of one call (fresh process, after warm-up)",
                       ["case", "mode", "contender", "THP", "MiB", "x N*C*itemsize"], rows, left=4)
+    console.table(f"allocate + fill {alloc[0]['gb']:.2f} GB (median of {len(alloc[0]['runs'])}, "
+                  "alternating; page faults dominate)", ["allocator", "GB/s", "runs (s)"],
+                  [(r["allocator"], f"{r['gb_per_s']:.2f}", " ".join(map(str, r["runs"])))
+                   for r in alloc])
     if jit:
         console.table("first fwd+bwd in a fresh process (64x32000, includes importing numba)",
                       ["numba cache", "seconds"], [(r["cache"], f"{r['seconds']:.2f}") for r in jit])
