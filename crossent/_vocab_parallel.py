@@ -78,6 +78,7 @@ GradSink = Callable[[slice, Tensor], None]  # (rows, (r, V_local) gradient in th
 def forward(
     logits_of: LogitsOf, shape: tuple[int, int], dtype: torch.dtype, target: Tensor,
     weight: Tensor | None, shard: Shard, params: CEParams, step: int, sink: GradSink | None,
+    scratch: Tensor | None = None,
 ) -> Result:
     """Per-row loss and lse of logits ``shape = (R, V_local)``; this rank's gradient to ``sink``.
 
@@ -85,6 +86,12 @@ def forward(
     gradient is wanted); ``sink(rows, g)`` receives ``scale * d loss / d logits`` of those rows.
     ``target`` is ``(R,)`` global class indices or ``(R, V_local)`` local probability slices;
     ``weight`` the full ``(V,)`` class weights in the accumulation dtype.
+
+    ``scratch``, an ``(R, V_local)`` accumulation-dtype buffer, keeps the first pass's
+    ``exp(x - m_local)``; the gradient is then made in it, in place (``sink`` gets views of it),
+    from ``softmax = exp(x - m_local) * exp(m_local - lse)``: no second exp over the logits, and
+    ``logits_of`` is called again only for a softcap's chain-rule factor. ``scratch`` may be the
+    logits themselves (without softcap): each chunk is read before it is overwritten.
     """
     n_rows, n_local = shape
     acc = acc_dtype(dtype)
@@ -109,7 +116,8 @@ def forward(
         rows = slice(start, start + step)
         x, _ = _capped(logits_of(rows).to(acc), params.softcap)  # (r, V_local) acc
         t = target[rows].to(acc) if probs else local[rows]
-        _local_stats(x, t, owned[rows] if owned is not None else None, w_local, eps, stats[:, rows])
+        _local_stats(x, t, owned[rows] if owned is not None else None, w_local, eps, stats[:, rows],
+                     None if scratch is None else scratch[rows])
     meta[0], meta[1] = shard.start, n_local
     meta[2] = -1 if weight is None else weight.shape[0]
     meta[3] = 0 if probs else _checksum(target)
@@ -138,12 +146,22 @@ def forward(
         scale = torch.where(denominator > 0, 1 / denominator, 0)
     else:
         denominator = None
+    if scratch is not None:
+        m_local = stats[0]  # (R,) this rank's max, as the first pass subtracted it
+        # softmax = exp(x - m) * exp(m - lse), folded into the per-row gradient factor
+        coef = coef * (torch.where(m_local == -torch.inf, 0, m_local) - lse).exp()
     if sink is not None:
         for start in range(0, n_rows, step):
             rows = slice(start, start + step)
-            x, tanh_x = _capped(logits_of(rows).to(acc), params.softcap)  # (r, V_local) acc
-            # p * coef, out of place: x may be the caller's logits
-            g = (x - lse[rows].unsqueeze(1)).exp_().mul_(coef[rows].unsqueeze(1))
+            if scratch is None:
+                x, tanh_x = _capped(logits_of(rows).to(acc), params.softcap)  # (r, V_local) acc
+                # p * coef, out of place: x may be the caller's logits
+                g = (x - lse[rows].unsqueeze(1)).exp_().mul_(coef[rows].unsqueeze(1))
+            else:
+                g = scratch[rows].mul_(coef[rows].unsqueeze(1))  # (r, V_local) in place
+                tanh_x = None
+                if params.softcap is not None:
+                    tanh_x = torch.tanh(logits_of(rows).to(acc) / params.softcap)
             if probs:
                 t = target[rows].to(acc) * (1 - eps) + t_scale  # smoothed local target slice
                 g.sub_(t if w_local is None else t * w_local)
@@ -184,17 +202,17 @@ def _checksum(target: Tensor) -> Tensor:
 
 
 def _local_stats(x: Tensor, t: Tensor, owned: Tensor | None, w: Tensor | None, eps: float,
-                 out: Tensor) -> None:
-    """Fill ``out (n_stats, r)`` with this shard's statistics of the capped logits ``x (r, V_local)``."""
+                 out: Tensor, exp_out: Tensor | None) -> None:
+    """Fill ``out (n_stats, r)`` with this shard's statistics of the capped logits ``x (r, V_local)``.
+
+    ``exp_out`` (may alias ``x``, which is read first) receives ``exp(x - m)``, if given.
+    """
     if x.shape[1] == 0:  # an empty shard: max -inf, every sum 0
         out.zero_()
         out[0] = -torch.inf
         return
     m = x.amax(1)  # (r,)
     out[0] = m
-    # A shard whose row is all -inf adds exactly 0 (not NaN) to the merged sum-exp.
-    m_safe = torch.where(m == -torch.inf, 0, m)
-    out[1] = (x - m_safe.unsqueeze(1)).exp_().sum(1)
     if owned is not None:
         x_y = x.gather(1, t.unsqueeze(1)).squeeze(1)
         out[2] = torch.where(owned, x_y, 0)  # the target logit, on the owning rank only
@@ -204,6 +222,10 @@ def _local_stats(x: Tensor, t: Tensor, owned: Tensor | None, w: Tensor | None, e
         out[3] = wt.sum(1)
     if eps > 0:
         out[-1] = (x if w is None else x * w).sum(1)
+    # A shard whose row is all -inf adds exactly 0 (not NaN) to the merged sum-exp.
+    m_safe = torch.where(m == -torch.inf, 0, m).unsqueeze(1)  # (r, 1)
+    e = (x - m_safe).exp_() if exp_out is None else torch.sub(x, m_safe, out=exp_out).exp_()
+    out[1] = e.sum(1)
 
 
 def _merge(stats: Tensor) -> tuple[Tensor, Tensor]:

@@ -18,6 +18,10 @@ from ._params import CEParams
 from .backends.torch_fused import _rows_per_chunk, acc_dtype, prob_target_grad
 
 
+def _keep(rows: slice, g: Tensor) -> None:
+    """Sink for a gradient made in place in its final buffer."""
+
+
 def _reduce(out: vp.Result, reduction: str) -> Tensor:
     if reduction == "sum":
         return out.loss.sum()
@@ -34,8 +38,15 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
                 params: CEParams) -> Tensor:
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None  # (R, V_local)
         step = _rows_per_chunk(logits.shape[0], max(1, logits.shape[1]), logits.device)
+        sink, scratch = None, None
+        if grad is not None and logits.dtype == acc_dtype(logits.dtype):
+            # float32/float64: the gradient buffer holds the first pass's exponentials and
+            # becomes the gradient in place (no second exp over the logits)
+            sink, scratch = _keep, grad
+        elif grad is not None:
+            sink = grad.__setitem__  # low precision: recompute per chunk, bounded fp32 temporaries
         out = vp.forward(lambda rows: logits[rows], logits.shape, logits.dtype, target, weight,
-                         shard, params, step, None if grad is None else grad.__setitem__)
+                         shard, params, step, sink, scratch)
         ctx.grad, ctx.scale, ctx.params = grad, out.scale, params
         if ctx.needs_input_grad[1]:
             # Probability targets that require grad: d loss / d t = -(1 - eps) w log p, made
@@ -71,36 +82,41 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         n_rows, n_local = input.shape[0], local_weight.shape[0]
         acc = acc_dtype(input.dtype)
-        whole: list[Tensor] = []
+        scratch = None
+        if chunk >= n_rows:  # one chunk: the logits are computed once
+            logits = F.linear(input, local_weight, bias)  # (R, V_local)
+            if input.dtype == acc and params.softcap is None:
+                scratch = logits  # the exponentials, then the gradient, overwrite the logits
 
-        def logits_of(rows: slice) -> Tensor:  # (r, V_local)
-            if chunk < n_rows:
+            def logits_of(rows: slice) -> Tensor:
+                return logits[rows]
+        else:
+
+            def logits_of(rows: slice) -> Tensor:  # (r, V_local), computed twice
                 return F.linear(input[rows], local_weight, bias)
-            if not whole:  # one chunk: the gradient pass reuses the statistics pass's logits
-                whole.append(F.linear(input, local_weight, bias))
-            return whole[0]
 
+        # input (R, H), local weight (V_local, H) and bias (V_local,) gradients; the latter two
+        # summed over chunks in the accumulation dtype
         grads: list[Tensor | None] = [None, None, None]
         if need_input:
-            grads[0] = torch.empty_like(input)  # (R, H)
-        if need_weight:
-            grads[1] = torch.zeros(local_weight.shape, dtype=acc, device=input.device)  # (V_local, H)
-        if need_bias:
-            grads[2] = torch.zeros(n_local, dtype=acc, device=input.device)  # (V_local,)
+            grads[0] = torch.empty_like(input)
 
         def sink(rows: slice, g: Tensor) -> None:
             g_low = g.to(input.dtype)  # the matmuls run in the input's dtype, as autograd's would
             if need_input:
-                grads[0][rows] = g_low @ local_weight  # this rank's classes' share
-            if need_weight:
+                torch.mm(g_low, local_weight, out=grads[0][rows])  # this rank's classes' share
+            if need_weight and rows.start == 0:
+                grads[1] = (g_low.t() @ input[rows]).to(acc)
+            elif need_weight and acc == input.dtype:
+                grads[1].addmm_(g_low.t(), input[rows])
+            elif need_weight:
                 grads[1] += g_low.t() @ input[rows]
             if need_bias:
-                grads[2] += g.sum(0)
+                grads[2] = g.sum(0) if rows.start == 0 else grads[2] + g.sum(0)
 
         want = need_input or need_weight or need_bias
         out = vp.forward(logits_of, (n_rows, n_local), input.dtype, target, weight, shard, params,
-                         chunk, sink if want else None)
-        whole.clear()
+                         chunk, sink if want else None, scratch if want else None)
         ctx.work = None
         if need_input and shard.distributed:
             # Every rank's share sums to the full input gradient; the all-reduce overlaps with
@@ -111,11 +127,18 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
+        if ctx.grads is None:
+            raise RuntimeError(
+                "crossent: backward ran twice through a vocab_parallel_linear_cross_entropy call; "
+                "its gradients were made in forward and handed to autograd once. Call it again "
+                "for a second backward, or use reduction='none'."
+            )
         if ctx.work is not None:
             ctx.work.wait()
             ctx.work = None
-        grads = [None if g is None else _times_upstream(g, grad_loss, in_place=False)
-                 for g in ctx.grads]
+        # Released, so that autograd can take the tensors as .grad without copying them.
+        grads, ctx.grads = ctx.grads, None
+        grads = [None if g is None else _times_upstream(g, grad_loss, in_place=False) for g in grads]
         return (*grads, None, None, None, None, None)
 
 
@@ -133,6 +156,6 @@ class ReduceGradInput(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        grad = grad.contiguous().clone()  # all_reduce works in place; never write autograd's buffer
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
         dist.all_reduce(grad, group=ctx.group)
         return grad, None

@@ -303,6 +303,11 @@ def test_bad_arguments():
         ce(x, t, reduction="avg")
     with pytest.raises(ValueError, match="chunk_size"):
         vocab_parallel_linear_cross_entropy(x, torch.randn(3, 5, dtype=torch.float64), t, chunk_size=0)
+    h = x.clone().requires_grad_()
+    loss = vocab_parallel_linear_cross_entropy(h, torch.randn(3, 5, dtype=torch.float64), t[:4] % 3)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
     with pytest.raises(RuntimeError, match="target must be class indices"):
         vocab_parallel_linear_cross_entropy(x, torch.randn(3, 5, dtype=torch.float64), t[:2])
 
