@@ -23,6 +23,14 @@ def _kernel(module: str) -> Callable[[], Kernel]:
     return lambda: (sys.modules.get(name) or importlib.import_module(name)).ce_forward
 
 
+def _load_triton() -> Kernel:
+    # An import statement, which torch.compile runs while tracing (importlib it cannot trace):
+    # a compiled first call works before anything imported the backend.
+    from .backends import triton
+
+    return triton.ce_forward
+
+
 def _numba_why_not(t: Tensor) -> str | None:
     return None if t.device.type == "cpu" else f"the numba backend runs on CPU tensors, got {t.device}"
 
@@ -39,7 +47,7 @@ def _triton_why_not(t: Tensor) -> str | None:
 _BACKENDS: dict[str, tuple[Callable[[], Kernel], Callable[[Tensor], str | None]]] = {
     "torch": (_kernel("torch_fused"), lambda t: None),
     "numba": (_kernel("numba_cpu"), _numba_why_not),
-    "triton": (_kernel("triton"), _triton_why_not),
+    "triton": (_load_triton, _triton_why_not),
 }
 # Preference order for impl="auto", per device type; "torch" runs everywhere.
 _AUTO = {"cpu": ("numba", "torch"), "cuda": ("triton", "torch")}

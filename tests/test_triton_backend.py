@@ -72,3 +72,23 @@ def test_int64_row_offsets_on_gpu():
                                                              device="cuda"), rtol=1e-2, atol=1e-3)
     loss[-1].backward()
     assert x.grad[-1, 7].float() < 0 and x.grad[0].abs().max() == 0
+
+
+_FIRST_CALL_COMPILED = """
+import sys, torch, crossent
+assert "crossent.backends.triton" not in sys.modules
+x = torch.randn(8, 33, requires_grad=True)
+y = torch.randint(0, 33, (8,))
+step = torch.compile(lambda x, y: crossent.cross_entropy(x * 2, y, impl="triton"), fullgraph=True,
+                     backend="aot_eager")
+step(x, y).backward()
+assert x.grad.abs().sum() > 0
+"""
+
+
+def test_compiled_first_call_imports_the_backend():
+    """torch.compile(fullgraph=True) traces the lazy import of the Triton backend itself."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", _FIRST_CALL_COMPILED], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
