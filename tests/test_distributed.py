@@ -184,6 +184,31 @@ def _check_linear(rank: int, world: int, case: dict, seed: int, fails: list, gro
         _compare(fails, f"{what} grad {name}", ours_g, ref_g[start : start + size])
 
 
+def _check_low_precision(rank: int, world: int, fails: list, group=None) -> None:
+    """bfloat16/float16 shards (the recomputing gradient pass) vs crossent on the full logits."""
+    sizes = SIZES[world]
+    start, size = sum(sizes[:rank]), sizes[rank]
+    for dtype in (torch.bfloat16, torch.float16):
+        case = dict(reduction="mean", weighted=True, label_smoothing=0.1, z_loss=1e-3)
+        _, x, target, options, extra = _problem(case, 7)
+        x, options["weight"] = x.to(dtype), options["weight"].to(dtype)
+        local = _local_slice(x, start, size).clone().requires_grad_()
+        full = x.clone().requires_grad_()
+        ours = vocab_parallel_cross_entropy(local, target, group=group, **options, **extra)
+        ref = crossent.cross_entropy(full, target, **options, **extra)
+        ours.backward()
+        ref.backward()
+        # Both accumulate in float32 and round once to the output dtype: one ulp apart at most.
+        ulp = 2**-7 if dtype == torch.bfloat16 else 2**-10
+        what = f"world={world} rank={rank} {dtype}"
+        try:
+            torch.testing.assert_close(ours, ref, rtol=ulp, atol=0)
+            torch.testing.assert_close(local.grad, _local_slice(full.grad, start, size), rtol=ulp,
+                                       atol=ulp * float(full.grad.abs().max()))
+        except AssertionError as err:
+            fails.append(f"{what}: {err}")
+
+
 def _expect(fails: list, what: str, exc: type, needle: str, fn) -> None:
     try:
         fn()
@@ -240,6 +265,7 @@ def _worker(rank: int, port: int) -> None:
                 _check_ce(group_rank, world, case, seed, fails, group)
             for seed, case in enumerate(LINEAR_CASES):
                 _check_linear(group_rank, world, case, seed, fails, group)
+            _check_low_precision(group_rank, world, fails, group)
             _check_errors(group_rank, world, fails, group)
     finally:
         dist.destroy_process_group()
