@@ -132,9 +132,10 @@ def vocab_parallel_linear_cross_entropy(
     For "mean" and "sum" the logits live only during forward: the input, weight and bias
     gradients are made there (weight and bias accumulated in float32 for low precision), and
     the input gradient's all-reduce (SUM over ``group``) starts there and is awaited in
-    backward. ``reduction="none"`` (and probability targets that require grad) take the unfused
-    path: the whole local logits, their gradient kept until backward (its per-row upstream
-    gradient is needed first), the input gradient all-reduced in backward.
+    backward; they are handed to autograd once, so a second backward through the same call
+    (``retain_graph=True``) raises. ``reduction="none"`` (and probability targets that require
+    grad) take the unfused path: the whole local logits, their gradient kept until backward
+    (its per-row upstream gradient is needed first), the input gradient all-reduced there.
     """
     reduction = _validate.resolve_reduction(None, None, reduction)
     _validate.check_options(label_smoothing, z_loss, softcap)
