@@ -138,7 +138,7 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
             ctx.work = None
         # Released, so that autograd can take the tensors as .grad without copying them.
         grads, ctx.grads = ctx.grads, None
-        grads = [None if g is None else _times_upstream(g, grad_loss, in_place=False) for g in grads]
+        grads = [None if g is None else _times_upstream(g, grad_loss, in_place=True) for g in grads]
         return (*grads, None, None, None, None, None)
 
 
