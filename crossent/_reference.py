@@ -34,7 +34,7 @@ def cross_entropy(
         x = softcap * torch.tanh(x / softcap)
     n_classes = x.shape[1]
     logp = log_softmax(x, dim=1)  # (N, C, ...)
-    lse = (x - logp).select(1, 0)  # logsumexp, (N, ...)
+    lse = torch.logsumexp(x, 1)  # (N, ...)
     shape = [1, n_classes] + [1] * (x.dim() - 2)
     w = torch.ones(n_classes, dtype=torch.float64) if weight is None else weight.double()
     w = w.reshape(shape)  # broadcast along the class dim

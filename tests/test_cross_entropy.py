@@ -5,6 +5,7 @@ Every CPU backend runs the whole grid. Each case draws fresh seeded random data.
 from __future__ import annotations
 
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -50,7 +51,7 @@ GRID = list(itertools.product(DTYPES, ["none", "mean", "sum"], [0.0, 0.1, 1.0], 
 @pytest.mark.parametrize("impl", BACKENDS)
 @pytest.mark.parametrize("dtype,reduction,smoothing,kind,weighted", GRID)
 def test_grid(impl, dtype, reduction, smoothing, kind, weighted):
-    seed = hash((str(dtype), reduction, smoothing, kind, weighted)) % 2**31
+    seed = zlib.crc32(f"{dtype}{reduction}{smoothing}{kind}{weighted}".encode())  # stable per case
     gen = torch.Generator().manual_seed(seed)
     shape = (37, 13)
     x = logits(shape, dtype, gen)
