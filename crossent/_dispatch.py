@@ -5,33 +5,40 @@ cannot run raises instead of falling back silently.
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
-import sys
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from ._autograd import Kernel
 
 
-def _kernel(module: str) -> Callable[[], Kernel]:
-    """Lazy loader: optional dependencies are imported on first use, never at import crossent."""
-    name = f"crossent.backends.{module}"
-    # sys.modules first: torch.compile can trace a dict lookup but not an import.
-    return lambda: (sys.modules.get(name) or importlib.import_module(name)).ce_forward
+# Loaders use import statements: torch.compile runs those while tracing (importlib it cannot),
+# and optional dependencies are still imported only on first use, never at ``import crossent``.
+def _load_torch() -> Kernel:
+    from .backends import torch_fused
+
+    return torch_fused.ce_forward
+
+
+def _load_numba() -> Kernel:
+    from .backends import numba_cpu
+
+    return numba_cpu.ce_forward
 
 
 def _load_triton() -> Kernel:
-    # An import statement, which torch.compile runs while tracing (importlib it cannot trace):
-    # a compiled first call works before anything imported the backend.
     from .backends import triton
 
     return triton.ce_forward
 
 
 def _numba_why_not(t: Tensor) -> str | None:
+    if torch.compiler.is_compiling():
+        # numba kernels are opaque to torch.compile; auto then uses the traceable torch path.
+        return "torch.compile cannot trace numba kernels: use impl='torch' or 'auto' when compiling"
     return None if t.device.type == "cpu" else f"the numba backend runs on CPU tensors, got {t.device}"
 
 
@@ -45,21 +52,24 @@ def _triton_why_not(t: Tensor) -> str | None:
 
 # name -> (loads the kernel, tells why it cannot run on this tensor or None)
 _BACKENDS: dict[str, tuple[Callable[[], Kernel], Callable[[Tensor], str | None]]] = {
-    "torch": (_kernel("torch_fused"), lambda t: None),
-    "numba": (_kernel("numba_cpu"), _numba_why_not),
+    "torch": (_load_torch, lambda t: None),
+    "numba": (_load_numba, _numba_why_not),
     "triton": (_load_triton, _triton_why_not),
 }
 # Preference order for impl="auto", per device type; "torch" runs everywhere.
 _AUTO = {"cpu": ("numba", "torch"), "cuda": ("triton", "torch")}
 
 
-_OPTIONAL_DEPENDENCY = {"triton": "triton", "numba": "numba"}
+# Looked up once at import (a path search, nothing imported): torch.compile cannot trace find_spec.
+_INSTALLED = {
+    "torch": True,
+    **{dep: importlib.util.find_spec(dep) is not None for dep in ("numba", "triton")},
+}
 
 
 def available(name: str) -> bool:
     """Whether backend ``name`` is installed (its optional dependency importable)."""
-    dependency = _OPTIONAL_DEPENDENCY.get(name)
-    return name in _BACKENDS and (dependency is None or importlib.util.find_spec(dependency) is not None)
+    return _INSTALLED.get(name, False)
 
 
 def resolve(impl: str, tensor: Tensor) -> Kernel:
@@ -69,7 +79,7 @@ def resolve(impl: str, tensor: Tensor) -> Kernel:
             loader, why_not = _BACKENDS[name]
             if available(name) and why_not(tensor) is None:
                 return loader()
-        return _BACKENDS["torch"][0]()
+        return _load_torch()
     if impl not in _BACKENDS:
         raise ValueError(f"impl={impl!r} is not a crossent backend; choose one of "
                          f"{', '.join(repr(n) for n in ['auto', *_BACKENDS])}")

@@ -8,12 +8,13 @@ import torch.nn.functional as F
 import crossent
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_compile_fullgraph_matches_torch(reduction):
+@pytest.mark.parametrize("impl,reduction", [("torch", "mean"), ("torch", "none"), ("auto", "mean")])
+def test_compile_fullgraph_matches_torch(impl, reduction):
+    """impl="auto" compiles too: it picks the traceable torch path over opaque numba kernels."""
     torch._dynamo.reset()
 
     def loss_fn(x, t, w):
-        return crossent.cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.1, impl="torch")
+        return crossent.cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.1, impl=impl)
 
     compiled = torch.compile(loss_fn, fullgraph=True)
     gen = torch.Generator().manual_seed(0)
