@@ -82,9 +82,18 @@ def cross_entropy_with_lse(
     softcap: float | None = None,
     inplace_backward: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Like :func:`cross_entropy`, also returning the float32/float64 logsumexp of every row.
+    r"""Like :func:`cross_entropy`, also returning :math:`\log\sum_c e^{x_c}` of every row.
 
-    Returns ``(loss, lse)``; ``lse`` has the target's index shape and carries no gradient.
+    Args: as :func:`cross_entropy` (without the legacy ``size_average`` / ``reduce``).
+
+    Shape: ``loss`` as :func:`cross_entropy`; ``lse`` has the target's index shape, float32
+    (float64 for float64 input), computed after ``softcap``, and carries no gradient.
+
+    Examples:
+        >>> import torch, crossent
+        >>> loss, lse = crossent.cross_entropy_with_lse(torch.zeros(2, 4), torch.tensor([0, 1]))
+        >>> lse
+        tensor([1.3863, 1.3863])
     """
     return _cross_entropy(
         input, target, weight, None, ignore_index, None, reduction, label_smoothing,
@@ -181,8 +190,12 @@ def nll_loss(
 
     ``loss = -w_y * input[y]`` per row; ``nll_loss(log_softmax(x, 1), y) == cross_entropy(x, y)``.
 
-    Args: ``input`` log-probabilities ``(C,)``, ``(N, C)`` or ``(N, C, d1..dk)``; the rest as in
-    :func:`cross_entropy` (class-index targets only).
+    Args:
+        input: log-probabilities ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``.
+        target: class indices ``()``, ``(N,)`` or ``(N, d1, ..., dk)`` (int64 or uint8).
+        weight, ignore_index, reduction: as in :func:`cross_entropy`.
+
+    Shape: scalar for "mean"/"sum"; the target's shape for "none".
 
     Examples:
         >>> import torch, crossent
@@ -214,6 +227,12 @@ def log_softmax(
 ) -> Tensor:
     r"""``log_softmax(x)_i = x_i - \log\sum_j e^{x_j}`` along ``dim`` (any dim), as torch's.
 
+    Args:
+        input: any floating tensor; ``dim``: the dim to normalise (``None``: torch's deprecated
+        implicit choice, with its warning); ``dtype``: cast ``input`` to this first.
+
+    Shape: same as ``input``. Computed in float32 for half-precision input, rounded once.
+
     Examples:
         >>> import torch, crossent
         >>> crossent.log_softmax(torch.tensor([0.0, 0.0]), dim=0)
@@ -229,6 +248,10 @@ def softmax(
     input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None
 ) -> Tensor:
     r"""``softmax(x)_i = e^{x_i} / \sum_j e^{x_j}`` along ``dim`` (any dim), max-subtracted.
+
+    Args: as :func:`log_softmax`.
+
+    Shape: same as ``input``; each slice along ``dim`` sums to 1.
 
     Examples:
         >>> import torch, crossent
