@@ -158,7 +158,8 @@ def test_inplace_backward_long_rows(dtype, softcap):
     base = logits((24, 5003), dtype, gen)
     t = index_target((24, 5003), 5003, gen)
     h = base.clone().requires_grad_()
-    (expected,) = torch.autograd.grad(crossent.cross_entropy(h * 1, t, impl="numba", softcap=softcap), h)
+    loss = crossent.cross_entropy(h * 1, t, impl="numba", softcap=softcap)
+    (expected,) = torch.autograd.grad(loss, h)
     h = base.clone().requires_grad_()
     z = h * 1  # non-leaf logits, as a model produces them
     ptr = z.data_ptr()
@@ -232,11 +233,27 @@ def test_exp_f32_accuracy():
     assert out[0] == 0 and torch.isnan(out[1]) and out[2] == 0 and out[3] == 1
 
 
+def test_tanh_f32_accuracy():
+    """The rational tanh (softcap) is within 5 ulp of float64 tanh, and exactly +-1 / NaN at the ends."""
+    v = torch.cat([torch.linspace(-12.0, 12.0, 2_000_001), torch.linspace(-1e-3, 1e-3, 10_001)])
+    ours = torch.from_numpy(_apply(_tanh_loop, v.numpy())).double()
+    ref = torch.tanh(v.double())
+    ulp = torch.finfo(torch.float32).eps * ref.abs().clamp_min(2**-126)
+    assert float(((ours - ref).abs() / ulp).max()) <= 5
+    ends = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    special = torch.from_numpy(_apply(_tanh_loop, ends.numpy()))
+    assert special[0] == 1 and special[1] == -1 and torch.isnan(special[2])
+
+
 def _exp_array(z):
+    return _apply(_exp_loop, z)
+
+
+def _apply(loop, z):
     import numpy as np
 
     out = np.empty_like(z)
-    _exp_loop(z, out)
+    loop(z, out)
     return out
 
 
@@ -244,6 +261,12 @@ def _exp_array(z):
 def _exp_loop(z, out):
     for i in range(z.size):
         out[i] = _numba_math.exp_f32(z[i])
+
+
+@numba.njit(cache=False)
+def _tanh_loop(z, out):
+    for i in range(z.size):
+        out[i] = _numba_math.tanh_f32(z[i])
 
 
 @pytest.mark.parametrize("dtype,fmt", [(torch.bfloat16, 1), (torch.float16, 2)])
