@@ -295,3 +295,21 @@ def test_16bit_conversions_match_torch(dtype, fmt):
     assert torch.equal(ours.isnan(), expected.isnan())
     keep = ~expected.isnan()
     assert torch.equal(ours[keep].view(torch.int16), expected[keep].view(torch.int16))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_forked_child_gets_its_own_threads():
+    """A child forked after the parent used the thread pool must not wait on the parent's threads."""
+    import multiprocessing
+
+    x = logits((64, 2048), torch.float32, _gen("fork"))  # above the one-thread threshold
+    t = torch.randint(0, 2048, (64,), generator=_gen("fork-t"))
+    expected = crossent.cross_entropy(x, t, impl="numba")
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        result = pool.apply_async(_loss_in_child, (x, t))
+        torch.testing.assert_close(result.get(timeout=60), expected, rtol=0, atol=0)
+
+
+def _loss_in_child(x, t):
+    return crossent.cross_entropy(x, t, impl="numba")

@@ -16,6 +16,7 @@ accumulation. Without ``grad_scale`` (no_grad, ``requires_grad=False``) no gradi
 from __future__ import annotations
 
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -135,7 +136,7 @@ def _prob_kernel(x, fmt, target, w, eps, z, cap, gscale, want_grad, inplace, gra
 
 _PARALLEL_MIN = 1 << 16  # elements below which one thread beats waking others (~10 us of work)
 _pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+_pool_key = (0, 0)  # (process id, workers): a forked child must not reuse its parent's threads
 _pool_lock = threading.Lock()
 
 
@@ -147,15 +148,15 @@ def _split_rows(kernel, args: tuple, n_rows: int, threads: int) -> None:
     torch's spins between calls, and on a 2-core machine the two runtimes' spinning threads
     slowed each other (and torch's own ops) several-fold.
     """
-    global _pool, _pool_size
+    global _pool, _pool_key
     bounds = [n_rows * i // threads for i in range(threads + 1)]
     if threads == 1:
         kernel(*args, 0, n_rows)
         return
     with _pool_lock:
-        if _pool is None or _pool_size < threads - 1:
-            _pool_size = threads - 1
-            _pool = ThreadPoolExecutor(_pool_size, thread_name_prefix="crossent-numba")
+        if _pool is None or _pool_key[0] != os.getpid() or _pool_key[1] < threads - 1:
+            _pool_key = (os.getpid(), threads - 1)
+            _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="crossent-numba")
         pool = _pool
     futures = [pool.submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(1, threads)]
     kernel(*args, bounds[0], bounds[1])  # the calling thread takes the first block
