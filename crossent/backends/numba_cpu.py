@@ -1,4 +1,4 @@
-"""Numba CPU backend: one parallel row kernel per target kind; see ``crossent.backends`` for the contract.
+"""Numba CPU backend: a GIL-free row kernel per target kind, run on row blocks in parallel threads.
 
 Per row (rows split into ``torch.get_num_threads()`` contiguous blocks, one per thread):
   1. ``m = max_c x_c``                         the only read of the logits from memory
