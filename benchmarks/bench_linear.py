@@ -16,6 +16,7 @@ returned gradients``.
 
     python benchmarks/bench_linear.py                  # the three issue shapes
     python benchmarks/bench_linear.py --shapes 2048,512,32000 --rounds 5
+    python benchmarks/bench_linear.py --shapes 1024,2048,128256 --no-memory --chunk-sizes 96,128,512
 """
 from __future__ import annotations
 
@@ -34,13 +35,16 @@ SHAPES = [(2048, 512, 32000), (4096, 1024, 50257), (1024, 2048, 128256)]
 MIB = 1 << 20
 
 
-def contenders() -> dict:
+def contenders(chunk_sizes: tuple[int, ...] = ()) -> dict:
     from crossent.linear import linear_cross_entropy
 
     out = {
         "crossent": lambda x, w, b, t: linear_cross_entropy(x, w, t, b),
         "torch": lambda x, w, b, t: F.cross_entropy(x @ w.T + b, t),
     }
+    for rows in chunk_sizes:  # the chunk-size trade-off: crossent with a fixed chunk_size
+        out[f"crossent r={rows}"] = (
+            lambda rows: lambda x, w, b, t: linear_cross_entropy(x, w, t, b, chunk_size=rows))(rows)
     if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
         options = torch.nn.LinearCrossEntropyOptions()
         out["torch_chunked"] = lambda x, w, b, t: F.linear_cross_entropy(
@@ -65,8 +69,8 @@ def step(fn, x, w, b, t) -> float:
     return time.perf_counter() - start
 
 
-def time_shape(shape, rounds: int) -> dict:
-    fns = contenders()
+def time_shape(shape, rounds: int, chunk_sizes: tuple[int, ...] = ()) -> dict:
+    fns = contenders(chunk_sizes)
     inputs = make_inputs(*shape)
     for fn in fns.values():  # warm-up: numba compile, allocator, page faults of the weights
         step(fn, *inputs)
@@ -76,9 +80,13 @@ def time_shape(shape, rounds: int) -> dict:
             times[name].append(step(fn, *inputs))
     result = {name: statistics.median(ts) for name, ts in times.items()}
     for other in fns:
-        if other != "crossent":
+        if not other.startswith("crossent"):
             ratios = [a / b for a, b in zip(times["crossent"], times[other])]
             result[f"ratio_{other}"] = statistics.median(ratios)
+            for name in fns:  # fixed chunk sizes, against torch unfused only
+                if name.startswith("crossent r=") and other == "torch":
+                    result[f"ratio_{name}"] = statistics.median(
+                        a / b for a, b in zip(times[name], times[other]))
     return result
 
 
@@ -120,7 +128,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-time", action="store_true")
+    parser.add_argument("--chunk-sizes", default="",
+                        help="comma-separated rows: also time crossent with these chunk sizes "
+                             "(ratios to torch unfused; no memory)")
     args = parser.parse_args()
+    sweep = tuple(int(v) for v in args.chunk_sizes.split(",") if v)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     names = list(contenders())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 fwd+bwd, "
@@ -132,9 +144,12 @@ def main() -> None:
     for shape in shapes:
         row = [", ".join(str(v) for v in shape)]
         if not args.no_time:
-            res = time_shape(shape, args.rounds)
+            res = time_shape(shape, args.rounds, sweep)
             row += [f"{res[n]:.2f}" for n in names]
             row += [f"{res['ratio_' + n]:.2f}x" for n in names[1:]]
+            for rows in sweep:
+                print(f"  {shape}: chunk_size={rows}: {res[f'crossent r={rows}']:.2f} s, "
+                      f"{res[f'ratio_crossent r={rows}']:.2f}x torch unfused", flush=True)
         else:
             row += ["-"] * (2 * len(names) - 1)
         if not args.no_memory:
