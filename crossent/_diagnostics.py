@@ -28,6 +28,7 @@ __all__ = ["ProbabilitiesAsLogitsWarning", "set_diagnostics", "diagnostics_enabl
            "check_probabilities_as_logits"]
 
 _SAMPLE_ROWS = 8
+_PREFILTER = 4096  # values of the first sampled row checked before the whole sample
 _enabled = os.environ.get("CROSSENT_DIAGNOSTICS", "1").strip().lower() not in ("0", "false", "off", "no")
 _warned_sites: set[tuple[str, int]] = set()
 # Frames inside these directories are not "the caller": crossent itself, and nn.Module.__call__.
@@ -126,6 +127,12 @@ def check_probabilities_as_logits(input: Tensor, class_dim: int | None = None) -
     # detach: the probe must not enter the autograd graph. Real logits almost always have a
     # negative entry: one reduction and one read reject them.
     x, axis = _sample_rows(input.detach(), class_dim)
+    # First a few thousand values of one row: small enough to stay under torch's threading
+    # cutoff (~32K elements), where a reduction costs microseconds, and real logits fail here.
+    row = x if x.dim() == 1 else x.select(1 - axis, 0)  # (C,) the first sampled row
+    head = row.narrow(0, 0, min(_PREFILTER, row.shape[0]))
+    if not float(head.min()) >= 0.0:
+        return
     if not float(x.min()) >= 0.0 or not float(x.max()) <= 1.0:
         return
     row_sums = x.sum(dim=axis, dtype=torch.float64)  # (r,)

@@ -127,6 +127,10 @@ def _cross_entropy(
     kernel = resolve(impl, input)
     acc = acc_dtype(input.dtype)
     logits, rows_target, out_shape = to_rows(input, target, probs)
+    if not torch.is_grad_enabled():
+        # Under no_grad a Function still reports needs_input_grad for inputs that require grad:
+        # detach so the kernel computes the loss only, with no gradient buffer.
+        logits, rows_target = logits.detach(), rows_target.detach()
     if probs:
         rows_target = rows_target.to(acc)
     w = None if weight is None else weight.detach().to(acc)

@@ -261,3 +261,23 @@ def test_cross_entropy_with_lse():
     assert lse.shape == t.shape and lse.dtype == torch.float32
     torch.testing.assert_close(lse, torch.logsumexp(x, 1))
     torch.testing.assert_close(loss, F.cross_entropy(x, t, reduction="none"))
+
+
+def test_no_grad_makes_no_gradient_even_for_inputs_requiring_grad(monkeypatch):
+    """Under no_grad the kernel is asked for the loss only (no (N, C) gradient buffer)."""
+    from crossent.backends import torch_fused
+
+    seen = []
+    real = torch_fused.ce_forward
+
+    def spy(logits, target, weight, grad_scale, params):
+        seen.append(grad_scale)
+        return real(logits, target, weight, grad_scale, params)
+
+    monkeypatch.setattr(torch_fused, "ce_forward", spy)
+    x = torch.randn(4, 5, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        crossent.cross_entropy(x, t, impl="torch")
+    crossent.cross_entropy(x, t, impl="torch")
+    assert seen[0] is None and seen[1] is not None
