@@ -18,18 +18,19 @@ from .functional import _mean_terms
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_lse", "auto_chunk_size"]
 
-# Bytes of one chunk's logits on CPU. Smaller chunks cut the peak but make the
-# grad_weight update (a (V, H) read-modify-write per chunk, inner dimension r) memory bound:
-# measured on the 2-core AVX-512 box, r >= ~256 rows keeps all three matmuls near peak.
+# Bytes of one chunk's logits on CPU. Each chunk streams W twice (logits, grad of input) and
+# reads/writes the (V, H) weight gradient: 16*V*H bytes against 6*r*V*H flops, so below ~256
+# rows the chunks turn memory bound on the 2-core AVX-512 box whatever H and V are
+# (BENCHMARKS.md, "Linear cross-entropy"): the budget gives way to that floor.
 _CHUNK_BYTES = {"cpu": 64 << 20}
 _DEFAULT_CHUNK_BYTES = 256 << 20  # accelerators: bigger launches, more memory
 _MIN_ROWS = 256
 
 
 def auto_chunk_size(n_rows: int, n_features: int, n_classes: int, device: torch.device) -> int:
-    """Rows per chunk: the logits chunk fits the device's budget, but never under ``_MIN_ROWS``
-    rows (matmul efficiency) unless that would exceed the input's own size in logits."""
-    del n_features  # the matmul cost per row scales with H; the memory per row does not
+    """Rows per chunk: as many as fit the device's logits budget, but at least ``_MIN_ROWS``
+    (matmul efficiency) and at most ``n_rows``. ``n_features`` does not enter: a chunk's
+    matmul work and its weight traffic both scale with it."""
     budget = _CHUNK_BYTES.get(device.type, _DEFAULT_CHUNK_BYTES)
     rows = max(_MIN_ROWS, budget // (4 * max(1, n_classes)))
     rows -= rows % 16  # whole SIMD/BLAS panels

@@ -59,7 +59,7 @@ def _check(x, w, b, t, cw, up, dtype, what, reduction="mean", chunk_size=None, *
                                 class_weight=cw, reduction=reduction, chunk_size=chunk_size,
                                 **ignore, **options)
 
-    def materialised(tensors, ce):
+    def materialised(tensors):
         logits = tensors[0] @ tensors[1].T
         if len(tensors) > 2:
             logits = logits + tensors[2]
@@ -68,14 +68,14 @@ def _check(x, w, b, t, cw, up, dtype, what, reduction="mean", chunk_size=None, *
         return logits, target
 
     leaves_t = [a.clone().requires_grad_() for a in leaves]
-    logits, target = materialised(leaves_t, None)
+    logits, target = materialised(leaves_t)
     kw = dict(weight=cw, reduction=reduction, label_smoothing=smoothing, **ignore)
     if z_loss or softcap is not None:
         theirs = crossent.cross_entropy(logits, target, z_loss=z_loss, softcap=softcap, **kw)
     else:
         theirs = F.cross_entropy(logits, target, **kw)
     leaves_r = [a.detach().double().requires_grad_() for a in leaves]
-    logits64, target64 = materialised(leaves_r, None)
+    logits64, target64 = materialised(leaves_r)
     ref = _reference.cross_entropy(
         logits64, target64.double() if target64.is_floating_point() else target64,
         None if cw is None else cw.double(), -100, reduction, smoothing, z_loss, softcap)
