@@ -45,40 +45,36 @@ class CrossEntropyFunction(torch.autograd.Function):
             loss = loss.sum()
         elif params.reduction == "mean":
             loss = loss.sum() / denominator
-        ctx.grad = grad
         ctx.inplace = params.inplace_backward
         ctx.scale = scale
         ctx.params = params
-        if ctx.needs_input_grad[1]:
-            # Probability targets that require grad: d loss / d target needs log p, recomputed
-            # in backward from the logits and lse (never stored as an (R, C) buffer in forward).
-            ctx.save_for_backward(logits, lse, weight)
+        # Saved tensors (not ctx attributes) are freed right after backward, so the (R, C)
+        # gradient does not live on as long as the loss does; and an in-place gradient that
+        # backward has scaled fails the version check on a second backward instead of being
+        # reused. Probability targets that require grad also need the logits and lse: d loss /
+        # d target needs log p, recomputed in backward (never stored as (R, C) in forward).
+        extra = (logits, lse, weight) if ctx.needs_input_grad[1] else ()
+        ctx.save_for_backward(grad, *extra)
         ctx.mark_non_differentiable(lse)
         return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_lse: Tensor | None):
         grad_logits = grad_target = None
+        grad, *extra = ctx.saved_tensors
         if ctx.needs_input_grad[0]:
-            grad_logits = _times_upstream(ctx.grad, grad_loss, in_place=ctx.inplace)
-            if ctx.inplace:
-                ctx.grad = None  # the buffer is consumed; a second backward must not reuse it
+            grad_logits = _times_upstream(grad, grad_loss, in_place=ctx.inplace)
         if ctx.needs_input_grad[1]:
             from .backends.torch_fused import prob_target_grad
 
-            logits, lse, weight = ctx.saved_tensors
+            logits, lse, weight = extra
             g = prob_target_grad(logits, lse, weight, ctx.params) * ctx.scale
             grad_target = g * (grad_loss.unsqueeze(1) if grad_loss.dim() else grad_loss)
         return grad_logits, grad_target, None, None, None, None, None
 
 
-def _times_upstream(grad: Tensor | None, upstream: Tensor, in_place: bool) -> Tensor:
-    if grad is None:
-        raise RuntimeError(
-            "crossent: backward ran twice through a cross_entropy call made with "
-            "inplace_backward=True; its gradient lives in the logits' storage and can be used "
-            "once. Use inplace_backward=False with retain_graph=True."
-        )
+def _times_upstream(grad: Tensor, upstream: Tensor, in_place: bool) -> Tensor:
+    """The saved gradient times the upstream gradient (scalar, or one value per row)."""
     if upstream.dim() == 0:
         # Host read is free on CPU; on accelerators skip the check to avoid a sync.
         on_host = upstream.device.type == "cpu" and not torch.compiler.is_compiling()

@@ -47,20 +47,22 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
             sink = grad.__setitem__  # low precision: recompute per chunk, bounded fp32 temporaries
         out = vp.forward(lambda rows: logits[rows], logits.shape, logits.dtype, target, weight,
                          shard, params, step, sink, scratch)
-        ctx.grad, ctx.scale, ctx.params = grad, out.scale, params
-        if ctx.needs_input_grad[1]:
-            # Probability targets that require grad: d loss / d t = -(1 - eps) w log p, made
-            # in backward from the logits and the global lse (local: no communication).
-            ctx.save_for_backward(logits, out.lse, out.weight_local)
+        ctx.scale, ctx.params = out.scale, params
+        # Saved (not a ctx attribute) so the gradient is freed after backward, not with the loss.
+        # Probability targets that require grad: d loss / d t = -(1 - eps) w log p, made in
+        # backward from the logits and the global lse (local: no communication).
+        extra = (logits, out.lse, out.weight_local) if ctx.needs_input_grad[1] else ()
+        ctx.save_for_backward(grad, *extra)
         return _reduce(out, params.reduction)
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         grad_logits = grad_target = None
+        grad, *extra = ctx.saved_tensors
         if ctx.needs_input_grad[0]:
-            grad_logits = _times_upstream(ctx.grad, grad_loss, in_place=False)
+            grad_logits = _times_upstream(grad, grad_loss, in_place=False)
         if ctx.needs_input_grad[1]:
-            logits, lse, weight_local = ctx.saved_tensors
+            logits, lse, weight_local = extra
             g = prob_target_grad(logits, lse, weight_local, ctx.params) * ctx.scale
             grad_target = g * (grad_loss.unsqueeze(1) if grad_loss.dim() else grad_loss)
         return grad_logits, grad_target, None, None, None

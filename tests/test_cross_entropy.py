@@ -281,3 +281,18 @@ def test_no_grad_makes_no_gradient_even_for_inputs_requiring_grad(monkeypatch):
         crossent.cross_entropy(x, t, impl="torch")
     crossent.cross_entropy(x, t, impl="torch")
     assert seen[0] is None and seen[1] is not None
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_gradient_buffer_freed_after_backward_and_retain_graph(impl):
+    """The (R, C) gradient is released by backward (not kept alive by the loss), and
+    retain_graph=True gives the same gradient twice."""
+    gen = torch.Generator().manual_seed(10)
+    x = logits((6, 5), torch.float32, gen).requires_grad_()
+    t = index_target((6, 5), 5, gen)
+    loss = crossent.cross_entropy(x, t, reduction="sum", impl=impl)
+    g1, = torch.autograd.grad(loss * 2, x, retain_graph=True)
+    g2, = torch.autograd.grad(loss * 2, x)
+    torch.testing.assert_close(g1, g2)
+    with pytest.raises(RuntimeError, match="second time|freed"):
+        torch.autograd.grad(loss, x)
