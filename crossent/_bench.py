@@ -151,7 +151,10 @@ def memory_cases(cases: dict, with_compile: bool) -> list[dict]:
     rows = []
     for case in cases:
         for contender, mode, thp in runs:
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "THP_MEM_ALLOC_ENABLE": thp}
+            # CROSSENT_CPU_CACHE=0: the warm-up's cached gradient mapping would otherwise be
+            # resident before the measured call and hide its peak.
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "THP_MEM_ALLOC_ENABLE": thp,
+                   "CROSSENT_CPU_CACHE": "0"}
             cmd = [sys.executable, "-m", "crossent._bench", "--_memory", case, contender, mode]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             rows.append({**json.loads(proc.stdout.splitlines()[-1]), "thp": thp == "1"})
