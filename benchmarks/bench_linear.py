@@ -8,9 +8,9 @@ Contenders, each returning the gradients of input, weight and bias:
 
 Time: contenders alternate in one process (A B C A B C ...) after a warm-up; the table gives
 the median of the per-round ratios to each torch contender, and median absolute times.
-Memory: a fresh subprocess per (shape, contender) with ``MALLOC_MMAP_THRESHOLD_=131072`` (big
-blocks come from mmap, so freed memory leaves RSS and the peak is not hidden by a resident
-heap); after one warm-up call the gradients are dropped, VmHWM is reset (``5`` into
+Memory: a fresh subprocess per (shape, contender) with ``MALLOC_MMAP_THRESHOLD_=131072`` and
+``CROSSENT_CPU_CACHE=0`` (big blocks come from mmap and are unmapped when freed, so the peak is
+not hidden by a resident heap or buffer cache); after one warm-up call the gradients are dropped, VmHWM is reset (``5`` into
 ``/proc/self/clear_refs``), one fwd+bwd runs, and ``extra = VmHWM - VmRSS(before) - bytes of the
 returned gradients``.
 
@@ -114,7 +114,9 @@ def memory_child(shape, name: str) -> None:
 
 
 def measure_memory(shape, name: str) -> int:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    # CROSSENT_CPU_CACHE=0: freed huge-page buffers are unmapped, so the warm-up call's buffers
+    # do not sit in RSS before the measured call and hide its peak.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", CROSSENT_CPU_CACHE="0")
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
             f"import bench_linear; bench_linear.memory_child({tuple(shape)!r}, {name!r})")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
