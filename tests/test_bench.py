@@ -21,9 +21,14 @@ def test_quick_bench_runs_and_writes_json(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
-def test_memory_probe_sees_the_gradient_buffer():
+def test_memory_probe_sees_the_gradient_buffer(monkeypatch):
     """Out of place, one fwd+bwd adds exactly the gradient (its own mapping, so the probe sees it
-    even without the harness's malloc setting); in place it adds nothing."""
+    even without the harness's malloc setting); in place it adds nothing. The buffer cache is off,
+    as CROSSENT_CPU_CACHE=0 makes it in the harness's subprocesses."""
+    from crossent.backends import _cpu_alloc
+
+    monkeypatch.setattr(_cpu_alloc, "_CACHE_SLOTS", 0)
+    monkeypatch.setattr(_cpu_alloc, "_cache", [])
     out_of_place = _bench._memory_child("512x8192", "crossent", "fwd+bwd")
     in_place = _bench._memory_child("512x8192", "crossent inplace", "fwd+bwd")
     assert 0.9 < out_of_place["extra_x"] < 1.1
