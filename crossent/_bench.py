@@ -15,6 +15,7 @@ Targets: class-index targets, reduction "mean", every 7th row ignored.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -31,6 +32,9 @@ import torch
 import torch.nn.functional as F
 
 import crossent
+
+from . import _bench_linear
+from ._bench_report import plot, print_report
 
 CASES = {  # name -> (N, C, dtype)
     "8192x32000": (8192, 32000, torch.float32),
@@ -91,8 +95,11 @@ def _applicable(name: str, inplace: bool, mode: str) -> bool:
     return not inplace or mode == "fwd+bwd"
 
 
-def time_cases(cases: dict, modes: tuple[str, ...], repeats: int, with_compile: bool) -> list[dict]:
-    """Alternating timings in this process; one row per case, mode and contender."""
+def time_cases(cases: dict, modes: tuple[str, ...], repeats: int, with_compile: bool,
+               step_done: Callable[[], None] = lambda: None) -> list[dict]:
+    """Alternating timings in this process; one row per case, mode and contender.
+
+    ``step_done`` is called after each (case, mode), outside the timed calls (progress bar)."""
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0") == "1"
     contenders = _contenders(with_compile)
     rows = []
@@ -105,12 +112,16 @@ def time_cases(cases: dict, modes: tuple[str, ...], repeats: int, with_compile: 
             for _ in range(repeats):
                 for k in names:
                     times[k].append(_timed(*contenders[k], mode, base, target))
+            # effective bandwidth: the bytes that must move (logits read, gradient written)
+            moved = n * c * base.element_size() * (2 if mode == "fwd+bwd" else 1)
             for k in names:
                 ratios = [a / b for a, b in zip(times[k], times["torch"])]
+                median = statistics.median(times[k])
                 rows.append(dict(case=case, mode=mode, contender=k, thp=thp,
-                                 median_ms=1e3 * statistics.median(times[k]),
-                                 ratio=statistics.median(ratios), first_ms=1e3 * first[k],
+                                 median_ms=1e3 * median, ratio=statistics.median(ratios),
+                                 gb_per_s=moved / median / 1e9, first_ms=1e3 * first[k],
                                  runs=repeats))
+            step_done()
         del base, target
         gc.collect()
     return rows
@@ -141,16 +152,22 @@ def _memory_child(case: str, contender: str, mode: str) -> dict:
                 extra_x=extra / (n * c * base.element_size()))
 
 
-def memory_cases(cases: dict, with_compile: bool) -> list[dict]:
-    """One fresh subprocess per case, contender and mode; torch with and without THP."""
+def memory_runs(with_compile: bool) -> list[tuple[str, str, str]]:
+    """(contender, mode, THP_MEM_ALLOC_ENABLE) of the memory probes, per case."""
     runs = [("torch", "fwd+bwd", "0"), ("torch", "fwd+bwd", "1"), ("crossent", "fwd+bwd", "0"),
             ("crossent inplace", "fwd+bwd", "0"), ("torch", "no-grad", "0"),
             ("crossent", "no-grad", "0")]
     if with_compile:
         runs.append(("torch.compile", "fwd+bwd", "0"))
+    return runs
+
+
+def memory_cases(cases: dict, with_compile: bool,
+                 step_done: Callable[[], None] = lambda: None) -> list[dict]:
+    """One fresh subprocess per case, contender and mode; torch with and without THP."""
     rows = []
     for case in cases:
-        for contender, mode, thp in runs:
+        for contender, mode, thp in memory_runs(with_compile):
             # CROSSENT_CPU_CACHE=0: the warm-up's cached gradient mapping would otherwise be
             # resident before the measured call and hide its peak.
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "THP_MEM_ALLOC_ENABLE": thp,
@@ -158,6 +175,7 @@ def memory_cases(cases: dict, with_compile: bool) -> list[dict]:
             cmd = [sys.executable, "-m", "crossent._bench", "--_memory", case, contender, mode]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             rows.append({**json.loads(proc.stdout.splitlines()[-1]), "thp": thp == "1"})
+            step_done()
     return rows
 
 
@@ -231,8 +249,12 @@ def _parser() -> argparse.ArgumentParser:
                         "default both (off only with --quick)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--jit", action="store_true", help="also time the first call, cold/warm JIT cache")
+    p.add_argument("--linear", action="store_true",
+                   help="also time linear + cross-entropy (crossent vs torch unfused / chunked)")
+    p.add_argument("--no-gpu", action="store_true", help="skip the GPU benchmark even with CUDA")
     p.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
-    p.add_argument("--plain", action="store_true", help="plain text tables, no rich")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of speed-ups (and memory) vs torch")
+    p.add_argument("--plain", action="store_true", help="plain text tables, no rich, no progress bar")
     p.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
     return p
 
@@ -252,52 +274,59 @@ def main(argv: list[str] | None = None) -> int:
     thp_runs = {"here": [None], "off": ["0"], "on": ["1"], "both": ["0", "1"]}[
         args.thp or ("off" if args.quick else "both")]
     here = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
+    in_here = [t for t in thp_runs if t is None or t == here]
+    gpu_wanted = not args.no_gpu and torch.cuda.is_available()
+    linear_shapes = _bench_linear.QUICK_SHAPES if args.quick else _bench_linear.SHAPES
+    total = (len(cases) * len(args.modes) * len(in_here) + len(thp_runs) - len(in_here)
+             + (0 if args.no_memory else len(cases) * len(memory_runs(args.compile)))
+             + (len(linear_shapes) if args.linear else 0)
+             + (len(_bench_gpu_shapes(args.quick)) if gpu_wanted else 0))
     timing: list[dict] = []
-    for thp in thp_runs:
-        if thp is None or thp == here:
-            timing += time_cases(cases, tuple(args.modes), args.repeats, args.compile)
-        else:
-            timing += _timing_in_child(args, thp)
-    memory = [] if args.no_memory else memory_cases(cases, args.compile)
+    with _progress(console, args.plain, total) as step:
+        for thp in thp_runs:
+            if thp is None or thp == here:
+                timing += time_cases(cases, tuple(args.modes), args.repeats, args.compile, step)
+            else:
+                timing += _timing_in_child(args, thp)
+                step()
+        memory = [] if args.no_memory else memory_cases(cases, args.compile, step)
+        linear = (_bench_linear.linear_rows(linear_shapes, args.repeats, not args.no_memory, step)
+                  if args.linear else [])
+        gpu = _run_gpu(args.quick, args.repeats, step) if gpu_wanted else None
+    if not gpu_wanted:
+        console.line("GPU benchmark skipped: " + ("--no-gpu" if args.no_gpu else "no CUDA GPU"))
     jit = first_call_times() if args.jit else []
     n, c, dtype = next(iter(cases.values()))
     alloc = alloc_fill_rates(n * c * torch.empty((), dtype=dtype).element_size(), args.repeats)
     machine = _machine()
-    _print(console, timing, memory, jit, alloc, machine)
+    print_report(console, timing, memory, jit, alloc, machine, linear, gpu)
+    if args.plot:
+        skipped = plot(args.plot, timing, memory, linear)
+        console.line(skipped or f"plot written to {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
                            command="crossent bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-                           machine=machine, timing=timing, memory=memory, jit=jit, alloc=alloc), f,
-                      indent=1)
+                           machine=machine, timing=timing, memory=memory, jit=jit, alloc=alloc,
+                           linear=linear, gpu=gpu), f, indent=1)
     return 0
 
 
-def _print(console, timing: list[dict], memory: list[dict], jit: list[dict], alloc: list[dict],
-           machine: dict) -> None:
-    console.heading(f"crossent bench: {machine['cpu']}, {machine['cpus']} CPUs, "
-                    f"torch {machine['torch']} ({machine['torch_threads']} threads)")
-    for thp in sorted({r["thp"] for r in timing}):
-        rows = [(r["case"], r["mode"], r["contender"], f"{r['median_ms']:.1f}",
-                 f"{r['ratio']:.3f}", f"{1 / r['ratio']:.1f}x" if r["ratio"] else "-",
-                 f"{r['first_ms']:.0f}")
-                for r in timing if r["thp"] == thp]
-        console.table(f"time, THP_MEM_ALLOC_ENABLE={int(thp)} (median of {timing[0]['runs']} "
-                      "alternating rounds; ratio = median of per-round time / torch's)",
-                      ["case", "mode", "contender", "median ms", "time / torch", "speed-up",
-                       "first call ms"], rows, left=3)
-    if memory:
-        rows = [(r["case"], r["mode"], r["contender"], "1" if r["thp"] else "0",
-                 f"{r['extra_bytes'] / 2**20:.0f}", f"{r['extra_x']:.2f}") for r in memory]
-        console.table("peak extra resident memory of one call (fresh process, after warm-up)",
-                      ["case", "mode", "contender", "THP", "MiB", "x N*C*itemsize"], rows, left=4)
-    console.table(f"allocate + fill {alloc[0]['gb']:.2f} GB (median of {len(alloc[0]['runs'])}, "
-                  "alternating; page faults dominate)", ["allocator", "GB/s", "runs (s)"],
-                  [(r["allocator"], f"{r['gb_per_s']:.2f}", " ".join(map(str, r["runs"])))
-                   for r in alloc])
-    if jit:
-        console.table("first fwd+bwd in a fresh process (64x32000, includes importing numba)",
-                      ["numba cache", "seconds"], [(r["cache"], f"{r['seconds']:.2f}") for r in jit])
+def _progress(console, plain: bool, total: int):
+    """A progress bar over the measured steps; nothing with ``--plain`` (its output is parsed)."""
+    return contextlib.nullcontext(lambda: None) if plain else console.progress("measuring", total)
+
+
+def _bench_gpu_shapes(quick: bool) -> list:
+    from . import _bench_gpu
+
+    return _bench_gpu.QUICK_SHAPES if quick else _bench_gpu.SHAPES
+
+
+def _run_gpu(quick: bool, rounds: int, step: Callable[[], None]) -> dict:
+    from . import _bench_gpu  # imports triton: only when a GPU is there
+
+    return _bench_gpu.run(quick, rounds, step)
 
 
 if __name__ == "__main__":
