@@ -14,7 +14,7 @@ def print_report(console, timing: list[dict], memory: list[dict], jit: list[dict
                     f"torch {machine['torch']} ({machine['torch_threads']} threads)")
     for thp in sorted({r["thp"] for r in timing}):
         rows = [(r["case"], r["mode"], r["contender"], f"{r['median_ms']:.1f}",
-                 f"{r['ratio']:.3f}", f"{1 / r['ratio']:.1f}x" if r["ratio"] else "-",
+                 f"{r['ratio']:.3f}", _speedup(r["ratio"]),
                  f"{r['gb_per_s']:.1f}" if "gb_per_s" in r else "-", f"{r['first_ms']:.0f}")
                 for r in timing if r["thp"] == thp]
         console.table(f"time, THP_MEM_ALLOC_ENABLE={int(thp)} (median of {timing[0]['runs']} "
@@ -29,7 +29,7 @@ def print_report(console, timing: list[dict], memory: list[dict], jit: list[dict
                       ["case", "mode", "contender", "THP", "MiB", "x N*C*itemsize"], rows, left=4)
     if linear:
         rows = [(r["shape"], r["contender"], f"{r['median_ms']:.1f}", f"{r['ratio']:.3f}",
-                 f"{1 / r['ratio']:.1f}x" if r["ratio"] else "-",
+                 _speedup(r["ratio"]),
                  "-" if r["extra_bytes"] is None else f"{r['extra_bytes'] / 2**20:.0f}",
                  "-" if r["extra_x"] is None else f"{r['extra_x']:.2f}") for r in linear]
         console.table(f"linear + cross-entropy, fp32 fwd+bwd (median of {linear[0]['runs']} "
@@ -50,6 +50,11 @@ def print_report(console, timing: list[dict], memory: list[dict], jit: list[dict
     if jit:
         console.table("first fwd+bwd in a fresh process (64x32000, includes importing numba)",
                       ["numba cache", "seconds"], [(r["cache"], f"{r['seconds']:.2f}") for r in jit])
+
+
+def _speedup(ratio: float) -> str:
+    """torch's time / the contender's; two decimals below 1 so a slowdown does not read 0.0x."""
+    return "-" if not ratio else f"{1 / ratio:.1f}x" if ratio <= 1 else f"{1 / ratio:.2f}x"
 
 
 def _grouped(ax, groups: dict[str, dict[str, float]], ylabel: str, title: str) -> None:

@@ -1,10 +1,14 @@
 """Smoke test of the CPU benchmark harness (timings are never asserted, only that it runs)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from crossent import _bench
 
@@ -33,3 +37,22 @@ def test_memory_probe_sees_the_gradient_buffer(monkeypatch):
     in_place = _bench._memory_child("512x8192", "crossent inplace", "fwd+bwd")
     assert 0.9 < out_of_place["extra_x"] < 1.1
     assert in_place["extra_x"] < 0.1
+
+
+def test_cli_bench_linear_plot_json(tmp_path):
+    """``crossent bench`` end to end in a subprocess: GB/s column, linear rows, a PNG, no GPU
+    needed (the GPU part is skipped with a message where CUDA is absent)."""
+    png, out = tmp_path / "b.png", tmp_path / "b.json"
+    cmd = [sys.executable, "-m", "crossent", "bench", "--quick", "--cases", "512x8192",
+           "--modes", "fwd+bwd", "no-grad", "--no-memory", "--linear", "--repeats", "5",
+           "--plot", str(png), "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "GB/s" in proc.stdout and "linear + cross-entropy" in proc.stdout
+    result = json.loads(out.read_text())
+    assert all(r["gb_per_s"] > 0 for r in result["timing"])
+    assert {"crossent", "torch"} <= {r["contender"] for r in result["linear"]}
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if not torch.cuda.is_available():
+        assert result["gpu"] is None and "GPU benchmark skipped" in proc.stdout
