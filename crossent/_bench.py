@@ -11,6 +11,9 @@ Method (DESIGN.md, "Measuring honestly"):
 - torch's allocator reads ``THP_MEM_ALLOC_ENABLE`` once per process: ``--thp both`` times a
   second set in a child process with it set to 1.
 Targets: class-index targets, reduction "mean", every 7th row ignored.
+Effective bandwidth (GB/s) counts the bytes that must move: fwd+bwd reads the logits and writes
+their gradient, fwd and no-grad read them. ``--linear`` adds crossent/_bench_linear.py's cases;
+with CUDA (and triton) crossent/_bench_gpu.py runs too. Tables and ``--plot``: _bench_report.py.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -229,7 +233,7 @@ def _timing_in_child(args: argparse.Namespace, thp: str) -> list[dict]:
     with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
         cmd = [sys.executable, "-m", "crossent._bench", "--cases", *args.cases, "--modes",
                *args.modes, "--repeats", str(args.repeats), "--thp", "here", "--no-memory",
-               "--json", tmp.name, "--plain"]
+               "--json", tmp.name, "--plain", "--no-gpu"]
         if args.compile:
             cmd.append("--compile")
         env = {**os.environ, "THP_MEM_ALLOC_ENABLE": thp}
@@ -275,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         args.thp or ("off" if args.quick else "both")]
     here = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
     in_here = [t for t in thp_runs if t is None or t == here]
-    gpu_wanted = not args.no_gpu and torch.cuda.is_available()
+    gpu_wanted = (not args.no_gpu and torch.cuda.is_available()
+                  and importlib.util.find_spec("triton") is not None)
     linear_shapes = _bench_linear.QUICK_SHAPES if args.quick else _bench_linear.SHAPES
     total = (len(cases) * len(args.modes) * len(in_here) + len(thp_runs) - len(in_here)
              + (0 if args.no_memory else len(cases) * len(memory_runs(args.compile)))
@@ -294,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                   if args.linear else [])
         gpu = _run_gpu(args.quick, args.repeats, step) if gpu_wanted else None
     if not gpu_wanted:
-        console.line("GPU benchmark skipped: " + ("--no-gpu" if args.no_gpu else "no CUDA GPU"))
+        console.line("GPU benchmark skipped: " + ("--no-gpu" if args.no_gpu else "no CUDA GPU"
+                     if not torch.cuda.is_available() else "triton is not installed"))
     jit = first_call_times() if args.jit else []
     n, c, dtype = next(iter(cases.values()))
     alloc = alloc_fill_rates(n * c * torch.empty((), dtype=dtype).element_size(), args.repeats)
