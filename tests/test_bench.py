@@ -56,3 +56,20 @@ def test_cli_bench_linear_plot_json(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if not torch.cuda.is_available():
         assert result["gpu"] is None and "GPU benchmark skipped" in proc.stdout
+
+
+def test_gpu_part_runs_and_reports_when_cuda_is_present(monkeypatch, capsys):
+    """The GPU part is wired in when CUDA is present (faked here: the Triton benchmark itself
+    needs a GPU and is run by benchmarks/bench_triton.py)."""
+    from crossent import _bench_gpu
+
+    row = dict(N=4096, V=32768, mode="fwd+bwd", impl="crossent triton", ms=0.1, tb_s=2.5,
+               peak_extra_gb=0.25)
+    fake = dict(device="FakeGPU", torch="x", triton="y", copy_tb_s=3.0, rows=[row])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_bench_gpu, "run", lambda quick, rounds, step: (step(), fake)[1])
+    argv = ["--quick", "--cases", "bf16-256x8192", "--modes", "fwd", "--repeats", "1",
+            "--thp", "here", "--no-memory", "--plain"]
+    assert _bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "GPU: FakeGPU" in out and "crossent triton" in out and "2500" in out
