@@ -1,9 +1,9 @@
-"""nn.Module wrappers: configuration only; the math lives in :mod:`crossent.functional`."""
+"""nn.Module wrappers: configuration only; the math lives in the functional layer."""
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from . import functional as F
+from .functional import cross_entropy
 from .linear import linear_cross_entropy
 from ._validate import resolve_reduction
 
@@ -51,7 +51,7 @@ class CrossEntropyLoss(nn.Module):
         self.inplace_backward = inplace_backward
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(
+        return cross_entropy(
             input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
             label_smoothing=self.label_smoothing, impl=self.impl, z_loss=self.z_loss,
             softcap=self.softcap, inplace_backward=self.inplace_backward,
