@@ -120,6 +120,12 @@ def _cross_entropy(
             "inplace_backward=True would overwrite a leaf tensor that requires grad (a parameter "
             "or user input); pass the logits produced by the model, or inplace_backward=False"
         )
+    if inplace_backward and probs and target.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            "inplace_backward=True overwrites the logits, but the gradient of probability targets "
+            "that require grad is made from them in backward; pass target.detach() or "
+            "inplace_backward=False"
+        )
     params = CEParams(
         ignore_index=ignore_index, reduction=reduction, label_smoothing=float(label_smoothing),
         z_loss=float(z_loss), softcap=softcap, inplace_backward=inplace_backward,

@@ -237,6 +237,11 @@ def test_inplace_backward(impl, dtype):
     with pytest.raises(RuntimeError, match="leaf"):
         crossent.cross_entropy(base.clone().requires_grad_(), t, impl=impl, inplace_backward=True)
 
+    probs = prob_target((12, 9), torch.float32, gen).requires_grad_()
+    with pytest.raises(RuntimeError, match="probability targets"):
+        crossent.cross_entropy(base.clone().requires_grad_() * 1, probs, impl=impl,
+                               inplace_backward=True)
+
 
 @pytest.mark.parametrize("impl", BACKENDS)
 def test_module_matches_functional(impl):
