@@ -17,7 +17,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from ._autograd import Kernel
+from ._autograd import Kernel, _times_upstream
 from ._params import CEParams
 from .backends._cpu_alloc import empty_huge
 from .backends.torch_fused import acc_dtype
@@ -86,15 +86,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             # Hand the tensors over (no reference kept) so autograd can adopt them as .grad
             # instead of copying a (V, H) gradient.
             ctx.grads = None
-            grads = tuple(None if g is None else _times(g, grad_loss) for g in grads)
+            grads = tuple(None if g is None else _times_upstream(g, grad_loss, in_place=True)
+                          for g in grads)
         return (*grads, None, None, None, None, None, None, None)
-
-
-def _times(grad: Tensor, upstream: Tensor) -> Tensor:
-    # Host read is free on CPU; on accelerators skip the check to avoid a sync.
-    if upstream.device.type == "cpu" and upstream.item() == 1.0:
-        return grad
-    return grad.mul_(upstream.to(grad.dtype))  # our own buffer, handed over once
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
