@@ -24,6 +24,9 @@ from .backends.torch_fused import acc_dtype
 
 # Devices where finding the ignored rows (a host read of the target) costs no synchronisation.
 SKIP_IGNORED_ON = ("cpu",)
+# Bytes of W one slab spans on CPU (see _slabs): well inside L3 (32 MiB here) beside the
+# slab of grad_weight it updates.
+_SLAB_BYTES = 8 << 20
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -116,6 +119,20 @@ def _row_chunks(target: Tensor, params: CEParams, n_rows: int, chunk_size: int):
         yield slice(start, min(start + chunk_size, n_rows)), None
 
 
+def _slabs(n_classes: int, n_features: int, dtype: torch.dtype, device: torch.device):
+    """Column ranges ``(p, q)`` of the vocabulary that one pass over ``W`` visits in turn.
+
+    On CPU, ``W[p:q]`` of about ``_SLAB_BYTES`` stays in cache while three products use it
+    (grad of input and of weight for this chunk, logits of the next): ``W`` then streams from
+    memory once per chunk instead of twice, which is what bounds small chunks. bf16/fp16 keep
+    one slab: their grad-of-input partials would be summed in 8/11 bits.
+    """
+    if device.type != "cpu" or dtype not in (torch.float32, torch.float64):
+        return [(0, n_classes)]
+    width = max(64, _SLAB_BYTES // (n_features * dtype.itemsize))
+    return [(p, min(p + width, n_classes)) for p in range(0, n_classes, width)]
+
+
 def chunked_linear_ce(
     x: Tensor,
     weight: Tensor,
@@ -132,6 +149,10 @@ def chunked_linear_ce(
     """Per-row loss ``(N,)`` and lse ``(N,)`` (accumulation dtype, 0 / NaN for skipped rows) and
     the gradients of ``(x, weight, bias)`` flagged in ``needs``, each times ``scale`` and, when
     ``row_scale`` ``(N,)`` is given, times that row's entry (the upstream gradient of "none").
+
+    Pipeline: chunk ``i``'s logits fill the buffer, the kernel turns them into the gradient in
+    place, then one walk over the vocabulary slabs folds slab ``s`` of that gradient into the
+    weight / input / bias gradients and overwrites it with slab ``s`` of chunk ``i + 1``'s logits.
     """
     n_rows, n_features = x.shape
     n_classes = weight.shape[0]
@@ -143,7 +164,7 @@ def chunked_linear_ce(
     grad_scale = scale if want_grad else None
     loss = torch.zeros(n_rows, dtype=acc, device=dev)  # (N,) ignored rows stay 0
     lse = torch.full((n_rows,), float("nan"), dtype=acc, device=dev)  # (N,) skipped: NaN
-    logits_buf = _empty((min(chunk_size, n_rows), n_classes), x.dtype, dev)  # (r, V)
+    buf = _empty((min(chunk_size, n_rows), n_classes), x.dtype, dev)  # (r, V)
     chunks = list(_row_chunks(target, params, n_rows, chunk_size))
     skipping = bool(chunks) and chunks[0][1] is not None
     grad_x = None
@@ -156,49 +177,73 @@ def chunked_linear_ce(
     grad_b = torch.zeros(n_classes, dtype=acc, device=dev) if needs[2] else None  # (V,)
     if grad_w is not None and not chunks:
         grad_w.zero_()
-    wt = weight.t()  # (H, V) view; BLAS reads the transpose in place
+    slabs = _slabs(n_classes, n_features, x.dtype, dev)
+
+    def rows_of(chunk) -> Tensor:  # (r, H)
+        rows, index = chunk
+        return x[rows] if index is None else x.index_select(0, index)
+
+    def project(x_c: Tensor, p: int, q: int) -> None:
+        """Logits of ``x_c``'s rows for classes ``[p, q)`` into the buffer (a strided view:
+        BLAS writes it in place with the buffer's row stride)."""
+        out = buf[: x_c.shape[0], p:q]
+        if bias is None:
+            torch.mm(x_c, weight[p:q].t(), out=out)
+        else:
+            torch.addmm(bias[p:q], x_c, weight[p:q].t(), out=out)
+
+    x_next = rows_of(chunks[0]) if chunks else None
+    for p, q in slabs if chunks else ():
+        project(x_next, p, q)
     for i, (rows, index) in enumerate(chunks):
         sel = rows if index is None else index
-        x_c = x[rows] if index is None else x.index_select(0, index)  # (r, H)
+        x_c = x_next
+        r = x_c.shape[0]
         t_c = target[sel]
         if t_c.is_floating_point():
             t_c = t_c.to(acc)  # (r, V) probabilities, the kernel's dtype
-        logits = logits_buf[: x_c.shape[0]]  # (r, V)
-        if bias is None:
-            torch.mm(x_c, wt, out=logits)
-        else:
-            torch.addmm(bias, x_c, wt, out=logits)
-        loss_c, lse_c, g = kernel(logits, t_c, class_weight, grad_scale, kparams)
+        loss_c, lse_c, g = kernel(buf[:r], t_c, class_weight, grad_scale, kparams)  # g: (r, V)
         loss[sel] = loss_c
         lse[sel] = lse_c
-        if not want_grad:
-            continue
-        if row_scale is not None:
+        x_next = rows_of(chunks[i + 1]) if i + 1 < len(chunks) else None
+        u = None
+        if want_grad and row_scale is not None:
             u = row_scale[sel].to(x.dtype).unsqueeze(1)  # (r, 1)
             x_c = x_c * u  # scaling x's rows scales each row's term of g^T x
-        if grad_w is not None:
-            g_t, x_w = (g.t(), x_c) if g.dtype == acc else (g.t().to(acc), x_c.to(acc))
-            # bf16/fp16 above: a float32 product (CPUs have no mixed-output matmul)
-            if i == 0:
-                torch.mm(g_t, x_w, out=grad_w)
+        gx_c = None  # (r, H): straight into grad_x when the rows are a plain slice
+        direct = index is None and row_scale is None
+        if want_grad and grad_x is not None:
+            gx_c = grad_x[rows] if direct else torch.empty((r, n_features), dtype=x.dtype, device=dev)
+        x_w = x_c if not want_grad or g.dtype == acc else x_c.to(acc)
+        for j, (p, q) in enumerate(slabs):
+            if want_grad:
+                g_s = g[:, p:q]  # (r, q - p)
+                if grad_w is not None:
+                    # bf16/fp16: a float32 product (CPUs have no mixed-output matmul)
+                    g_t = g_s.t() if g.dtype == acc else g_s.t().to(acc)
+                    if i == 0:
+                        torch.mm(g_t, x_w, out=grad_w[p:q])
+                    else:
+                        grad_w[p:q].addmm_(g_t, x_w)
+                if grad_b is not None:
+                    if u is None:
+                        grad_b[p:q] += g_s.sum(0, dtype=acc)
+                    else:
+                        grad_b[p:q].addmv_(g_s.t().to(acc), u.squeeze(1).to(acc))
+                if gx_c is not None:
+                    if j == 0:
+                        torch.mm(g_s, weight[p:q], out=gx_c)
+                    else:
+                        gx_c.addmm_(g_s, weight[p:q])
+            if x_next is not None:
+                project(x_next, p, q)  # slab s of this chunk's gradient is no longer needed
+        if gx_c is not None and not direct:
+            if u is not None:
+                gx_c *= u
+            if index is None:
+                grad_x[rows] = gx_c
             else:
-                grad_w.addmm_(g_t, x_w)
-        if grad_b is not None:
-            if row_scale is None:
-                grad_b += g.sum(0, dtype=acc)
-            else:
-                grad_b.addmv_(g.t().to(acc), u.squeeze(1).to(acc))
-        if grad_x is not None:
-            if index is None and row_scale is None:
-                torch.mm(g, weight, out=grad_x[rows])
-            else:
-                g_x = g @ weight  # (r, H)
-                if row_scale is not None:
-                    g_x *= u
-                if index is None:
-                    grad_x[rows] = g_x
-                else:
-                    grad_x.index_copy_(0, index, g_x)
+                grad_x.index_copy_(0, index, gx_c)
     grads = (
         grad_x,
         None if grad_w is None else grad_w.to(weight.dtype),

@@ -19,6 +19,16 @@ from crossent.modules import LinearCrossEntropyLoss
 
 from ._oracle import assert_close_to_reference
 
+
+
+@pytest.fixture(autouse=True, params=["one slab", "slabs of 64 classes"])
+def slab_width(request, monkeypatch):
+    """Every test twice: the weight walked as one block (accelerators, bf16/fp16, small H) and in
+    64-class slabs with a ragged last one (what large H * V gets on CPU in float32/64)."""
+    if request.param != "one slab":
+        monkeypatch.setattr(_linear_autograd, "_SLAB_BYTES", 1)  # clamped up to 64 classes
+
+
 OPTIONS = {  # name -> keyword arguments; the weighted/smoothed ones are torch's own options
     "plain": {},
     "class_weight": {"class_weight": True},
@@ -284,3 +294,14 @@ def test_errors():
         linear_cross_entropy(x, w, torch.rand(6, 10).softmax(1).requires_grad_())
     with pytest.raises(ValueError, match="not a crossent backend"):
         linear_cross_entropy(x, w, t, impl="nope")
+
+
+def test_slabs(monkeypatch):
+    monkeypatch.setattr(_linear_autograd, "_SLAB_BYTES", 8 << 20)
+    cpu = torch.device("cpu")
+    assert _linear_autograd._slabs(515, 24, torch.float32, cpu) == [(0, 515)]  # small W: one
+    slabs = _linear_autograd._slabs(128256, 2048, torch.float32, cpu)
+    assert slabs[0][0] == 0 and slabs[-1][1] == 128256 and len(slabs) > 1
+    assert all(a[1] == b[0] for a, b in zip(slabs, slabs[1:]))  # contiguous, no gap or overlap
+    assert _linear_autograd._slabs(128256, 2048, torch.bfloat16, cpu) == [(0, 128256)]
+    assert _linear_autograd._slabs(128256, 2048, torch.float32, torch.device("meta")) == [(0, 128256)]
