@@ -7,6 +7,7 @@ markdown table of BENCHMARKS.md and runs the chunk-size sweep.
     python benchmarks/bench_linear.py                  # the three issue shapes
     python benchmarks/bench_linear.py --shapes 2048,512,32000 --rounds 5
     python benchmarks/bench_linear.py --shapes 1024,2048,128256 --no-memory --chunk-sizes 96,128,512
+    python benchmarks/bench_linear.py --floor          # also time the three bare products
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import os
 
 import torch
 
-from crossent._bench_linear import SHAPES, contenders, measure_memory, time_shape
+from crossent._bench_linear import SHAPES, contenders, gemm_floor, measure_memory, time_shape
 
 MIB = 1 << 20
 
@@ -29,6 +30,9 @@ def main() -> None:
     parser.add_argument("--chunk-sizes", default="",
                         help="comma-separated rows: also time crossent with these chunk sizes "
                              "(ratios to torch unfused; no memory)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also time the three bare fp32 products (logits, grad of input, grad "
+                             "of weight) into ready buffers: the floor for any exact method")
     args = parser.parse_args()
     sweep = tuple(int(v) for v in args.chunk_sizes.split(",") if v)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
@@ -36,20 +40,26 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 fwd+bwd, "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
     head = ["N, H, V"] + [f"{n} s" for n in names] + [f"crossent / {n}" for n in names[1:]]
+    if args.floor:
+        head += ["3 GEMMs s", "crossent / 3 GEMMs", "torch / 3 GEMMs"]
     head += [f"extra MiB {n}" for n in names]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for shape in shapes:
         row = [", ".join(str(v) for v in shape)]
         if not args.no_time:
-            res = time_shape(shape, args.rounds, sweep)
+            extra = {"gemms": gemm_floor()} if args.floor else None
+            res = time_shape(shape, args.rounds, sweep, extra)
             row += [f"{res[n]:.2f}" for n in names]
             row += [f"{res['ratio_' + n]:.2f}x" for n in names[1:]]
+            if args.floor:
+                row += [f"{res['gemms']:.2f}", f"{res['ratio_gemms']:.2f}x",
+                        f"{1 / res['vs_torch']['gemms']:.2f}x"]
             for rows in sweep:
                 print(f"  {shape}: chunk_size={rows}: {res[f'crossent r={rows}']:.2f} s, "
                       f"{res[f'ratio_crossent r={rows}']:.2f}x torch unfused", flush=True)
         else:
-            row += ["-"] * (2 * len(names) - 1)
+            row += ["-"] * (2 * len(names) - 1 + 3 * args.floor)
         if not args.no_memory:
             row += [f"{measure_memory(shape, n) / MIB:.0f}" for n in names]
         else:
