@@ -29,6 +29,19 @@ SKIP_IGNORED_ON = ("cpu",)
 _SLAB_BYTES = 8 << 20
 
 
+def _has_mixed_mm() -> bool:
+    """Whether this torch has ``mm``/``addmm`` with ``out_dtype`` (16-bit in, float32 out; torch
+    >= 2.8, CUDA kernels only)."""
+    try:
+        torch.ops.aten.mm.dtype_out, torch.ops.aten.addmm.dtype_out
+    except AttributeError:
+        return False
+    return True
+
+
+_MIXED_MM = {"cuda": _has_mixed_mm()}  # device type -> use out_dtype products
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """``(x (N, H), W (V, H), b (V,) | None, target, ...) -> (reduced loss, lse (N,))``.
 
@@ -214,17 +227,20 @@ def chunked_linear_ce(
         direct = index is None and row_scale is None
         if want_grad and grad_x is not None:
             gx_c = grad_x[rows] if direct else torch.empty((r, n_features), dtype=x.dtype, device=dev)
-        x_w = x_c if not want_grad or g.dtype == acc else x_c.to(acc)
+        # bf16/fp16 weight gradient: a float32 product. CUDA has matmuls that take 16-bit
+        # operands and write float32 (tensor-core speed); CPUs have none, so upcast there.
+        mixed = want_grad and g.dtype != acc and _MIXED_MM.get(dev.type, False)
+        x_w = x_c if not want_grad or g.dtype == acc or mixed else x_c.to(acc)
         for j, (p, q) in enumerate(slabs):
             if want_grad:
                 g_s = g[:, p:q]  # (r, q - p)
                 if grad_w is not None:
-                    # bf16/fp16: a float32 product (CPUs have no mixed-output matmul)
-                    g_t = g_s.t() if g.dtype == acc else g_s.t().to(acc)
+                    g_t = g_s.t() if g.dtype == acc or mixed else g_s.t().to(acc)
+                    extra = {"out_dtype": acc} if mixed else {}
                     if i == 0:
-                        torch.mm(g_t, x_w, out=grad_w[p:q])
+                        torch.mm(g_t, x_w, out=grad_w[p:q], **extra)
                     else:
-                        grad_w[p:q].addmm_(g_t, x_w)
+                        torch.addmm(grad_w[p:q], g_t, x_w, out=grad_w[p:q], **extra)
                 if grad_b is not None:
                     if u is None:
                         grad_b[p:q] += g_s.sum(0, dtype=acc)

@@ -18,10 +18,11 @@ from .functional import _mean_terms
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_lse", "auto_chunk_size"]
 
-# Bytes of one chunk's logits on CPU. Each chunk streams W twice (logits, grad of input) and
-# reads/writes the (V, H) weight gradient: 16*V*H bytes against 6*r*V*H flops, so below ~256
-# rows the chunks turn memory bound on the 2-core AVX-512 box whatever H and V are
-# (BENCHMARKS.md, "Linear cross-entropy"): the budget gives way to that floor.
+# Bytes of one chunk's logits on CPU. Each chunk streams W once and reads/writes the (V, H)
+# weight gradient (12*V*H bytes against 6*r*V*H flops), and BLAS runs its r-row products
+# slower as r shrinks: below ~256 rows a chunk costs 10-25 % more than its share of the three
+# bare products on the 2-core AVX-512 box whatever H and V are (BENCHMARKS.md, "Linear
+# cross-entropy"), so the budget gives way to that floor.
 _CHUNK_BYTES = {"cpu": 64 << 20}
 _DEFAULT_CHUNK_BYTES = 256 << 20  # accelerators: bigger launches, more memory
 _MIN_ROWS = 256

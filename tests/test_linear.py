@@ -58,8 +58,11 @@ def _data(n, h, v, dtype, seed, bias=True, ignore_fraction=0.25, lead=None, prob
     return cast(x), cast(w), cast(b), t, cast(cw), up
 
 
-def _check(x, w, b, t, cw, up, dtype, what, reduction="mean", chunk_size=None, **options):
-    """Loss and grads of (x, w, b) under a random upstream gradient, against both oracles."""
+def _check(x, w, b, t, cw, up, dtype, what, reduction="mean", chunk_size=None, device="cpu",
+           impl="auto", **options):
+    """Loss and grads of (x, w, b) under a random upstream gradient, against both oracles, all
+    on ``device`` (tests/triton_cases.py runs it on CUDA with ``impl="triton"``)."""
+    x, w, b, t, cw, up = (None if a is None else a.to(device) for a in (x, w, b, t, cw, up))
     cw = cw if options.pop("class_weight", False) else None
     ignore = dict(ignore_index=-100)
     z_loss, softcap = options.get("z_loss", 0.0), options.get("softcap", None)
@@ -67,7 +70,7 @@ def _check(x, w, b, t, cw, up, dtype, what, reduction="mean", chunk_size=None, *
     leaves = [a.clone().requires_grad_() for a in (x, w) + ((b,) if b is not None else ())]
     ours = linear_cross_entropy(*leaves[:2], t, leaves[2] if b is not None else None,
                                 class_weight=cw, reduction=reduction, chunk_size=chunk_size,
-                                **ignore, **options)
+                                impl=impl, **ignore, **options)
 
     def materialised(tensors):
         logits = tensors[0] @ tensors[1].T

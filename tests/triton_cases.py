@@ -19,6 +19,8 @@ from crossent import _reference
 from crossent.backends.triton import launch
 
 from ._oracle import assert_close_to_reference, index_target, logits, prob_target
+from .test_linear import _check as check_linear
+from .test_linear import _data as linear_data
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -245,3 +247,24 @@ def test_no_rows():
     assert torch.isnan(loss)
     loss.backward()
     assert x.grad.shape == (0, 5)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_linear_cross_entropy(reduction, block):
+    """linear_cross_entropy through the Triton kernel, every option, 37 rows in chunks of 8.
+    On a GPU this is the CUDA path: no host read of the target (ignored rows go through the
+    kernel) and one vocabulary slab."""
+    data = linear_data(37, 24, 515, torch.float32, 5)
+    check_linear(*data, torch.float32, f"linear {reduction}", reduction=reduction, chunk_size=8,
+                 device=DEVICE, impl="triton", class_weight=True, label_smoothing=0.1,
+                 z_loss=1e-3, softcap=5.0)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_linear_cross_entropy_bf16(reduction):
+    """bf16: the weight gradient sums 16 chunk partials in float32 (on CUDA from products with
+    float32 output), so its error is no worse than torch's one bf16 matmul (as test_linear's
+    test_low_precision on CPU; at smaller shapes both sit at the rounding floor, a coin flip)."""
+    data = linear_data(256, 64, 1000, torch.bfloat16, 23)
+    check_linear(*data, torch.bfloat16, f"linear bf16 {reduction}", reduction=reduction,
+                 chunk_size=16, device=DEVICE, impl="triton", label_smoothing=0.1)
