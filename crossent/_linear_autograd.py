@@ -185,8 +185,11 @@ def chunked_linear_ce(
         grad_x = torch.zeros_like(x) if skipping or not chunks else _empty(x.shape, x.dtype, dev)
     # grad_weight / grad_bias accumulate over chunks in float32 for bf16/fp16 inputs: summing
     # per-chunk partials in 8 or 11 bits loses the small contributions (the field's usual bug).
+    # One chunk has nothing to sum: its product (float32 inside BLAS) is rounded once, straight
+    # into the returned dtype, with no (V, H) float32 buffer.
     # The first chunk writes grad_weight (no zero-fill pass over (V, H)); later ones add.
-    grad_w = _empty((n_classes, n_features), acc, dev) if needs[1] else None  # (V, H)
+    w_dtype = acc if len(chunks) > 1 else weight.dtype
+    grad_w = _empty((n_classes, n_features), w_dtype, dev) if needs[1] else None  # (V, H)
     grad_b = torch.zeros(n_classes, dtype=acc, device=dev) if needs[2] else None  # (V,)
     if grad_w is not None and not chunks:
         grad_w.zero_()
@@ -227,16 +230,17 @@ def chunked_linear_ce(
         direct = index is None and row_scale is None
         if want_grad and grad_x is not None:
             gx_c = grad_x[rows] if direct else torch.empty((r, n_features), dtype=x.dtype, device=dev)
-        # bf16/fp16 weight gradient: a float32 product. CUDA has matmuls that take 16-bit
-        # operands and write float32 (tensor-core speed); CPUs have none, so upcast there.
-        mixed = want_grad and g.dtype != acc and _MIXED_MM.get(dev.type, False)
-        x_w = x_c if not want_grad or g.dtype == acc or mixed else x_c.to(acc)
+        # bf16/fp16 into a float32 weight gradient: CUDA has matmuls that take 16-bit operands
+        # and write float32 (tensor-core speed); CPUs have none, so upcast there.
+        same = not want_grad or g.dtype == w_dtype
+        mixed = not same and _MIXED_MM.get(dev.type, False)
+        x_w = x_c if same or mixed else x_c.to(w_dtype)
         for j, (p, q) in enumerate(slabs):
             if want_grad:
                 g_s = g[:, p:q]  # (r, q - p)
                 if grad_w is not None:
-                    g_t = g_s.t() if g.dtype == acc or mixed else g_s.t().to(acc)
-                    extra = {"out_dtype": acc} if mixed else {}
+                    g_t = g_s.t() if same or mixed else g_s.t().to(w_dtype)
+                    extra = {"out_dtype": w_dtype} if mixed else {}
                     if i == 0:
                         torch.mm(g_t, x_w, out=grad_w[p:q], **extra)
                     else:

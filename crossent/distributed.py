@@ -177,7 +177,8 @@ def vocab_parallel_linear_cross_entropy(
     if not probs:
         rows_target = rows_target.long()
     if reduction != "none" and not (probs and target.requires_grad):
-        chunk = chunk_size or auto_chunk_size(rows.shape[0], rows.shape[1], n_local, rows.device)
+        chunk = chunk_size or auto_chunk_size(rows.shape[0], rows.shape[1], n_local, rows.device,
+                                               rows.dtype)
         loss = VocabParallelLinearCrossEntropy.apply(
             rows, local_weight, bias, rows_target, w, shard, params, chunk)
     else:

@@ -24,16 +24,22 @@ __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_lse", "auto_chunk_
 # bare products on the 2-core AVX-512 box whatever H and V are (BENCHMARKS.md, "Linear
 # cross-entropy"), so the budget gives way to that floor.
 _CHUNK_BYTES = {"cpu": 64 << 20}
-_DEFAULT_CHUNK_BYTES = 256 << 20  # accelerators: bigger launches, more memory
+# Accelerators: 1 GiB of logits, so N = 4096 rows of a 128256 vocabulary in bf16 are one
+# chunk: one product per gradient and, for bf16/fp16, no (V, H) float32 weight-gradient buffer
+# (more than one chunk needs one to sum the partials in). Larger N is chunked.
+_DEFAULT_CHUNK_BYTES = 1 << 30
 _MIN_ROWS = 256
 
 
-def auto_chunk_size(n_rows: int, n_features: int, n_classes: int, device: torch.device) -> int:
-    """Rows per chunk: as many as fit the device's logits budget, but at least ``_MIN_ROWS``
-    (matmul efficiency) and at most ``n_rows``. ``n_features`` does not enter: a chunk's
-    matmul work and its weight traffic both scale with it."""
+def auto_chunk_size(
+    n_rows: int, n_features: int, n_classes: int, device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> int:
+    """Rows per chunk: as many as fit the device's budget of ``dtype`` logits, but at least
+    ``_MIN_ROWS`` (matmul efficiency) and at most ``n_rows``. ``n_features`` does not enter: a
+    chunk's matmul work and its weight traffic both scale with it."""
     budget = _CHUNK_BYTES.get(device.type, _DEFAULT_CHUNK_BYTES)
-    rows = max(_MIN_ROWS, budget // (4 * max(1, n_classes)))
+    rows = max(_MIN_ROWS, budget // (dtype.itemsize * max(1, n_classes)))
     rows -= rows % 16  # whole SIMD/BLAS panels
     return max(1, min(n_rows, rows))
 
@@ -70,7 +76,8 @@ def linear_cross_entropy(
             .cross_entropy``; renamed because ``weight`` is the projection here).
         ignore_index, reduction, label_smoothing, z_loss, softcap, impl: as in
             :func:`crossent.cross_entropy`; "mean" over an all-ignored batch is NaN, as torch.
-        chunk_size: rows per chunk; default :func:`auto_chunk_size` (about 64 MiB of logits on CPU).
+        chunk_size: rows per chunk; default :func:`auto_chunk_size` (about 64 MiB of logits on CPU,
+            1 GiB on accelerators).
 
     Shape: scalar for "mean"/"sum"; ``input``'s leading shape for "none".
 
@@ -153,7 +160,7 @@ def _linear_cross_entropy(
     denominator, scale = _mean_terms(rows_target, cw, params, probs, acc)
     kernel = resolve(impl, input)
     if chunk_size is None:
-        chunk_size = auto_chunk_size(x.shape[0], x.shape[1], n_classes, input.device)
+        chunk_size = auto_chunk_size(x.shape[0], x.shape[1], n_classes, input.device, input.dtype)
     loss, lse = LinearCrossEntropyFunction.apply(
         x, weight, bias, rows_target, cw, denominator, scale, params, kernel, chunk_size,
     )

@@ -197,12 +197,14 @@ def test_3d_and_1d_input(reduction):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_low_precision(dtype, reduction):
+@pytest.mark.parametrize("chunk_size", [16, None])
+def test_low_precision(dtype, reduction, chunk_size):
     # 256 rows in 16 chunks: grad_weight sums 16 partials. Accumulated in float32 its error
     # must be no worse than torch's single bf16/fp16 matmul (plus one output rounding).
+    # chunk_size=None: one chunk, whose product goes straight into the bf16/fp16 gradient.
     data = _data(256, 64, 1000, dtype, 23)
-    _check(*data, dtype, f"{dtype} {reduction}", reduction=reduction, chunk_size=16,
-           label_smoothing=0.1)
+    _check(*data, dtype, f"{dtype} {reduction} chunk={chunk_size}", reduction=reduction,
+           chunk_size=chunk_size, label_smoothing=0.1)
 
 
 def test_lse():
@@ -263,6 +265,12 @@ def test_auto_chunk_size():
     assert auto_chunk_size(10, 64, 1000, cpu) == 10  # small N: one chunk
     rows = auto_chunk_size(1 << 20, 4096, 128256, cpu)
     assert 16 <= rows < 1 << 20 and rows % 16 == 0
+    assert auto_chunk_size(1 << 20, 512, 32000, cpu) == 512  # 64 MiB of float32 logits
+    assert auto_chunk_size(1 << 20, 512, 32000, cpu, torch.bfloat16) == 1040  # ... of bf16
+    # Accelerators: 4096 rows of bf16 over a Llama-3 vocabulary fit one chunk (1 GiB)
+    cuda = torch.device("cuda")
+    assert auto_chunk_size(4096, 4096, 128256, cuda, torch.bfloat16) == 4096
+    assert auto_chunk_size(32768, 4096, 128256, cuda, torch.bfloat16) < 32768
 
 
 def test_errors():
