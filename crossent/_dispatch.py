@@ -36,9 +36,11 @@ def _load_triton() -> Kernel:
 
 
 def _numba_why_not(t: Tensor) -> str | None:
-    if torch.compiler.is_compiling():
-        # numba kernels are opaque to torch.compile; auto then uses the traceable torch path.
-        return "torch.compile cannot trace numba kernels: use impl='torch' or 'auto' when compiling"
+    if torch.compiler.is_compiling() and not hasattr(torch.library, "custom_op"):
+        # The kernel enters compiled graphs as a custom op (torch >= 2.4); older torch cannot
+        # trace numba, and auto then uses the traceable torch path.
+        return ("torch.compile on torch < 2.4 cannot call numba kernels: use impl='torch' or "
+                "'auto' when compiling")
     return None if t.device.type == "cpu" else f"the numba backend runs on CPU tensors, got {t.device}"
 
 

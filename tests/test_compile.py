@@ -1,5 +1,11 @@
-"""torch.compile(fullgraph=True) traces through crossent's PyTorch path: same values and grads."""
+"""torch.compile(fullgraph=True) through crossent: same values and grads as eager and torch.
+
+impl="torch" is traced op by op; the numba kernel ("auto" on CPU) enters the graph as the
+opaque custom ops ``crossent::numba_ce_forward[_inplace]``.
+"""
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -8,9 +14,14 @@ import torch.nn.functional as F
 import crossent
 
 
-@pytest.mark.parametrize("impl,reduction", [("torch", "mean"), ("torch", "none"), ("auto", "mean")])
+NUMBA = pytest.mark.skipif(not crossent._dispatch.available("numba"), reason="numba not installed")
+
+
+@pytest.mark.parametrize("impl,reduction", [
+    ("torch", "mean"), ("torch", "none"), ("auto", "mean"),
+    pytest.param("numba", "none", marks=NUMBA), pytest.param("numba", "sum", marks=NUMBA),
+])
 def test_compile_fullgraph_matches_torch(impl, reduction):
-    """impl="auto" compiles too: it picks the traceable torch path over opaque numba kernels."""
     torch._dynamo.reset()
 
     def loss_fn(x, t, w):
@@ -28,3 +39,39 @@ def test_compile_fullgraph_matches_torch(impl, reduction):
     torch.testing.assert_close(ours, theirs)
     up = torch.randn(theirs.shape, generator=gen)
     torch.testing.assert_close(torch.autograd.grad(ours, a, up)[0], torch.autograd.grad(theirs, b, up)[0])
+
+
+@NUMBA
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_step_calls_the_numba_op(inplace, dtype):
+    """A compiled training step (logits from a matmul, options, in-place gradient) runs the numba
+    kernel as one op, and matches the eager step."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(12, 16, generator=gen, dtype=dtype)
+    y = torch.randint(0, 40, (12,), generator=gen)
+    y[::4] = -100
+    options = dict(impl="numba", label_smoothing=0.1, z_loss=1e-3, softcap=5.0,
+                   inplace_backward=inplace)
+
+    def step(w):
+        return crossent.cross_entropy(h @ w, y, **options)  # (12, 40) logits, not a leaf
+
+    graphs = []
+
+    def inductor_seeing(gm, example_inputs):
+        graphs.append(gm.print_readable(print_output=False))  # with subgraphs
+        return torch._inductor.compile(gm, example_inputs)
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend=inductor_seeing)):
+        w = torch.randn(16, 40, generator=torch.Generator().manual_seed(5), dtype=dtype)
+        w.requires_grad_()
+        loss = fn(w)
+        loss.backward()
+        results.append((loss.detach(), w.grad))
+    op = "numba_ce_forward_inplace" if inplace else "numba_ce_forward"
+    assert set(re.findall(r"crossent\.(numba_ce_forward\w*)", "".join(graphs))) == {op}, graphs
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])

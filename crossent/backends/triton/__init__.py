@@ -2,20 +2,24 @@
 
 Runs on CUDA tensors, and on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``
 set before Triton is imported; slow, for tests). See ``crossent.backends`` for the contract;
-``kernels.py`` holds the kernel, ``launch.py`` the grid and block sizes, ``ops.py`` the
-``torch.library`` registration used under ``torch.compile``.
+``kernels.py`` holds the kernel, ``launch.py`` the grid and block sizes. Under ``torch.compile``
+the launch is an opaque ``torch.library`` op (``crossent.backends._opaque``): Dynamo cannot
+trace the launcher (host-side heuristics, the interpreter), and the kernel is one memory-bound
+launch that gains nothing from fusion.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..._params import CEParams
-from .ops import ce_forward_op
+from .._opaque import opaque_kernel
+from .launch import launch_ce_forward
 
 __all__ = ["ce_forward"]
 
 
-def ce_forward(
+def _ce_forward(
     logits: Tensor,
     target: Tensor,
     weight: Tensor | None,
@@ -33,10 +37,17 @@ def ce_forward(
         logits = logits.contiguous()
     if target.dim() == 2 and target.stride(1) != 1:
         target = target.contiguous()  # (R, C) probabilities, read row by row
-    loss, lse, grad = ce_forward_op(
-        logits, target, weight, grad_scale, params.ignore_index, params.label_smoothing,
-        params.z_loss, params.softcap, params.inplace_backward,
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss = torch.empty(logits.shape[0], dtype=acc, device=logits.device)  # (R,)
+    lse = torch.empty(logits.shape[0], dtype=acc, device=logits.device)  # (R,)
+    grad = None
+    if grad_scale is not None:
+        grad = logits if params.inplace_backward else torch.empty_like(logits)  # (R, C)
+    launch_ce_forward(
+        logits, target, weight, grad_scale, grad, loss, lse, params.ignore_index,
+        params.label_smoothing, params.z_loss, params.softcap,
     )
-    if grad_scale is None:
-        return loss, lse, None
-    return loss, lse, logits if params.inplace_backward else grad
+    return loss, lse, grad
+
+
+ce_forward = opaque_kernel("triton", _ce_forward)  # a custom op under torch.compile
