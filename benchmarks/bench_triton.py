@@ -4,6 +4,7 @@ and Liger (when importable), bf16 logits, fwd+bwd and forward only.
     python benchmarks/bench_triton.py                 # the three shapes, prints a table
     python benchmarks/bench_triton.py --quick         # one small shape: a smoke test
     python benchmarks/bench_triton.py --json out.json
+    python benchmarks/bench_triton.py --linear        # also linear CE (4096 x 4096 x 128256)
 
 Time is the median of ``triton.testing.do_bench`` medians, taken in rounds that alternate the
 contenders (A B C A B C ...), each call on the next of several input buffers (together larger
@@ -21,6 +22,7 @@ import sys
 import torch
 
 from crossent._bench_gpu import QUICK_SHAPES, SHAPES, bench_case, contenders, copy_bandwidth
+from crossent._bench_gpu_linear import QUICK_SHAPE, SHAPE, linear_case
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one small shape (smoke test)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per case")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--linear", action="store_true",
+                        help="also linear CE vs the three bare GEMMs, torch, torch.compile, Liger")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_triton needs a CUDA GPU", file=sys.stderr)
@@ -46,10 +50,17 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(r)
             print(f"{r['N']:>6} {r['V']:>7} {r['mode']:8} {r['impl']:24} {r['ms']:8.3f} "
                   f"{r['tb_s']:6.2f} {r['peak_extra_gb']:8.2f}")
+    linear_rows = []
+    if args.linear:
+        print(f"\n{'N':>6} {'H':>6} {'V':>7} {'impl':24} {'ms':>8} {'x GEMMs':>8} {'peak+GB':>8}")
+        for r in linear_case(QUICK_SHAPE if args.quick else SHAPE, 1 if args.quick else args.rounds):
+            linear_rows.append(r)
+            print(f"{r['N']:>6} {r['H']:>6} {r['V']:>7} {r['impl']:24} {r['ms']:8.3f} "
+                  f"{r['vs_gemms']:8.2f} {r['peak_extra_gb']:8.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=props.name, torch=torch.__version__, triton=triton.__version__,
-                           rows=rows), f, indent=1)
+                           rows=rows, linear_rows=linear_rows), f, indent=1)
     return 0
 
 
