@@ -230,11 +230,13 @@ def chunked_linear_ce(
         direct = index is None and row_scale is None
         if want_grad and grad_x is not None:
             gx_c = grad_x[rows] if direct else torch.empty((r, n_features), dtype=x.dtype, device=dev)
-        # bf16/fp16 into a float32 weight gradient: CUDA has matmuls that take 16-bit operands
-        # and write float32 (tensor-core speed); CPUs have none, so upcast there.
-        same = not want_grad or g.dtype == w_dtype
-        mixed = not same and _MIXED_MM.get(dev.type, False)
-        x_w = x_c if same or mixed else x_c.to(w_dtype)
+        same, mixed = True, False
+        if want_grad and grad_w is not None:
+            # bf16/fp16 into a float32 weight gradient: CUDA has matmuls that take 16-bit
+            # operands and write float32 (tensor-core speed); CPUs have none, so upcast there.
+            same = g.dtype == w_dtype
+            mixed = not same and _MIXED_MM.get(dev.type, False)
+            x_w = x_c if same or mixed else x_c.to(w_dtype)
         for j, (p, q) in enumerate(slabs):
             if want_grad:
                 g_s = g[:, p:q]  # (r, q - p)
