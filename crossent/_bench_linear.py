@@ -76,7 +76,7 @@ def gemm_floor() -> Callable:
     def fn(x, w, b, t):
         key = (x.shape[0], w.shape[0])
         if key not in bufs:
-            bufs[key] = (torch.empty(key), torch.empty_like(x), torch.empty_like(w))
+            bufs[key] = (x.new_empty(key), torch.empty_like(x), torch.empty_like(w))
         logits, gx, gw = bufs[key]
         with torch.no_grad():
             torch.mm(x, w.t(), out=logits)

@@ -20,16 +20,13 @@ from torch import Tensor
 
 from .._autograd import Kernel
 from .._params import CEParams
+from .torch_fused import acc_dtype
 
 HAS_CUSTOM_OP = hasattr(torch.library, "custom_op")  # torch >= 2.4
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _fake(logits: Tensor, grad_scale: Optional[Tensor], inplace: bool):
-    n_rows, acc = logits.shape[0], _acc(logits.dtype)
+    n_rows, acc = logits.shape[0], acc_dtype(logits.dtype)
     fresh = grad_scale is not None and not inplace
     grad = torch.empty_like(logits) if fresh else logits.new_empty(0)
     return logits.new_empty(n_rows, dtype=acc), logits.new_empty(n_rows, dtype=acc), grad

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..._params import CEParams
 from .._opaque import opaque_kernel
+from ..torch_fused import acc_dtype
 from .launch import launch_ce_forward
 
 __all__ = ["ce_forward"]
@@ -37,7 +38,7 @@ def _ce_forward(
         logits = logits.contiguous()
     if target.dim() == 2 and target.stride(1) != 1:
         target = target.contiguous()  # (R, C) probabilities, read row by row
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(logits.dtype)
     loss = torch.empty(logits.shape[0], dtype=acc, device=logits.device)  # (R,)
     lse = torch.empty(logits.shape[0], dtype=acc, device=logits.device)  # (R,)
     grad = None
