@@ -14,15 +14,14 @@ from torch import Tensor
 
 from ._params import CEParams
 
-Kernel = Callable[..., tuple[Tensor, Tensor, "Tensor | None"]]
+Kernel = Callable[..., tuple[Tensor, Tensor, "Tensor | None"]]  # ce_forward
+Call = Callable[..., tuple[Tensor, Tensor, "Tensor | None", "Tensor | float"]]  # cross_entropy
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """``(logits (R, C), target, weight, denominator, scale) -> (reduced loss, lse (R,))``.
-
-    ``denominator`` divides the summed loss for "mean" (``None`` otherwise); ``scale`` is the
-    matching gradient factor (``1 / denominator``, or 0 when nothing counts, as torch).
-    """
+    """``(logits (R, C), target, weight) -> (reduced loss, lse (R,))`` through a backend's
+    whole-call ``cross_entropy`` (``crossent.backends``), which folds the reduction's scale
+    into the gradient it makes in forward."""
 
     @staticmethod
     def forward(
@@ -30,21 +29,14 @@ class CrossEntropyFunction(torch.autograd.Function):
         logits: Tensor,
         target: Tensor,
         weight: Tensor | None,
-        denominator: Tensor | None,
-        scale: Tensor,
         params: CEParams,
-        kernel: Kernel,
+        call: Call,
     ) -> tuple[Tensor, Tensor]:
-        want_grad = ctx.needs_input_grad[0]
-        loss, lse, grad = kernel(logits, target, weight, scale if want_grad else None, params)
+        loss, lse, grad, scale = call(logits, target, weight, ctx.needs_input_grad[0], params)
         if grad is not None and params.inplace_backward:
             # The logits now hold the gradient: any other autograd node that saved them must
             # fail loudly on backward instead of silently reading the gradient.
             torch.autograd.graph.increment_version(logits)
-        if params.reduction == "sum":
-            loss = loss.sum()
-        elif params.reduction == "mean":
-            loss = loss.sum() / denominator
         ctx.inplace = params.inplace_backward
         ctx.scale = scale
         ctx.params = params
@@ -71,7 +63,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             logits, lse, weight = extra
             g = prob_target_grad(logits, lse, weight, ctx.params) * ctx.scale
             grad_target = g * (grad_loss.unsqueeze(1) if grad_loss.dim() else grad_loss)
-        return grad_logits, grad_target, None, None, None, None, None
+        return grad_logits, grad_target, None, None, None
 
 
 def refuse_double_backward(name: str) -> None:

@@ -15,9 +15,10 @@ from torch import Tensor
 from ..._params import CEParams
 from .._opaque import opaque_kernel
 from ..torch_fused import acc_dtype, index_target_sums
+from .._reduced import reduced
 from .launch import launch_ce_forward
 
-__all__ = ["ce_forward", "index_target_sums"]
+__all__ = ["ce_forward", "cross_entropy", "index_target_sums"]
 
 
 def _ce_forward(
@@ -52,3 +53,4 @@ def _ce_forward(
 
 
 ce_forward = opaque_kernel("triton", _ce_forward)  # a custom op under torch.compile
+cross_entropy = reduced(ce_forward, index_target_sums)  # the whole call, composed
