@@ -237,11 +237,11 @@ def _linear_cross_entropy(
     ]
     lse = torch.stack([p[1] for p in parts], 1)  # (N, D)
     if reduction == "none":
-        loss = torch.stack([p[0] for p in parts], 1).reshape(*lead, *out_features)
+        loss = torch.stack([p[0] for p in parts], 1).reshape((*lead, *out_features))
     else:
         loss = sum((p[0] for p in parts[1:]), parts[0][0])  # each already divided for "mean"
     if not probs:
         # Ignored rows: NaN whether or not this device skipped their matmul.
         lse = torch.where(pos_target.t() == ignore_index, float("nan"), lse)
     out_dtype = torch.result_type(input, target) if probs else input.dtype
-    return loss.to(out_dtype), lse.reshape(*lead, *out_features)
+    return loss.to(out_dtype), lse.reshape((*lead, *out_features))
