@@ -376,3 +376,18 @@ def test_gradient_penalty_raises(reduction):
                                 xr, create_graph=True)
     gx.square().sum().backward()
     assert torch.isfinite(xr.grad).all() and xr.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_activation_checkpointing(use_reentrant, reduction):
+    # Checkpointing recomputes forward under enable_grad inside backward: that is not create_graph,
+    # so the double-backward guard must let it through, with the plain gradients.
+    x, w, b, t, _, _ = _data(16, 8, 20, torch.float64, 79)
+    leaves = [a.clone().requires_grad_() for a in (x, w, b)]
+    fn = lambda x, w, b: linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction).sum()
+    torch.utils.checkpoint.checkpoint(fn, *leaves, use_reentrant=use_reentrant).backward()
+    leaves_t = [a.clone().requires_grad_() for a in (x, w, b)]
+    F.cross_entropy(F.linear(*leaves_t), t, reduction=reduction).sum().backward()
+    for a, r in zip(leaves, leaves_t):
+        torch.testing.assert_close(a.grad, r.grad)

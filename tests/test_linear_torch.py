@@ -37,6 +37,10 @@ def cases(draw):
     lead = () if unbatched else (n,)
     x = torch.randn(*lead, h, generator=gen, dtype=torch.float64)
     w = torch.randn(c, *kdim, h, generator=gen, dtype=torch.float64)
+    if draw(st.booleans()):  # strided: every other feature of a wider input, a transposed weight
+        x = torch.randn(*lead, 2 * h, generator=gen, dtype=torch.float64)[..., ::2]
+        if not kdim:
+            w = torch.randn(h, c, generator=gen, dtype=torch.float64).t()
     b = torch.randn(c, *kdim, generator=gen, dtype=torch.float64) if draw(st.booleans()) else None
     kw = {"reduction": draw(st.sampled_from(["mean", "sum", "none"])),
           "label_smoothing": draw(st.sampled_from([0.0, 0.0, 0.3, 1.0]))}
@@ -59,8 +63,9 @@ def cases(draw):
 
 
 def _run(fn, x, w, b, t, kw, up_seed=0):
-    """Loss and the gradients of the leaves under a random upstream gradient."""
-    leaves = [a.clone().requires_grad_() for a in (x, w, b) if a is not None]
+    """Loss and the gradients of the leaves (views keeping the inputs' strides) under a random
+    upstream gradient."""
+    leaves = [a.detach().requires_grad_() for a in (x, w, b) if a is not None]
     loss = fn(leaves[0], leaves[1], t, linear_bias=leaves[2] if b is not None else None, **kw)
     up = torch.randn(loss.shape, dtype=loss.dtype, generator=torch.Generator().manual_seed(up_seed))
     return loss, torch.autograd.grad(loss, leaves, up) if loss.numel() else ()
