@@ -203,6 +203,9 @@ def _linear_cross_entropy(
     n_rows = x.shape[0]
     n_pos = math.prod(out_features)  # D positions per row (1 without out_features)
     acc = acc_dtype(input.dtype)
+    if n_pos == 0:  # out_features holds a 0: empty logits, nothing to chunk; torch's result
+        return _no_positions(input, linear_weight, target, linear_bias, weight, reduction,
+                             ignore_index, label_smoothing, probs, acc)
     # Targets per position d of out_features, each block contiguous: (D, N) or (D, N, C).
     if probs:
         pos_target = target.reshape(n_rows, n_classes, n_pos).permute(2, 0, 1).to(acc).contiguous()
@@ -245,3 +248,18 @@ def _linear_cross_entropy(
         lse = torch.where(pos_target.t() == ignore_index, float("nan"), lse)
     out_dtype = torch.result_type(input, target) if probs else input.dtype
     return loss.to(out_dtype), lse.reshape((*lead, *out_features))
+
+
+def _no_positions(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                  label_smoothing, probs, acc) -> tuple[Tensor, Tensor]:
+    """K-dimensional loss over zero positions: torch's (NaN for "mean", 0 for "sum", empty for
+    "none") from the empty logits, which cost nothing to materialise."""
+    flat_bias = None if linear_bias is None else linear_bias.reshape(-1)
+    logits = torch.nn.functional.linear(input, linear_weight.reshape(-1, input.shape[-1]), flat_bias)
+    logits = logits.reshape(*input.shape[:-1], *linear_weight.shape[:-1])  # (N, C, *out_features)
+    loss = torch.nn.functional.cross_entropy(
+        logits, target if probs else target.long(), weight, ignore_index=ignore_index,
+        reduction=reduction, label_smoothing=label_smoothing,
+    )
+    lse_shape = (*input.shape[:-1], *linear_weight.shape[1:-1])
+    return loss, torch.empty(lse_shape, dtype=acc, device=input.device)

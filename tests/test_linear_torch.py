@@ -26,7 +26,7 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 @st.composite
 def cases(draw):
     """One call: shapes (unbatched, batched, K-dimensional), target kind, every torch option."""
-    kdim = draw(st.sampled_from([(), (), (2,), (3, 2)]))
+    kdim = draw(st.sampled_from([(), (), (2,), (3, 2), (2, 0)]))
     unbatched = not kdim and draw(st.booleans())
     n = draw(st.integers(0 if kdim else 1, 9))
     h = draw(st.integers(1, 7))
