@@ -204,13 +204,15 @@ def test_3d_and_1d_input(reduction):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("chunk_size", [16, None])
-def test_low_precision(dtype, reduction, chunk_size):
+@pytest.mark.parametrize("logit_scale", [None, 0.7])
+def test_low_precision(dtype, reduction, chunk_size, logit_scale):
     # 256 rows in 16 chunks: grad_weight sums 16 partials. Accumulated in float32 its error
     # must be no worse than torch's single bf16/fp16 matmul (plus one output rounding).
     # chunk_size=None: one chunk, whose product goes straight into the bf16/fp16 gradient.
+    # logit_scale rides in the matmul's alpha: no extra rounding of 16-bit logits (torch's has).
     data = _data(256, 64, 1000, dtype, 23)
-    _check(*data, dtype, f"{dtype} {reduction} chunk={chunk_size}", reduction=reduction,
-           chunk_size=chunk_size, label_smoothing=0.1)
+    _check(*data, dtype, f"{dtype} {reduction} chunk={chunk_size} scale={logit_scale}",
+           reduction=reduction, chunk_size=chunk_size, label_smoothing=0.1, logit_scale=logit_scale)
 
 
 def test_lse():
