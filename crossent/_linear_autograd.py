@@ -46,7 +46,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """``(x (N, H), W (V, H), b (V,) | None, target, ...) -> (reduced loss, lse (N,))``.
 
     ``target`` is ``(N,)`` int64 or ``(N, V)`` probabilities in the accumulation dtype;
-    ``scale`` is the gradient factor of the reduction (``1 / denominator`` for "mean").
+    ``scale`` is the gradient factor of the reduction (``1 / denominator`` for "mean");
+    ``logit_scale`` multiplies the logits (``None``: 1); ``retain`` keeps the gradients made in
+    forward so that a second backward (``retain_graph=True``) can use them again.
     """
 
     @staticmethod
@@ -62,14 +64,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         params: CEParams,
         kernel: Kernel,
         chunk_size: int,
+        logit_scale: float | None,
+        retain: bool,
     ) -> tuple[Tensor, Tensor]:
         needs = tuple(ctx.needs_input_grad[:3])
         eager = any(needs) and params.reduction != "none"
         loss, lse, grads = chunked_linear_ce(
             x, weight, bias, target, class_weight, scale, params, kernel, chunk_size,
-            needs if eager else (False, False, False),
+            needs if eager else (False, False, False), logit_scale=logit_scale,
         )
         ctx.params, ctx.kernel, ctx.chunk_size = params, kernel, chunk_size
+        ctx.logit_scale, ctx.retain = logit_scale, retain
         ctx.grads = grads
         if any(needs) and params.reduction == "none":
             ctx.save_for_backward(x, weight, bias, target, class_weight)
@@ -82,13 +87,18 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_lse: Tensor | None):
+        # The engine runs backward with grad mode on exactly when create_graph=True. The
+        # gradients below come from a fused kernel and carry no graph, so a second
+        # differentiation (gradient penalty, MAML, Hessian) would silently read zero: refuse.
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
         needs = tuple(ctx.needs_input_grad[:3])
         if ctx.params.reduction == "none":
             x, weight, bias, target, class_weight = ctx.saved_tensors
             one = torch.ones((), dtype=acc_dtype(x.dtype), device=x.device)
             _, _, grads = chunked_linear_ce(
                 x, weight, bias, target, class_weight, one, ctx.params, ctx.kernel,
-                ctx.chunk_size, needs, row_scale=grad_loss,
+                ctx.chunk_size, needs, row_scale=grad_loss, logit_scale=ctx.logit_scale,
             )
         else:
             grads = ctx.grads
@@ -96,15 +106,31 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 raise RuntimeError(
                     "crossent: backward ran twice through a linear_cross_entropy call with "
                     "reduction='mean'/'sum'; its gradients are made in forward and handed over "
-                    "once (keeping them would copy grad_weight). Call it again, or use "
-                    "reduction='none' and reduce yourself, to backward more than once."
+                    "once (keeping them costs a copy of grad_weight). Pass options="
+                    "torch.nn.LinearCrossEntropyOptions(allow_retain_graph=True), call it "
+                    "again, or use reduction='none' and reduce yourself, to backward more "
+                    "than once."
                 )
-            # Hand the tensors over (no reference kept) so autograd can adopt them as .grad
-            # instead of copying a (V, H) gradient.
-            ctx.grads = None
+            if ctx.retain:
+                # Copies: autograd may adopt a returned tensor as .grad and add into it later.
+                grads = tuple(None if g is None else g.clone() for g in grads)
+            else:
+                # Hand the tensors over (no reference kept) so autograd can adopt them as
+                # .grad instead of copying a (V, H) gradient.
+                ctx.grads = None
             grads = tuple(None if g is None else _times_upstream(g, grad_loss, in_place=True)
                           for g in grads)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
+
+
+DOUBLE_BACKWARD_MESSAGE = (
+    "crossent.linear_cross_entropy does not support double backward (create_graph=True, as in "
+    "gradient penalties, MAML inner steps or Hessian products): its gradients are made by a "
+    "fused kernel and carry no graph, so second derivatives would be wrong. Materialise the "
+    "logits and use torch's cross-entropy, which supports it: "
+    "torch.nn.functional.cross_entropy(torch.nn.functional.linear(input, linear_weight, "
+    "linear_bias), target, ...), or torch.nn.functional.linear_cross_entropy(..., options=None)."
+)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -158,10 +184,14 @@ def chunked_linear_ce(
     chunk_size: int,
     needs: tuple[bool, bool, bool],
     row_scale: Tensor | None = None,
+    logit_scale: float | None = None,
 ) -> tuple[Tensor, Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
     """Per-row loss ``(N,)`` and lse ``(N,)`` (accumulation dtype, 0 / NaN for skipped rows) and
     the gradients of ``(x, weight, bias)`` flagged in ``needs``, each times ``scale`` and, when
     ``row_scale`` ``(N,)`` is given, times that row's entry (the upstream gradient of "none").
+    ``logit_scale`` ``s`` multiplies the logits inside the matmul (its ``alpha``; the bias by
+    ``beta``); by the chain rule the logits' gradient is ``s`` times the kernel's, which the
+    kernel's gradient factor absorbs at no cost.
 
     Pipeline: chunk ``i``'s logits fill the buffer, the kernel turns them into the gradient in
     place, then one walk over the vocabulary slabs folds slab ``s`` of that gradient into the
@@ -174,7 +204,9 @@ def chunked_linear_ce(
     want_grad = any(needs)
     # The kernel writes the gradient over the logits: the chunk buffer is ours, reused.
     kparams = replace(params, inplace_backward=True)
-    grad_scale = scale if want_grad else None
+    grad_scale = None
+    if want_grad:
+        grad_scale = scale if logit_scale is None else scale * logit_scale
     loss = torch.zeros(n_rows, dtype=acc, device=dev)  # (N,) ignored rows stay 0
     lse = torch.full((n_rows,), float("nan"), dtype=acc, device=dev)  # (N,) skipped: NaN
     buf = _empty((min(chunk_size, n_rows), n_classes), x.dtype, dev)  # (r, V)
@@ -203,10 +235,15 @@ def chunked_linear_ce(
         """Logits of ``x_c``'s rows for classes ``[p, q)`` into the buffer (a strided view:
         BLAS writes it in place with the buffer's row stride)."""
         out = buf[: x_c.shape[0], p:q]
-        if bias is None:
-            torch.mm(x_c, weight[p:q].t(), out=out)
+        if logit_scale is None:
+            if bias is None:
+                torch.mm(x_c, weight[p:q].t(), out=out)
+            else:
+                torch.addmm(bias[p:q], x_c, weight[p:q].t(), out=out)
+        elif bias is None:  # beta=0: the buffer's stale contents are not read
+            out.addmm_(x_c, weight[p:q].t(), beta=0, alpha=logit_scale)
         else:
-            torch.addmm(bias[p:q], x_c, weight[p:q].t(), out=out)
+            torch.addmm(bias[p:q], x_c, weight[p:q].t(), beta=logit_scale, alpha=logit_scale, out=out)
 
     x_next = rows_of(chunks[0]) if chunks else None
     for p, q in slabs if chunks else ():
