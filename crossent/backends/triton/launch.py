@@ -56,8 +56,9 @@ def launch_ce_forward(
     z_loss: float,
     softcap: float | None,
 ) -> None:
-    """Launch one program per row over ``logits (R, C)`` (unit column stride); fills ``loss``,
-    ``lse`` and, when ``grad`` is given, ``grad (R, C)`` (which may be ``logits`` itself)."""
+    """Launch one program per row over ``logits (R, C)`` (unit column stride, any row stride
+    ``>= C``); fills ``loss``, ``lse`` and, when ``grad`` is given, ``grad (R, C)`` (unit column
+    stride; may be ``logits`` itself, then written at the logits' row stride)."""
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
@@ -82,6 +83,7 @@ def launch_ce_forward(
             HAS_Z_LOSS=z_loss != 0,
             HAS_SOFTCAP=softcap is not None,
             WANT_GRAD=want_grad,
+            INPLACE=want_grad and grad.data_ptr() == logits.data_ptr(),
             BLOCK=block,
             SINGLE_BLOCK=single,
             # The interpreter truncates float32 -> bfloat16; GPUs round to nearest even.
