@@ -40,8 +40,19 @@ def test_kernels_in_interpreter():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_kernels_on_gpu():
-    _pytest_child("tests/triton_cases.py", interpret=False, timeout=900)
+def test_real_widths_on_gpu():
+    """V in {16384, 16385, 50257, 128256}, in place and not, strided, memory (triton_gpu_cases)."""
+    _pytest_child("tests/triton_gpu_cases.py", interpret=False, timeout=900)
+
+
+def test_gpu_check_script_without_cuda():
+    """benchmarks/gpu_check.sh on a machine without CUDA: one line saying so, exit status 0 (with
+    CUDA hidden from it, so this holds on GPU machines too)."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines() == ["gpu_check: no CUDA device here, nothing to check"]
 
 
 def test_auto_prefers_triton_on_cuda():
@@ -92,3 +103,9 @@ def test_compiled_first_call_imports_the_backend():
     done = subprocess.run([sys.executable, "-c", _FIRST_CALL_COMPILED], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kernels_on_gpu():
+    """The interpreter cases, natively (last: the longest; gpu_check.sh may cut it short)."""
+    _pytest_child("tests/triton_cases.py", interpret=False, timeout=900)
