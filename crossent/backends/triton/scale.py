@@ -25,16 +25,16 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _scale_kernel(
-    ptr, factor_ptr, n_rows, n_cols, stride_row, n_col_blocks,
+    ptr, factor_ptr, n_tiles, n_cols, stride_row, n_col_blocks,
     ACC: tl.constexpr, BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
-    """``x[r, c] *= factor`` over ``(n_rows, n_cols)`` at row stride ``stride_row`` (unit column
-    stride), tile ``t`` = (row ``t // n_col_blocks``, column block ``t % n_col_blocks``); the
-    programs stride over the tiles."""
+    """``x[r, c] *= factor`` over ``n_tiles / n_col_blocks`` rows of ``n_cols`` at row stride
+    ``stride_row`` (unit column stride), tile ``t`` = (row ``t // n_col_blocks``, column block
+    ``t % n_col_blocks``); the programs stride over the tiles. ``n_tiles`` comes from the host:
+    an argument equal to 1 reaches a compiled kernel as a constexpr, with no ``.to``."""
     factor = tl.load(factor_ptr).to(ACC)
     if factor != 1.0:
         cols = tl.arange(0, BLOCK)
-        n_tiles = n_rows.to(tl.int64) * n_col_blocks
         for t in range(tl.program_id(0).to(tl.int64), n_tiles, tl.num_programs(0)):
             row = t // n_col_blocks
             start = (t - row * n_col_blocks) * BLOCK
@@ -70,7 +70,7 @@ def scale_inplace(grad: Tensor, factor: Tensor) -> bool:
     programs = min(n_tiles, _n_programs(grad.device.index or 0) if grad.is_cuda else 4)
     with torch.cuda.device(grad.device) if grad.is_cuda else nullcontext():
         _scale_kernel[(programs,)](
-            grad, factor, n_rows, n_cols, stride, n_col_blocks,
+            grad, factor, n_tiles, n_cols, stride, n_col_blocks,
             ACC=tl.float64 if grad.dtype == torch.float64 else tl.float32,
             BLOCK=_BLOCK,
             ROUND_BF16=_INTERPRET and grad.dtype == torch.bfloat16,
