@@ -73,18 +73,25 @@ def test_real_widths(n_classes, name):
 
 @pytest.mark.parametrize("inplace", [False, True])
 def test_strided_and_ignored_rows(inplace):
-    """``wide[:, :V]`` logits (row stride 2V) with ignored rows: same values as contiguous."""
+    """``wide[:, :V]`` logits (row stride 2V) with ignored rows: same values as contiguous; in
+    place the gradient lands in ``wide`` at its stride, the columns past V untouched."""
     n_classes = 50257
     x, y, _ = _data(16, n_classes, "strided")
     y[::3] = -100
-    wide = torch.zeros(17, 2 * n_classes, dtype=x.dtype, device="cuda")
-    wide[:, :n_classes] = x.cuda()
+    src = torch.full((17, 2 * n_classes), 7.0, dtype=x.dtype, device="cuda")
+    src[:, :n_classes] = x.cuda()
     out = []
-    for logits_ in (wide[:, :n_classes], x.cuda()):
-        leaf = logits_.detach().requires_grad_()  # the strided one stays a view of ``wide``
-        h = leaf.view_as(leaf) if inplace else leaf
-        loss = crossent.cross_entropy(h, y.cuda(), impl="triton", inplace_backward=inplace)
-        out.append((loss, torch.autograd.grad(loss, leaf)[0]))
+    for strided in (True, False):
+        leaf = (src if strided else x.cuda()).clone().requires_grad_()
+        made = leaf * 1  # logits made by an op (in place may not overwrite a leaf)
+        logits_ = made[:, :n_classes] if strided else made
+        loss = crossent.cross_entropy(logits_, y.cuda(), impl="triton", inplace_backward=inplace)
+        (g,) = torch.autograd.grad(loss, made)
+        if strided:
+            assert (g[:, n_classes:] == 0).all()
+            if inplace:
+                assert (made.detach()[:, n_classes:] == 7.0).all()
+        out.append((loss, g[:, :n_classes]))
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
     assert (out[0][1][::3] == 0).all()
 
@@ -99,10 +106,10 @@ def test_memory(inplace, upstream):
     y = torch.randint(0, n_classes, (n_rows,), device="cuda")
     leaf = x.requires_grad_()
     for measure in (False, True):  # the first call compiles and warms the allocator
+        h = leaf * 1  # (N, V) logits made by an op, before the measurement starts
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        h = leaf.view_as(leaf)
         loss = crossent.cross_entropy(h, y, impl="triton", inplace_backward=inplace) * upstream
         (g,) = torch.autograd.grad(loss, h)
         torch.cuda.synchronize()

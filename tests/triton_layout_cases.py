@@ -161,3 +161,52 @@ def test_linear_bf16_chunks_need_mixed_mm(monkeypatch):
     x, w, _, t = (a.to("cuda") for a in data[:4])
     with pytest.raises(RuntimeError, match="torch >= 2.8"):
         crossent.linear_cross_entropy(x, w.requires_grad_(), t, chunk_size=16)
+
+
+def test_out_of_range_indices_are_never_read(block):
+    """The kernel treats an index outside [0, C) as ignored (validation raises before; the
+    kernel must not read outside the row whatever reaches it): loss 0 and a zero gradient."""
+    from crossent._params import CEParams
+    from crossent.backends.triton import ce_forward
+
+    x = logits((4, 21), torch.float32, torch.Generator().manual_seed(18)).to(DEVICE)
+    y = torch.tensor([5, 21, -7, 1 << 40], device=DEVICE)
+    loss, lse, grad = ce_forward(x, y, None, torch.tensor(1.0, device=DEVICE),
+                                 CEParams(label_smoothing=0.1, z_loss=1e-2))
+    assert (loss[1:] == 0).all() and (grad[1:] == 0).all()
+    torch.testing.assert_close(lse, torch.logsumexp(x, 1))
+    ref_loss, _, ref_grad = ce_forward(x[:1], y[:1], None, torch.tensor(1.0, device=DEVICE),
+                                       CEParams(label_smoothing=0.1, z_loss=1e-2))
+    assert torch.equal(loss[:1], ref_loss) and torch.equal(grad[:1], ref_grad)
+
+
+def test_uint8_targets_and_zero_weight_sum(block):
+    """uint8 class indices (compared in int64: 255 is a class, not -1); a mean over counted rows
+    whose weights sum to 0 (scale inf): torch's NaN gradient on counted rows, 0 on ignored ones."""
+    gen = torch.Generator().manual_seed(19)
+    x = logits((6, 300), torch.float32, gen)
+    y = torch.tensor([255, 3, 7, 255, 0, 200])
+    grads = []
+    for impl_target in ((DEVICE, y.to(torch.uint8)), ("torch", y)):
+        leaf = x.clone().requires_grad_()
+        where, t = impl_target
+        h = leaf.to(DEVICE) if where == DEVICE else leaf
+        fn = (lambda a, b: crossent.cross_entropy(a, b.to(a.device), impl="triton")) \
+            if where == DEVICE else torch.nn.functional.cross_entropy
+        fn(h, t).backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    w = torch.ones(300)
+    w[[3, 7]] = 0.0
+    y2 = torch.tensor([3, 7, -100, -100, 3, 7])
+    out = []
+    for impl in ("triton", "torch"):
+        leaf = x.clone().to(DEVICE if impl == "triton" else "cpu").requires_grad_()
+        fn = crossent.cross_entropy if impl == "triton" else torch.nn.functional.cross_entropy
+        kw = {"impl": "triton"} if impl == "triton" else {}
+        loss = fn(leaf, y2.to(leaf.device), w.to(leaf.device), **kw)
+        loss.backward()
+        out.append((loss.detach().cpu(), leaf.grad.cpu()))
+    assert out[0][0].isnan() and out[1][0].isnan()
+    assert torch.equal(out[0][1].isnan(), out[1][1].isnan())
+    assert (out[0][1][2:4] == 0).all() and out[0][1][[0, 1, 4, 5]].isnan().all()

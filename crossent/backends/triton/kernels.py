@@ -124,16 +124,21 @@ def _block_grad(
     x, tanh_x, wt, cols, r, log_s, coef, y, w_target, smooth_coef, scale,
     PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
-    """grad_scale * d loss / d x for one block, in the accumulation dtype."""
+    """grad_scale * d loss / d x for one block, in the accumulation dtype.
+
+    Probability targets: ``(p * coef - wt) * scale``. Class indices come with ``scale`` already
+    in each coefficient (``coef``, ``w_target``, ``smooth_coef``), as torch's backward applies
+    it per term: a mean over a zero weight sum (scale inf) gives torch's inf * p - inf = NaN,
+    and ignored rows (scale 0) give 0 * p.
+    """
     p = tl.exp((x - r) - log_s)
     g = p * coef
     if PROB_TARGET:
-        g = g - wt
+        g = (g - wt) * scale
     else:
         g = g - tl.where(cols == y, w_target, 0.0)
         if HAS_SMOOTHING:
             g = g - smooth_coef * wt
-    g = g * scale
     if HAS_SOFTCAP:
         # d(cap * tanh(x / cap)) / dx = 1 - tanh^2
         g = g * (1 - tanh_x * tanh_x)
@@ -187,7 +192,8 @@ def ce_fwd_kernel(
     x_y = tl.zeros((), dtype=ACC)
     if not PROB_TARGET:
         y = tl.load(target_row)
-        valid = y != ignore_index
+        # Out-of-range indices (validation raised before) count as ignored, and are never read.
+        valid = (y != ignore_index) & (y >= 0) & (y < n_cols)
         y = tl.where(valid, y, 0)
         if HAS_WEIGHT:
             w_y = tl.load(weight_ptr + y).to(ACC)
@@ -254,6 +260,11 @@ def ce_fwd_kernel(
 
     if WANT_GRAD:
         scale = tl.load(grad_scale_ptr).to(ACC)  # read on the device: no host sync
+        if not PROB_TARGET:  # per term (see _block_grad); 0 for ignored rows
+            scale = tl.where(valid, scale, 0.0)
+            coef = coef * scale
+            w_target = w_target * scale
+            smooth_coef = smooth_coef * scale
         grad_row = grad_ptr + row * stride_grad
         if INPLACE:
             tl.debug_barrier()  # all of pass 1's reads of this row before any store to it
@@ -275,10 +286,10 @@ def ce_fwd_kernel(
                                     smooth_coef, scale, PROB_TARGET, HAS_SMOOTHING, HAS_SOFTCAP)
                     _store_grad(grad_row, start + cols, g, maskb, ROUND_BF16, "evict_first")
             else:
-                # An ignored row's gradient is p * 0 * scale: 0 where p is finite, i.e. when the
-                # lse is, and NaN everywhere when it is not (an all -inf or NaN row), as torch's.
-                # (With softcap the capped logits' derivative is finite: it does not change that.)
-                fill = tl.where(tl.abs(lse) < float("inf"), 0.0, float("nan")) * scale
+                # An ignored row's gradient is p * 0: 0 where p is finite, i.e. when the lse is,
+                # and NaN everywhere when it is not (an all -inf or NaN row), as torch's. (With
+                # softcap the capped logits' derivative is finite: it does not change that.)
+                fill = tl.where(tl.abs(lse) < float("inf"), 0.0, float("nan"))
                 g = tl.zeros((BLOCK,), dtype=ACC) + fill
                 for start in range(0, n_cols, BLOCK):
                     _store_grad(grad_row, start + cols, g, start + cols < n_cols, ROUND_BF16,

@@ -66,7 +66,7 @@ def launch_ce_forward(
     if n_rows == 0:
         return
     probs = target.is_floating_point()
-    eps = max(label_smoothing, 0.0)  # torch ignores smoothing <= 0
+    eps = label_smoothing if label_smoothing > 0 else 0.0  # torch ignores <= 0 (and NaN)
     block, num_warps, single = block_config(n_cols, lse.dtype, probs)
     want_grad = grad is not None
     dummy = lse  # stands in for absent tensors; the constexpr flags keep it unread
@@ -83,7 +83,7 @@ def launch_ce_forward(
             PROB_TARGET=probs,
             HAS_WEIGHT=weight is not None,
             HAS_SMOOTHING=eps > 0,
-            HAS_Z_LOSS=z_loss != 0,
+            HAS_Z_LOSS=z_loss > 0,  # never 0 * inf when lse**2 overflows
             HAS_SOFTCAP=softcap is not None,
             WANT_GRAD=want_grad,
             INPLACE=want_grad and grad.data_ptr() == logits.data_ptr(),
