@@ -274,23 +274,25 @@ def ce_fwd_kernel(
             _store_grad(grad_row, cols, g, mask, ROUND_BF16, "")
         else:
             n_blocks = tl.cdiv(n_cols, BLOCK)
-            if valid:
-                for i in range(0, n_blocks):
-                    start = (n_blocks - 1 - i) * BLOCK  # backwards: the row's tail is freshest in L2
-                    xb, tb, wtb, maskb = _load_block(
-                        logits_row, target_row, weight_ptr, start + cols, n_cols, smoothing,
-                        smooth_per_class, softcap, ACC, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING,
-                        HAS_SOFTCAP, "evict_first",
-                    )
-                    g = _block_grad(xb, tb, wtb, start + cols, r, log_s, coef, y, w_target,
-                                    smooth_coef, scale, PROB_TARGET, HAS_SMOOTHING, HAS_SOFTCAP)
-                    _store_grad(grad_row, start + cols, g, maskb, ROUND_BF16, "evict_first")
-            else:
-                # An ignored row's gradient is p * 0: 0 where p is finite, i.e. when the lse is,
-                # and NaN everywhere when it is not (an all -inf or NaN row), as torch's. (With
-                # softcap the capped logits' derivative is finite: it does not change that.)
-                fill = tl.where(tl.abs(lse) < float("inf"), 0.0, float("nan"))
-                g = tl.zeros((BLOCK,), dtype=ACC) + fill
-                for start in range(0, n_cols, BLOCK):
-                    _store_grad(grad_row, start + cols, g, start + cols < n_cols, ROUND_BF16,
-                                "evict_first")
+            # Loop bounds, not a branch, skip the reads of an ignored row: it runs the second
+            # loop instead (an index row is ignored iff ``valid`` is false).
+            n_read = tl.where(valid, n_blocks, 0)
+            for i in range(0, n_read):
+                start = (n_blocks - 1 - i) * BLOCK  # backwards: the row's tail is freshest in L2
+                xb, tb, wtb, maskb = _load_block(
+                    logits_row, target_row, weight_ptr, start + cols, n_cols, smoothing,
+                    smooth_per_class, softcap, ACC, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING,
+                    HAS_SOFTCAP, "evict_first",
+                )
+                g = _block_grad(xb, tb, wtb, start + cols, r, log_s, coef, y, w_target,
+                                smooth_coef, scale, PROB_TARGET, HAS_SMOOTHING, HAS_SOFTCAP)
+                _store_grad(grad_row, start + cols, g, maskb, ROUND_BF16, "evict_first")
+            # An ignored row's gradient is p * 0: 0 where p is finite, i.e. when the lse is, and
+            # NaN everywhere when it is not (an all -inf or NaN row), as torch's. (With softcap
+            # the capped logits' derivative is finite: it does not change that.)
+            fill = tl.zeros((BLOCK,), dtype=ACC) + tl.where(tl.abs(lse) < float("inf"), 0.0,
+                                                             float("nan"))
+            for k in range(0, n_blocks - n_read):
+                col0 = k * BLOCK
+                _store_grad(grad_row, col0 + cols, fill, col0 + cols < n_cols, ROUND_BF16,
+                            "evict_first")
