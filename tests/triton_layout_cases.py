@@ -210,3 +210,25 @@ def test_uint8_targets_and_zero_weight_sum(block):
     assert out[0][0].isnan() and out[1][0].isnan()
     assert torch.equal(out[0][1].isnan(), out[1][1].isnan())
     assert (out[0][1][2:4] == 0).all() and out[0][1][[0, 1, 4, 5]].isnan().all()
+
+
+@pytest.mark.parametrize("probs", [False, True])
+def test_inf_class_weight_at_the_row_max(probs, block):
+    """Smoothing (or probability targets) with an inf class weight on the row's largest logit:
+    torch's w_c * (lse - x_c) is inf there, not inf * 0 = NaN; same loss as the torch backend."""
+    gen = torch.Generator().manual_seed(20)
+    x = logits((5, 40), torch.float32, gen)
+    top = x.argmax(1)
+    w = torch.ones(40)
+    w[top[0]] = float("inf")
+    if probs:
+        t = torch.softmax(torch.randn(5, 40, generator=gen), 1)
+    else:
+        t = index_target(x.shape, 40, gen, ignore_fraction=0.0)
+    out = [crossent.cross_entropy(x.to(dev), t.to(dev), w.to(dev), impl=impl, reduction="none",
+                                  label_smoothing=0.1).cpu()
+           for impl, dev in (("triton", DEVICE), ("torch", "cpu"))]
+    assert torch.equal(out[0].isnan(), out[1].isnan()) and torch.equal(out[0].isinf(), out[1].isinf())
+    assert out[0][top == top[0]].isinf().all()
+    finite = out[1].isfinite()
+    torch.testing.assert_close(out[0][finite], out[1][finite])

@@ -99,6 +99,13 @@ def _finite(m):
 
 
 @triton.jit
+def _moved(mass, delta):
+    """``mass * delta``, the change of ``sum wt * (r - x)`` when ``r`` moves by ``delta``; 0 when
+    it does not move, also for an infinite mass (inf * 0 is a NaN the sum does not have)."""
+    return tl.where(delta == 0, 0.0, mass * delta)
+
+
+@triton.jit
 def _block_stats(x, wt, mask, NEED_WT: tl.constexpr):
     """Block max ``m`` and, about ``r = _finite(m)``: ``s = sum exp(x - r)`` and, with
     ``NEED_WT`` (probability targets, smoothing), ``mass = sum wt`` and ``d = sum wt * (r - x)``
@@ -114,7 +121,9 @@ def _block_stats(x, wt, mask, NEED_WT: tl.constexpr):
     d = tl.zeros_like(s)
     if NEED_WT:
         # wt * inf is NaN for a -inf logit of zero mass, exactly as torch's -(logp * t).sum().
-        d = tl.sum(wt * tl.where(mask, r - x, 0.0), 0)
+        # A term at the max is skipped, not wt * 0: with an inf weight that is NaN, where
+        # torch's wt * (lse - x) is inf, which mass * log s supplies.
+        d = tl.sum(tl.where(mask & (x != r), wt * (r - x), 0.0), 0)
         mass = tl.sum(wt, 0)
     return m, s, mass, d
 
@@ -222,7 +231,7 @@ def ce_fwd_kernel(
             r_new = _finite(m_new)
             s = s * tl.exp(m - r_new) + sb * tl.exp(mb - r_new)
             if NEED_WT:
-                d = d + mass * (r_new - _finite(m)) + db + massb * (r_new - _finite(mb))
+                d = d + _moved(mass, r_new - _finite(m)) + db + _moved(massb, r_new - _finite(mb))
                 mass += massb
             m = m_new
     r = _finite(m)
