@@ -82,9 +82,23 @@ def refuse_double_backward(name: str) -> None:
 
 
 def _times_upstream(grad: Tensor, upstream: Tensor, in_place: bool) -> Tensor:
-    """The saved gradient times the upstream gradient (scalar, or one value per row)."""
+    """The saved gradient times the upstream gradient (scalar, or one value per row).
+
+    On CUDA (eager) the gradient is scaled in place: it is the caller's own buffer (the logits
+    with ``in_place``, else the fresh one the Function owns), so this costs no second ``(R, C)``
+    buffer; a scalar factor is read by a Triton kernel on the device, which touches nothing when
+    it is 1 (the usual ``loss.backward()``): no host sync and no pass over the gradient. The
+    version bump makes a second backward through a retained graph fail autograd's check instead
+    of reading a scaled gradient. Elsewhere a host read of a CPU scalar is free; other devices
+    multiply (out of place unless ``in_place``, so a retained graph can backward again).
+    """
+    if grad.is_cuda and not torch.compiler.is_compiling():
+        if upstream.dim() == 0 and _scale_on_device(grad, upstream):
+            torch.autograd.graph.increment_version(grad)
+            return grad
+        factor = upstream.to(grad.dtype)
+        return grad.mul_(factor if upstream.dim() == 0 else factor.unsqueeze(1))
     if upstream.dim() == 0:
-        # Host read is free on CPU; on accelerators skip the check to avoid a sync.
         on_host = upstream.device.type == "cpu" and not torch.compiler.is_compiling()
         if on_host and upstream.item() == 1.0:
             return grad
@@ -92,3 +106,12 @@ def _times_upstream(grad: Tensor, upstream: Tensor, in_place: bool) -> Tensor:
     else:
         factor = upstream.to(grad.dtype).unsqueeze(1)  # (R, 1)
     return grad.mul_(factor) if in_place else grad * factor
+
+
+def _scale_on_device(grad: Tensor, factor: Tensor) -> bool:
+    """``grad *= factor`` by the Triton kernel when Triton is importable and the layout fits."""
+    try:
+        from .backends.triton.scale import scale_inplace
+    except ImportError:
+        return False
+    return scale_inplace(grad, factor.to(grad.device))

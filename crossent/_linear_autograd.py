@@ -12,6 +12,7 @@ rows of ``x`` (cheaper than scaling the ``(r, V)`` gradient): four matmuls in al
 """
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import torch
@@ -22,8 +23,12 @@ from ._params import CEParams
 from .backends._cpu_alloc import empty_huge
 from .backends.torch_fused import acc_dtype
 
-# Devices where finding the ignored rows (a host read of the target) costs no synchronisation.
-SKIP_IGNORED_ON = ("cpu",)
+# Devices whose ignored rows are dropped before any matmul (see _row_chunks). On CPU finding them
+# (a host read of the target) costs nothing. On CUDA it is opt-in, CROSSENT_COMPACT_IGNORED=1:
+# counting and gathering the rows is a host sync once per call, which stalls the launch queue and
+# breaks CUDA-graph capture; it pays when many rows are ignored (padding, prompt tokens), since
+# each ignored row otherwise costs its share of all three matmuls.
+SKIP_IGNORED_ON = ("cpu", "cuda") if os.environ.get("CROSSENT_COMPACT_IGNORED") == "1" else ("cpu",)
 # Bytes of W one slab spans on CPU (see _slabs): well inside L3 (32 MiB here) beside the
 # slab of grad_weight it updates.
 _SLAB_BYTES = 8 << 20
@@ -172,6 +177,31 @@ def _slabs(n_classes: int, n_features: int, dtype: torch.dtype, device: torch.de
     return [(p, min(p + width, n_classes)) for p in range(0, n_classes, width)]
 
 
+# Devices that sum a 16-bit weight gradient over several chunks as a 16-bit (hi, lo) pair
+# (backends/triton/accumulate.py) instead of in a float32 (V, H) buffer cast at the end: 2 bytes
+# per weight beside the returned gradient instead of 4 (+ 2 during the cast). The partials come
+# in float32 slabs of _PART_BYTES, and the chunk buffer is capped at _PAIR_CHUNK_BYTES, so a
+# 128256 x 4096 head needs lo (0.98 GiB) + chunk + slab < 1.8 GiB beyond the gradients it returns.
+PAIR_ACC_ON = ("cuda",)
+_PART_BYTES = 64 << 20
+_PAIR_CHUNK_BYTES = 768 << 20
+# Devices whose chunk buffer rows start 32-byte aligned (row stride a multiple of 16 elements):
+# the kernel's vector loads and stores need it, and a vocabulary such as 50257 breaks it.
+PAD_ROWS_ON = ("cuda",)
+
+
+def _pair_chunk_rows(chunk_size: int, n_rows: int, n_classes: int, dtype: torch.dtype,
+                     dev: torch.device, needs_w: bool) -> int:
+    """The chunk size, capped at ``_PAIR_CHUNK_BYTES`` of logits when the weight gradient will be
+    summed as a (hi, lo) pair (16-bit, more than one chunk, a ``PAIR_ACC_ON`` device)."""
+    pair = (needs_w and n_rows > chunk_size and dev.type in PAIR_ACC_ON
+            and dtype in (torch.float16, torch.bfloat16))
+    if not pair:
+        return chunk_size
+    rows = _PAIR_CHUNK_BYTES // (dtype.itemsize * max(1, n_classes))
+    return max(16, min(chunk_size, rows - rows % 16))
+
+
 def chunked_linear_ce(
     x: Tensor,
     weight: Tensor,
@@ -209,7 +239,11 @@ def chunked_linear_ce(
         grad_scale = scale if logit_scale is None else scale * logit_scale
     loss = torch.zeros(n_rows, dtype=acc, device=dev)  # (N,) ignored rows stay 0
     lse = torch.full((n_rows,), float("nan"), dtype=acc, device=dev)  # (N,) skipped: NaN
-    buf = _empty((min(chunk_size, n_rows), n_classes), x.dtype, dev)  # (r, V)
+    chunk_size = _pair_chunk_rows(chunk_size, n_rows, n_classes, x.dtype, dev, needs[1])
+    width = n_classes
+    if dev.type in PAD_ROWS_ON:
+        width = -(-n_classes // 16) * 16
+    buf = _empty((min(chunk_size, n_rows), width), x.dtype, dev)[:, :n_classes]  # (r, V)
     chunks = list(_row_chunks(target, params, n_rows, chunk_size))
     skipping = bool(chunks) and chunks[0][1] is not None
     grad_x = None
@@ -218,10 +252,25 @@ def chunked_linear_ce(
     # grad_weight / grad_bias accumulate over chunks in float32 for bf16/fp16 inputs: summing
     # per-chunk partials in 8 or 11 bits loses the small contributions (the field's usual bug).
     # One chunk has nothing to sum: its product (float32 inside BLAS) is rounded once, straight
-    # into the returned dtype, with no (V, H) float32 buffer.
+    # into the returned dtype, with no (V, H) float32 buffer. On PAIR_ACC_ON devices several
+    # chunks sum into the returned 16-bit tensor plus a 16-bit remainder (see PAIR_ACC_ON).
     # The first chunk writes grad_weight (no zero-fill pass over (V, H)); later ones add.
-    w_dtype = acc if len(chunks) > 1 else weight.dtype
+    pair = needs[1] and len(chunks) > 1 and dev.type in PAIR_ACC_ON and x.dtype != acc
+    mixed = pair and _MIXED_MM.get(dev.type, False)
+    if pair and dev.type == "cuda" and not mixed:
+        raise RuntimeError(
+            "crossent: linear_cross_entropy with bf16/fp16 inputs in more than one chunk needs "
+            f"torch >= 2.8 on CUDA (matmuls with a float32 out_dtype; this is torch "
+            f"{torch.__version__}): without them the weight gradient would need float32 "
+            "upcasts of every chunk and a float32 (V, H) product, ~10x slower. Upgrade torch, "
+            "or pass chunk_size >= the number of rows (one chunk), or use float32 inputs."
+        )
+    w_dtype = acc if len(chunks) > 1 and not pair else weight.dtype
     grad_w = _empty((n_classes, n_features), w_dtype, dev) if needs[1] else None  # (V, H)
+    grad_w_lo = _empty((n_classes, n_features), w_dtype, dev) if pair else None  # (V, H)
+    part_rows = max(1, _PART_BYTES // (4 * n_features))
+    part = torch.empty((min(part_rows, n_classes), n_features), dtype=torch.float32,
+                       device=dev) if pair else None  # (slab, H) float32 partial
     grad_b = torch.zeros(n_classes, dtype=acc, device=dev) if needs[2] else None  # (V,)
     if grad_w is not None and not chunks:
         grad_w.zero_()
@@ -245,6 +294,19 @@ def chunked_linear_ce(
         else:
             torch.addmm(bias[p:q], x_c, weight[p:q].t(), beta=logit_scale, alpha=logit_scale, out=out)
 
+    def pair_add(g_s: Tensor, x_c: Tensor, p: int, q: int, first: bool) -> None:
+        """``grad_w[p:q] (+)= g_s^T x_c`` into the (hi, lo) pair, in float32 slabs of ``part``."""
+        from .backends.triton.accumulate import pair_add_
+
+        for a in range(p, q, part.shape[0]):
+            b = min(a + part.shape[0], q)
+            g_t, out = g_s[:, a - p:b - p].t(), part[: b - a]  # (b - a, r), (b - a, H)
+            if mixed:
+                torch.mm(g_t, x_c, out_dtype=torch.float32, out=out)
+            else:  # devices without 16-bit -> float32 products: slab-sized upcasts
+                torch.mm(g_t.float(), x_c.float(), out=out)
+            pair_add_(grad_w[a:b], grad_w_lo[a:b], out, first)
+
     x_next = rows_of(chunks[0]) if chunks else None
     for p, q in slabs if chunks else ():
         project(x_next, p, q)
@@ -267,23 +329,23 @@ def chunked_linear_ce(
         direct = index is None and row_scale is None
         if want_grad and grad_x is not None:
             gx_c = grad_x[rows] if direct else torch.empty((r, n_features), dtype=x.dtype, device=dev)
-        same, mixed = True, False
-        if want_grad and grad_w is not None:
-            # bf16/fp16 into a float32 weight gradient: CUDA has matmuls that take 16-bit
-            # operands and write float32 (tensor-core speed); CPUs have none, so upcast there.
+        same = True
+        if want_grad and grad_w is not None and not pair:
+            # bf16/fp16 into a float32 weight gradient (CPU, or devices outside PAIR_ACC_ON):
+            # upcast, as CPUs have no matmul taking 16-bit operands that writes float32.
             same = g.dtype == w_dtype
-            mixed = not same and _MIXED_MM.get(dev.type, False)
-            x_w = x_c if same or mixed else x_c.to(w_dtype)
+            x_w = x_c if same else x_c.to(w_dtype)
         for j, (p, q) in enumerate(slabs):
             if want_grad:
                 g_s = g[:, p:q]  # (r, q - p)
-                if grad_w is not None:
-                    g_t = g_s.t() if same or mixed else g_s.t().to(w_dtype)
-                    extra = {"out_dtype": w_dtype} if mixed else {}
+                if pair:
+                    pair_add(g_s, x_c, p, q, first=i == 0)
+                elif grad_w is not None:
+                    g_t = g_s.t() if same else g_s.t().to(w_dtype)
                     if i == 0:
-                        torch.mm(g_t, x_w, out=grad_w[p:q], **extra)
+                        torch.mm(g_t, x_w, out=grad_w[p:q])
                     else:
-                        torch.addmm(grad_w[p:q], g_t, x_w, out=grad_w[p:q], **extra)
+                        torch.addmm(grad_w[p:q], g_t, x_w, out=grad_w[p:q])
                 if grad_b is not None:
                     if u is None:
                         grad_b[p:q] += g_s.sum(0, dtype=acc)
@@ -303,6 +365,8 @@ def chunked_linear_ce(
                 grad_x[rows] = gx_c
             else:
                 grad_x.index_copy_(0, index, gx_c)
+    # Free the chunk buffer (and the last chunk's gradient view of it) before any final cast.
+    buf = g = grad_w_lo = part = None
     grads = (
         grad_x,
         None if grad_w is None else grad_w.to(weight.dtype),
