@@ -96,16 +96,23 @@ def _times_upstream(grad: Tensor, upstream: Tensor, in_place: bool) -> Tensor:
         if upstream.dim() == 0 and _scale_on_device(grad, upstream):
             torch.autograd.graph.increment_version(grad)
             return grad
-        factor = upstream.to(grad.dtype)
-        return grad.mul_(factor if upstream.dim() == 0 else factor.unsqueeze(1))
+        return grad.mul_(_per_row(upstream.to(grad.dtype), grad))
     if upstream.dim() == 0:
         on_host = upstream.device.type == "cpu" and not torch.compiler.is_compiling()
         if on_host and upstream.item() == 1.0:
             return grad
-        factor = upstream.to(grad.dtype)
-    else:
-        factor = upstream.to(grad.dtype).unsqueeze(1)  # (R, 1)
+    factor = _per_row(upstream.to(grad.dtype), grad)
     return grad.mul_(factor) if in_place else grad * factor
+
+
+def _per_row(factor: Tensor, grad: Tensor) -> Tensor:
+    """A scalar factor as is; one per row broadcast over the class dim of ``grad``: ``(R, 1)``
+    for ``(R, C)``, ``(N, 1, S)`` for K-dimensional ``(N, C, S)`` (rows in ``(n, s)`` order)."""
+    if factor.dim() == 0:
+        return factor
+    if grad.dim() == 3:
+        return factor.reshape(grad.shape[0], 1, grad.shape[2])
+    return factor.unsqueeze(1)
 
 
 def _scale_on_device(grad: Tensor, factor: Tensor) -> bool:

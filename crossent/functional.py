@@ -5,6 +5,8 @@ call becomes ``R`` rows of ``C`` logits (``R = N * d1 * ... * dk``).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -144,7 +146,8 @@ def _cross_entropy(
 
 
 def to_rows(input: Tensor, target: Tensor, probs: bool) -> tuple[Tensor, Tensor, tuple[int, ...]]:
-    """Move the class dim last and flatten: logits ``(R, C)``, target ``(R,)`` or ``(R, C)``.
+    """Move the class dim last and flatten: logits ``(R, C)``, target ``(R,)`` or ``(R, C)``;
+    contiguous K-dimensional logits with class indices stay where they are, as ``(N, C, S)``.
 
     Also returns the index shape the per-row results are reshaped to for ``reduction="none"``.
     """
@@ -156,6 +159,10 @@ def to_rows(input: Tensor, target: Tensor, probs: bool) -> tuple[Tensor, Tensor,
     out_shape = (input.shape[0], *input.shape[2:])
     if input.dim() == 2 and input.is_contiguous():
         logits = input  # (R, C) already: no op, no copy (a small call pays per op)
+    elif input.dim() >= 3 and input.is_contiguous() and not probs:
+        # (N, C, S), a view: backends with a K-dim kernel read it in place (rows in (n, s)
+        # order), the others move the class dim last themselves.
+        logits = input.reshape(input.shape[0], n_classes, math.prod(input.shape[2:]))
     else:
         logits = input.movedim(1, -1).reshape(-1, n_classes).contiguous()  # (R, C)
     if probs:

@@ -26,6 +26,17 @@ def reduced(ce_forward: Callable, index_target_sums: Callable) -> Call:
     def cross_entropy(
         logits: Tensor, target: Tensor, weight: Tensor | None, want_grad: bool, params: CEParams
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        if logits.dim() == 3:
+            # K-dimensional (N, C, S): this backend reads rows, so the class dim goes last (a
+            # copy); the gradient is handed back as a view in the caller's layout.
+            n, n_classes, n_in = logits.shape
+            # detach: where the layouts coincide (S = 1 or C = 1) this is a view of the logits,
+            # which an in-place gradient may then overwrite outside autograd's view tracking.
+            rows = logits.detach().movedim(1, 2).reshape(-1, n_classes).contiguous()  # (N*S, C)
+            loss, lse, grad, scale = cross_entropy(rows, target, weight, want_grad, params)
+            if grad is not None:
+                grad = grad.view(n, n_in, n_classes).movedim(2, 1)  # (N, C, S)
+            return loss, lse, grad, scale
         acc = acc_dtype(logits.dtype)
         n_rows, n_classes = logits.shape
         if target.is_floating_point():  # probabilities: "mean" is over rows

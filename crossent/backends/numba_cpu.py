@@ -30,6 +30,7 @@ from . import TargetOutOfBounds, torch_fused
 from ._reduced import reduced
 from ._cpu_alloc import empty_huge
 from ._opaque import opaque_kernel
+from ._numba_kdim import kdim_kernel, n_blocks
 from ._numba_math import scaled_difference
 from ._numba_rows import (
     BF16, F16, FM, cap_factor, exp_sum, exp_sum_inplace, exp_sum_store, gap_sum,
@@ -293,10 +294,13 @@ def cross_entropy(
     """The whole call (``crossent.backends``' contract) in one kernel launch when the work is one
     thread's (class indices, float32/16-bit, eager): small calls pay for few Python steps.
     Larger, probability-target, float64 and compiled calls take the composed path."""
-    n_rows, n_cls = logits.shape
-    if (target.is_floating_point() or logits.dtype not in _FORMATS
-            or n_rows * n_cls >= _PARALLEL_MIN or n_rows == 0 or torch.compiler.is_compiling()):
+    if logits.dim() == 3 and _kdim_fits(logits, target, params):
+        return _kdim_cross_entropy(logits, target, weight, want_grad, params)
+    if (logits.dim() == 3 or target.is_floating_point() or logits.dtype not in _FORMATS
+            or logits.numel() >= _PARALLEL_MIN or logits.shape[0] == 0
+            or torch.compiler.is_compiling()):
         return _composed(logits, target, weight, want_grad, params)
+    n_rows, n_cls = logits.shape
     loss = np.empty(n_rows, np.float32)  # (R,)
     lse = np.empty(n_rows, np.float32)  # (R,)
     x = _as_array(logits)
@@ -322,3 +326,46 @@ def cross_entropy(
     else:
         out = torch.tensor(value, dtype=torch.float32)
     return out, torch.from_numpy(lse), grad, scale
+
+
+def _kdim_fits(logits: Tensor, target: Tensor, params: CEParams) -> bool:
+    """K-dim logits the in-place kernel takes (eager, class indices, no softcap, 32/16-bit)."""
+    return (logits.dtype in _FORMATS and not target.is_floating_point()
+            and params.softcap is None and logits.numel() > 0
+            and not torch.compiler.is_compiling())
+
+
+def _kdim_cross_entropy(
+    logits: Tensor, target: Tensor, weight: Tensor | None, want_grad: bool, params: CEParams
+) -> tuple[Tensor, Tensor, Tensor | None, float]:
+    """``(N, C, S)`` logits with class indices ``(N * S,)``: read and written in their layout."""
+    n, n_cls, n_in = logits.shape
+    w = _EMPTY if weight is None else _as_array(weight.float().contiguous())
+    t = target.numpy()
+    den, bad = _target_pass(t, w, np.int64(params.ignore_index), n_cls)
+    if bad >= 0:
+        raise TargetOutOfBounds(bad)
+    mean = params.reduction == "mean"
+    scale = (math.inf if den == 0 else 1.0 / den) if mean else 1.0
+    loss = np.empty(n * n_in, np.float32)  # (N * S,)
+    lse = np.empty(n * n_in, np.float32)  # (N * S,)
+    x = _as_array(logits)
+    grad = out = None
+    if want_grad and params.inplace_backward:
+        grad, out = logits, x
+    elif want_grad:
+        grad = empty_huge(logits.shape, logits.dtype)  # (N, C, S), fresh: huge pages
+        out = _as_array(grad)
+    w_total = float(w.sum(dtype=np.float32)) if weight is not None else float(n_cls)
+    blocks = n_blocks(n, n_in)
+    threads = 1 if logits.numel() < _PARALLEL_MIN else min(torch.get_num_threads(), blocks)
+    args = (x, _FORMATS[logits.dtype], t, w, w_total, np.int64(params.ignore_index),
+            _F32(params.eps), _F32(params.z_loss), _F32(scale), scale != math.inf, want_grad,
+            x if out is None else out, loss, lse)
+    _split_rows(kdim_kernel, args, blocks, threads)
+    out_loss = torch.from_numpy(loss)
+    if params.reduction == "sum":
+        out_loss = out_loss.sum()
+    elif mean:
+        out_loss = out_loss.sum() / den if den else out_loss.sum() / torch.tensor(0.0)
+    return out_loss, torch.from_numpy(lse), grad, scale
