@@ -97,6 +97,12 @@ def resolve_backend(impl: str, tensor: Tensor) -> ModuleType:
     return backend
 
 
+def backend_name(impl: str, tensor: Tensor) -> str:
+    """The name (``"torch"``, ``"numba"``, ``"triton"``) of the backend ``impl`` resolves to."""
+    backend = resolve_backend(impl, tensor)
+    return next(name for name, (loader, _) in _BACKENDS.items() if loader() is backend)
+
+
 def _resolve(impl: str, tensor: Tensor) -> ModuleType:
     if impl == "auto":
         for name in _AUTO.get(tensor.device.type, ("torch",)):

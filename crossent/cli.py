@@ -83,7 +83,7 @@ def env(plain: bool = False) -> int:
     from . import __version__
     from ._console import Console
     from ._diagnostics import diagnostics_enabled
-    from ._dispatch import available, resolve
+    from ._dispatch import available, backend_name
 
     console = Console(plain=plain)
     versions = [("python", platform.python_version()), ("platform", platform.platform())]
@@ -103,7 +103,7 @@ def env(plain: bool = False) -> int:
     console.table("devices", ["device", "details"], devices, left=2)
 
     cpu = torch.empty(1, 2)
-    auto_cpu = resolve("auto", cpu).__module__.rsplit(".", 1)[-1]
+    auto_cpu = backend_name("auto", cpu)
     rows = []
     for name, needs in (("torch", "any device"), ("numba", "CPU tensors"),
                         ("triton", "CUDA tensors (or TRITON_INTERPRET=1 on CPU)")):
@@ -111,7 +111,7 @@ def env(plain: bool = False) -> int:
     console.table("backends (impl=...)", ["backend", "installed", "runs on"], rows, left=3)
     console.line(f"impl='auto' on CPU uses: {auto_cpu}")
     if torch.cuda.is_available():
-        auto_cuda = resolve("auto", cpu.cuda()).__module__.rsplit(".", 1)[-1]
+        auto_cuda = backend_name("auto", cpu.cuda())
         console.line(f"impl='auto' on CUDA uses: {auto_cuda}")
     console.line(f"misuse diagnostics: {'on' if diagnostics_enabled() else 'off'} "
                  "(crossent.set_diagnostics, CROSSENT_DIAGNOSTICS=0)")

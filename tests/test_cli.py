@@ -52,6 +52,8 @@ def test_env_lists_versions_devices_backends():
     for word in ("python", "torch", "crossent", "numba", "triton", "rich", "cpu threads", "cuda",
                  "backends", "impl='auto' on CPU uses"):
         assert word in result.stdout, word
+    used = result.stdout.split("impl='auto' on CPU uses:")[1].split()[0]
+    assert used in ("numba", "torch")  # a backend's name (was once an internal module's)
 
 
 def test_no_command_prints_help_and_fails():
