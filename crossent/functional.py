@@ -160,8 +160,10 @@ def to_rows(
         return logits, rows_target, ()
     n_classes = input.shape[1]
     out_shape = (input.shape[0], *input.shape[2:])
-    if input.dim() == 2 and input.is_contiguous():
-        logits = input  # (R, C) already: no op, no copy (a small call pays per op)
+    if input.dim() == 2 and input.stride(1) == 1:
+        # (R, C) rows already, contiguous or at any row stride (vocab-padded logits[:, :V]):
+        # no op, no copy (a small call pays per op); backends without strided rows copy.
+        logits = input
     elif keep_kdim and input.dim() >= 3 and input.is_contiguous() and not probs:
         # (N, C, S), a view: backends with a K-dim kernel read it in place (rows in (n, s)
         # order), the others move the class dim last themselves.

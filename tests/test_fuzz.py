@@ -68,6 +68,7 @@ class Case:
     z_loss: float = 0.0
     softcap: float | None = None
     strided: bool = False
+    padded: bool = False  # (N, C) rows at a larger stride: wide[:, :C] (vocab-padded logits)
     inplace: bool = False
     magnitude: float = 3.0
     special: str | None = None  # None, "-inf", "nan", "-inf row"
@@ -125,7 +126,11 @@ def _leaf_and_input(base: torch.Tensor, case: Case):
     """The leaf whose ``.grad`` is compared, and the tensor passed to the loss: ``base`` itself,
     or (strided) every other column of a buffer twice as wide along the class dim, and for
     ``inplace`` a non-leaf (view) the loss may overwrite."""
-    if case.strided and base.dim() >= 2:
+    if case.padded and base.dim() == 2:
+        pad = torch.full((base.shape[0], 3), 7.0, dtype=base.dtype)
+        leaf = torch.cat([base.detach(), pad], dim=1).requires_grad_(True)
+        x = (leaf * 1 if case.inplace else leaf)[:, :base.shape[1]]
+    elif case.strided and base.dim() >= 2:
         leaf = torch.repeat_interleave(base.detach(), 2, dim=1).requires_grad_(True)
         x = (leaf * 1 if case.inplace else leaf)[:, ::2]
     else:
@@ -136,6 +141,9 @@ def _leaf_and_input(base: torch.Tensor, case: Case):
 
 def _narrow(grad: torch.Tensor | None, case: Case, base: torch.Tensor) -> torch.Tensor | None:
     """The gradient of the columns the loss saw; the others must be exactly 0."""
+    if grad is not None and case.padded and base.dim() == 2:
+        assert not grad[:, base.shape[1]:].any(), "gradient written into the padding"
+        return grad[:, :base.shape[1]]
     if grad is None or not (case.strided and base.dim() >= 2):
         return grad
     assert not grad[:, 1::2].any(), "gradient written outside the strided view"
@@ -319,6 +327,7 @@ def cases(draw) -> Case:
         z_loss=draw(st.sampled_from([0.0, 0.0, 0.0, 1e-3])),
         softcap=draw(st.sampled_from([None, None, None, 5.0])),
         strided=draw(st.booleans()),
+        padded=draw(st.booleans()),
         inplace=draw(st.booleans()),
         magnitude=draw(st.sampled_from([1e-30, 1.0, 3.0, 1e4, 1e30, 3e38])),
         special=draw(st.sampled_from([None, None, None, "-inf", "nan", "-inf row"])),

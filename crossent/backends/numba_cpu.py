@@ -296,6 +296,8 @@ def cross_entropy(
     """The whole call (``crossent.backends``' contract) in one kernel launch when the work is one
     thread's (class indices, float32/16-bit, eager): small calls pay for few Python steps.
     Larger, probability-target, float64 and compiled calls take the composed path."""
+    if logits.dim() == 2 and not logits.is_contiguous():
+        logits = logits.contiguous()  # rows at a stride: the row kernels read contiguous rows
     if logits.dim() == 3 and _kdim_fits(logits, target, params):
         return _kdim_cross_entropy(logits, target, weight, want_grad, params)
     if (logits.dim() == 3 or target.is_floating_point() or logits.dtype not in _FORMATS
