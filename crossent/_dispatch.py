@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Callable
+from contextvars import ContextVar
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -74,8 +75,23 @@ def available(name: str) -> bool:
     return _INSTALLED.get(name, False)
 
 
+# Set by ``crossent.stats`` for the duration of one ``*_with_stats`` call: an object whose
+# ``wrap(kernel)`` returns a kernel that also asks for per-row statistics. A hook here, rather
+# than one more argument through every public function and autograd Function, serves both the
+# plain and the linear loss with the kernel pass they already make.
+stats_sink: ContextVar[Any] = ContextVar("crossent_stats_sink", default=None)
+
+
 def resolve(impl: str, tensor: Tensor) -> Kernel:
     """Return the kernel for ``impl`` on ``tensor``'s device, or raise a clear error."""
+    kernel = _resolve(impl, tensor)
+    if torch.compiler.is_compiling():
+        return kernel  # the *_with_stats functions are eager-only (they refuse compilation)
+    sink = stats_sink.get()
+    return kernel if sink is None else sink.wrap(kernel)
+
+
+def _resolve(impl: str, tensor: Tensor) -> Kernel:
     if impl == "auto":
         for name in _AUTO.get(tensor.device.type, ("torch",)):
             loader, why_not = _BACKENDS[name]

@@ -14,4 +14,9 @@
   ``params.inplace_backward`` the gradient is written into ``logits``' storage.
 
 The accumulation dtype is float64 for float64 logits and float32 otherwise.
+
+Optional ``stats``: an ``(R, 2)`` tensor in the accumulation dtype that the kernel fills, in
+the same pass, with ``[first argmax of the (soft-capped) row == target, entropy of its
+softmax]`` for class-index rows (``crossent.stats``); rows of ``ignore_index`` hold anything.
+Not computed when ``None`` (the default). Eager only.
 """

@@ -30,8 +30,8 @@ from . import torch_fused
 from ._cpu_alloc import empty_huge
 from ._opaque import opaque_kernel
 from ._numba_rows import (
-    BF16, F16, FM, cap_factor, exp_sum, exp_sum_inplace, exp_sum_store, gap_sum,
-    grad_dest, load_row, row_max, scale, scale_sub, scale_sub_targets, scale_sub_weighted,
+    BF16, F16, FM, cap_factor, equal_before, exp_moment_sum, exp_sum, exp_sum_inplace,
+    exp_sum_store, gap_sum, grad_dest, load_row, row_max, scale, scale_sub, scale_sub_targets, scale_sub_weighted,
     soft_target_sums, store_row, weighted_gap_sum,
 )
 
@@ -49,8 +49,10 @@ def _exp_sum(xr, m, dest, want_grad, aliased):
 
 @njit(nogil=True, fastmath=FM, cache=True)
 def _index_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, cap, gscale, want_grad,
-                  inplace, grad, loss, lse, lo, hi):
-    """Class-index targets. ``w`` has size 0 when unweighted; ``eps`` is label smoothing."""
+                  inplace, grad, loss, lse, stats, lo, hi):
+    """Class-index targets. ``w`` has size 0 when unweighted; ``eps`` is label smoothing;
+    ``stats`` ``(R, 2)`` is filled when it has rows (``crossent.stats``), else has none."""
+    want_stats = stats.shape[0] > 0
     n_rows, n_cls = x.shape
     has_w = w.size > 0
     keep = _F32(1.0) - eps
@@ -69,7 +71,13 @@ def _index_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, cap, gscale,
             gaps = weighted_gap_sum(xr, m, w) if has_w else gap_sum(xr, m)
         x_y = xr[y] if valid else _F32(0.0)
         dest = grad_dest(grad[r], gbuf)
-        s = _exp_sum(xr, m, dest, want_grad, aliased)
+        if want_stats:  # before step 2 may overwrite xr
+            hit = valid and x_y == m and not equal_before(xr, m, y)
+            stats[r, 0] = _F32(1.0) if hit else _F32(0.0)
+            s, moment = exp_moment_sum(xr, m, dest, want_grad)
+            stats[r, 1] = _F32(math.log(s)) - moment / s
+        else:
+            s = _exp_sum(xr, m, dest, want_grad, aliased)
         log_s = _F32(math.log(s))
         lse[r] = m + log_s
         if not valid:
@@ -179,10 +187,12 @@ def _ce_forward(
     weight: Tensor | None,
     grad_scale: Tensor | None,
     params: CEParams,
+    stats: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per-row loss ``(R,)``, lse ``(R,)`` and, if ``grad_scale`` is given, the gradient ``(R, C)``."""
-    if logits.dtype not in _FORMATS:
-        return torch_fused.ce_forward(logits, target, weight, grad_scale, params)  # float64
+    """Per-row loss ``(R,)``, lse ``(R,)`` and, if ``grad_scale`` is given, the gradient ``(R, C)``;
+    ``stats`` ``(R, 2)`` float32, when given, is filled as the backend contract says."""
+    if logits.dtype not in _FORMATS:  # float64
+        return torch_fused.ce_forward(logits, target, weight, grad_scale, params, stats=stats)
     n_rows, n_cls = logits.shape
     loss = torch.empty(n_rows, dtype=torch.float32)  # (R,)
     lse = torch.empty(n_rows, dtype=torch.float32)  # (R,)
@@ -210,7 +220,8 @@ def _ce_forward(
         w_total = _F32(w.sum(dtype=np.float32)) if weight is not None else _F32(n_cls)
         args = (x, fmt, _as_array(target.long().contiguous()), w, w_total,
                 np.int64(params.ignore_index), eps, _F32(params.z_loss), cap, gscale, want_grad,
-                params.inplace_backward, out, loss.numpy(), lse.numpy())
+                params.inplace_backward, out, loss.numpy(), lse.numpy(),
+                np.empty((0, 2), np.float32) if stats is None else stats.numpy())
         _split_rows(_index_kernel, args, n_rows, threads)
     return loss, lse, grad
 

@@ -41,8 +41,10 @@ def ce_forward(
     weight: Tensor | None,
     grad_scale: Tensor | None,
     params: CEParams,
+    stats: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per-row loss ``(R,)``, lse ``(R,)`` and, if ``grad_scale`` is given, the gradient ``(R, C)``."""
+    """Per-row loss ``(R,)``, lse ``(R,)`` and, if ``grad_scale`` is given, the gradient ``(R, C)``;
+    ``stats`` ``(R, 2)``, when given, is filled as the backend contract says."""
     n_rows, n_classes = logits.shape
     acc = acc_dtype(logits.dtype)
     loss = torch.empty(n_rows, dtype=acc, device=logits.device)  # (R,)
@@ -58,7 +60,8 @@ def ce_forward(
         if probs_target:
             out = _prob_rows(x, target[rows], weight, grad is not None, params)
         else:
-            out = _index_rows(x, target[rows], weight, grad is not None, params)
+            row_stats = None if stats is None else stats[rows]
+            out = _index_rows(x, target[rows], weight, grad is not None, params, row_stats)
         loss[rows], lse[rows], g = out
         if grad is not None:
             g.mul_(grad_scale)
@@ -80,7 +83,8 @@ def _softmax_lse(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _index_rows(
-    x: Tensor, t: Tensor, weight: Tensor | None, want_grad: bool, params: CEParams
+    x: Tensor, t: Tensor, weight: Tensor | None, want_grad: bool, params: CEParams,
+    stats: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Class-index rows. With smoothing eps and class weights w (torch's formula):
 
@@ -89,6 +93,9 @@ def _index_rows(
     n_classes = x.shape[1]
     eps = max(params.label_smoothing, 0.0)  # torch ignores smoothing <= 0
     p, lse = _softmax_lse(x)
+    if stats is not None:  # before p becomes the gradient; entr(0) = 0 for -inf logits
+        stats[:, 0] = x.argmax(1) == t
+        stats[:, 1] = torch.special.entr(p).sum(1)
     valid = t != params.ignore_index  # (r,)
     t_safe = torch.where(valid, t, 0).unsqueeze(1)  # (r, 1)
     counted = valid.to(x.dtype)  # (r,) 1 for counted rows; a bool mask would compute in float32

@@ -26,6 +26,7 @@ def _ce_forward(
     weight: Tensor | None,
     grad_scale: Tensor | None,
     params: CEParams,
+    stats: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Per-row loss ``(R,)``, lse ``(R,)`` and, if ``grad_scale`` is given, the gradient ``(R, C)``.
 
@@ -46,7 +47,7 @@ def _ce_forward(
         grad = logits if params.inplace_backward else torch.empty_like(logits)  # (R, C)
     launch_ce_forward(
         logits, target, weight, grad_scale, grad, loss, lse, params.ignore_index,
-        params.label_smoothing, params.z_loss, params.softcap,
+        params.label_smoothing, params.z_loss, params.softcap, stats,
     )
     return loss, lse, grad
 
