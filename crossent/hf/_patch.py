@@ -21,6 +21,7 @@ _STATE = "_crossent_hf"  # attribute of a patched model holding its _State
 @dataclass
 class _State:
     original: Callable[..., Any]  # the forward in place before patching (bound)
+    signature: inspect.Signature  # original's, read once: forward binds every call to it
     own_forward: Any  # an instance-level forward that patching replaced, or None
     options: HeadOptions
     always: bool = False  # causal_lm_loss: the crossent path in eval mode too
@@ -65,8 +66,8 @@ def _router_aux_loss(model: nn.Module, outputs: Any, attention_mask: Tensor | No
 def _forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     state: _State = self.__dict__[_STATE]
     call = state.original
-    bound = inspect.signature(call).bind_partial(*args, **kwargs).arguments
-    for name, p in inspect.signature(call).parameters.items():
+    bound = state.signature.bind_partial(*args, **kwargs).arguments
+    for name, p in state.signature.parameters.items():
         if p.kind is inspect.Parameter.VAR_KEYWORD and name in bound:
             bound.update(bound.pop(name))
     labels = bound.pop("labels", None)
@@ -74,15 +75,18 @@ def _forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     keep = bound.pop("logits_to_keep", 0)
     use_crossent = (self.training or state.always) and (labels is not None or targets is not None)
     if not use_crossent or not (isinstance(keep, int) and keep == 0):
-        return call(*args, **kwargs)  # eval, generate(), no labels: untouched
+        # eval, generate(), no labels, or logits asked for (logits_to_keep): untouched
+        return call(*args, **kwargs)
     num_items = bound.pop("num_items_in_batch", None)
     return_dict = bound.pop("return_dict", None)
     if targets is None:
         targets = shift_labels(labels)
     config = self.config
-    routed = "output_router_logits" in inspect.signature(call).parameters
+    routed = "output_router_logits" in state.signature.parameters
     if routed and bound.get("output_router_logits") is None:
         bound["output_router_logits"] = bool(getattr(config, "output_router_logits", False))
+    if "labels" in inspect.signature(self.base_model.forward).parameters:
+        bound["labels"] = labels  # multimodal bases (Gemma 3) shape the attention mask by it
     outputs = self.base_model(**bound)
     hidden = outputs[0]  # (B, T, H), after the final norm
     reduction = "mean" if num_items is None else "sum"
@@ -168,7 +172,7 @@ def _install(target: nn.Module, options: HeadOptions, always: bool = False) -> N
     state = target.__dict__.get(_STATE)
     if state is None:
         own = target.__dict__.get("forward")  # e.g. accelerate's autocast wrapper
-        state = _State(target.forward, own, options, always)
+        state = _State(target.forward, inspect.signature(target.forward), own, options, always)
         target.__dict__[_STATE] = state
         target.forward = types.MethodType(_with_signature_of(state.original), target)
     else:
@@ -176,7 +180,17 @@ def _install(target: nn.Module, options: HeadOptions, always: bool = False) -> N
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch`: the model's forward is the one it had before. Returns ``model``."""
+    """Undo :func:`patch`: the model's forward is the one it had before.
+
+    Args:
+        model: a model (or PEFT wrapper) that :func:`patch` patched; anything else raises.
+
+    Returns:
+        ``model`` itself.
+
+    Examples:
+        >>> model = crossent.hf.unpatch(crossent.hf.patch(model))  # doctest: +SKIP
+    """
     target = unwrap(model)
     state = target.__dict__.pop(_STATE, None)
     if state is None:
