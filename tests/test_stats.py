@@ -46,6 +46,10 @@ def _problem(n: int, c: int, dtype: torch.dtype, seed: int):
     target[4] = c - 2
     x[6, 0] = x[6, c - 1] = x[6].float().max() + 1  # ... and the first of a tie is right
     target[6] = 0
+    # Leading all -inf blocks before logits far below 0: the online merge must weigh them 0
+    # (exp(0 - r) overflows for r = -1000).
+    x[7, : c // 2] = -torch.inf
+    x[7, c // 2:] -= 1000
     return x, target
 
 

@@ -59,8 +59,7 @@ def _router_aux_loss(model: nn.Module, outputs: Any, attention_mask: Tensor | No
             f"{type(model).__name__} returns router logits but crossent.hf does not know how it "
             f"turns them into an auxiliary loss: pass output_router_logits=False, or unpatch"
         )
-    aux = fn(outputs.router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
-    return aux
+    return fn(outputs.router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
 
 
 def _forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -72,7 +71,7 @@ def _forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             bound.update(bound.pop(name))
     labels = bound.pop("labels", None)
     targets = bound.pop("shift_labels", None)
-    keep = bound.pop("logits_to_keep", 0)
+    keep = bound.pop("logits_to_keep", bound.pop("num_logits_to_keep", 0))  # older name
     use_crossent = (self.training or state.always) and (labels is not None or targets is not None)
     if not use_crossent or not (isinstance(keep, int) and keep == 0):
         # eval, generate(), no labels, or logits asked for (logits_to_keep): untouched

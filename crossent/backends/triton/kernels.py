@@ -190,8 +190,9 @@ def ce_fwd_kernel(
             if STATS:  # sum e^(x - r')(x - r') = e^(r - r') (moment + (r - r') s), per part
                 tb, fb = _block_moment(xb, start + cols, mb)
                 ra, rb = _finite(m), _finite(mb)
-                moment = (tl.exp(ra - r_new) * (moment + (ra - r_new) * s)
-                          + tl.exp(rb - r_new) * (tb + (rb - r_new) * sb))
+                # exp(m - r'), not exp(ra - r'): an all -inf part weighs 0, never inf * 0
+                moment = (tl.exp(m - r_new) * (moment + (ra - r_new) * s)
+                          + tl.exp(mb - r_new) * (tb + (rb - r_new) * sb))
                 first = tl.where(mb > m, fb, first)
             s = s * tl.exp(m - r_new) + sb * tl.exp(mb - r_new)
             d = d + mass * (r_new - _finite(m)) + db + massb * (r_new - _finite(mb))
