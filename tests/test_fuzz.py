@@ -229,7 +229,10 @@ def check(case: Case, impl: str) -> None:
         # torch formats a uint8 target as a character in its IndexError message, which then
         # fails to decode (e.g. b"Target \xff is out of bounds."): it meant an IndexError.
         theirs = IndexError(theirs.object.decode("latin-1"))
-    if isinstance(theirs, Exception):
+    if isinstance(theirs, Exception) and _torch_bug(case, theirs):
+        theirs = t_grad = None  # crossent answers; checked against the float64 reference alone
+        has_torch = False
+    elif isinstance(theirs, Exception):
         assert isinstance(ours, type(theirs)), (
             f"torch raised {type(theirs).__name__}({theirs}); crossent: "
             f"{type(ours).__name__}({ours})" if isinstance(ours, Exception)
@@ -243,14 +246,27 @@ def check(case: Case, impl: str) -> None:
     ref = _reference_call(r_leaf, r_target, None if w is None else w.double(), case)
     if ref.requires_grad and ref.numel():
         ref.backward(torch.ones_like(ref))
-    assert ours.dtype == theirs.dtype, f"dtype {ours.dtype} != torch's {theirs.dtype}"
+    if theirs is not None:
+        assert ours.dtype == theirs.dtype, f"dtype {ours.dtype} != torch's {theirs.dtype}"
     if not has_torch:
         theirs = t_grad = None
     _agree(ours, theirs, ref.detach(), case.dtype, "loss")
     o_grad, t_grad = _narrow(o_grad, case, base), _narrow(t_grad, case, base)
+    if not bool(ref.detach().to(case.dtype).isfinite().all()):
+        # A loss that is NaN or overflows the dtype has no gradient to agree on (torch's own
+        # then depends on the order of its inf * 0s); its value was compared above.
+        return
     if o_grad is not None:
         ref_grad = r_leaf.grad if r_leaf.grad is not None else torch.zeros_like(r_leaf)
         _agree(o_grad, t_grad, ref_grad, case.dtype, "grad")
+
+
+def _torch_bug(case: Case, error: Exception) -> bool:
+    """torch 2.13 raises from an internal op for uint8 targets with class weights and label
+    smoothing ("gather(): Expected dtype int32/int64 for index"), though it accepts uint8
+    targets with either alone. crossent computes the loss; the reference checks it."""
+    return (case.target_dtype == torch.uint8 and not case.probs and case.weight is not None
+            and case.label_smoothing > 0 and "gather()" in str(error))
 
 
 @st.composite
@@ -301,6 +317,13 @@ REGRESSIONS = {
     "label_smoothing NaN": Case(label_smoothing=math.nan),
     "subnormal softmax terms": Case(shape=(3, 40), magnitude=30.0),
     "all targets ignored": Case(ignored=1.0, weight="normal"),
+    "uint8 + weights + smoothing (torch raises from gather)": Case(
+        shape=(5,), target_dtype=torch.uint8, weight="normal", label_smoothing=0.1),
+    "empty uint8 K-dim target under mean": Case(shape=(0, 1, 0), target_dtype=torch.uint8),
+    "uint8 target 255 under reduction none (torch's message fails to decode)": Case(
+        shape=(1, 1), target_dtype=torch.uint8, out_of_range=255, ignored=0.0, reduction="none"),
+    "C = 1 with smoothing": Case(shape=(1,), label_smoothing=0.1, ignored=0.0),
+    "z_loss on all -inf rows": Case(shape=(1, 2), z_loss=1e-3, special="-inf row", ignored=0.0),
 }
 
 
