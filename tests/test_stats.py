@@ -84,16 +84,18 @@ def test_cross_entropy_stats_match_the_logits(impl, dtype, softcap, grad, block)
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_linear_stats_over_chunks_and_skipped_rows(impl, reduction):
+@pytest.mark.parametrize("logit_scale", [None, 0.5])
+def test_linear_stats_over_chunks_and_skipped_rows(impl, reduction, logit_scale):
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(23, 16, generator=gen, requires_grad=True)
     w = torch.randn(45, 16, generator=gen, requires_grad=True)
     target = torch.randint(0, 45, (23,), generator=gen)
     target[::3] = -100  # skipped before the matmul on CPU
-    logits = (x @ w.T).detach()
+    logits = (x @ w.T).detach() * (1.0 if logit_scale is None else logit_scale)
     target[1::4] = logits[1::4].argmax(1)
     loss, stats = linear_cross_entropy_with_stats(
-        x, w, target, reduction=reduction, impl=impl, chunk_size=5, softcap=4.0)
+        x, w, target, reduction=reduction, impl=impl, chunk_size=5, softcap=4.0,
+        logit_scale=logit_scale)
     torch.testing.assert_close(torch.stack(list(stats)), _expected(logits, target, 4.0).float())
     loss.sum().backward()  # "none" runs the kernel again in backward: stats stay as they were
     torch.testing.assert_close(torch.stack(list(stats)), _expected(logits, target, 4.0).float())
