@@ -80,6 +80,13 @@ def exp_f32(z):
     return z if z != z else e  # NaN in, NaN out
 
 
+@njit(fastmath=EXACT_FM, cache=True)
+def scaled_difference(k, a, b):
+    """``k * a - k * b`` as written: with ``k = inf`` that is torch's inf - inf = NaN, which
+    reassociation (allowed in the row loops) would fold into ``k * (a - b)``."""
+    return k * a - k * b
+
+
 @njit(fastmath=EXACT_FM, error_model="numpy", cache=True)
 def tanh_f32(v):
     """tanh for float32 within 4.4 ulp (measured): Eigen's [13/6] rational approximation on
