@@ -6,8 +6,10 @@ warm-up step, then ``5 > /proc/self/clear_refs`` and one more step; the peak is
 ``VmHWM - VmRSS(before)``. Time: both models (same weights) in one process, stepped
 alternately after a warm-up; the median of the per-pair ratios is quoted.
 
-    python benchmarks/bench_hf.py                     # B*T = 4 x 512 = 2048, 7 rounds
-    python benchmarks/bench_hf.py --rounds 11 --batch 8 --seq 256
+    PYTHONPATH=. python benchmarks/bench_hf.py          # B*T = 4 x 512 = 2048, 7 rounds
+    PYTHONPATH=. python benchmarks/bench_hf.py --rounds 11 --batch 8 --seq 256
+
+(PYTHONPATH=. makes the script, and its memory subprocesses, import this checkout's crossent.)
 """
 from __future__ import annotations
 
