@@ -17,14 +17,13 @@ row kernel in ``numba_cpu`` (softcap and probability targets take the row path).
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit
 from numba.extending import overload
 
 from ._numba_math import (
-    bf16_to_f32, exp_f32, f16_to_f32, f32_to_bf16, f32_to_f16, max_f32, scaled_difference,
+    bf16_to_f32, exp_f32, f16_to_f32, f32_to_bf16, f32_to_f16, log_f32, max_f32,
+    scaled_difference,
 )
 from ._numba_rows import BF16, FM
 
@@ -73,6 +72,7 @@ def kdim_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale, finite
     m = np.empty(_BLOCK, np.float32)
     ssum = np.empty(_BLOCK, np.float32)
     gap = np.empty(_BLOCK, np.float32)
+    logs = np.empty(_BLOCK, np.float32)
     x_y = np.empty(_BLOCK, np.float32)
     k = np.empty(_BLOCK, np.float32)  # gradient factor of e_c
     g_y = np.empty(_BLOCK, np.float32)
@@ -109,10 +109,12 @@ def kdim_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale, finite
                 ssum[j] += ev
                 if eps > 0:  # a term at the max is 0, never inf * 0 (see weighted_gap_sum)
                     gap[j] += w_c * (m[j] - v) if v != m[j] else _F32(0.0)
+        for j in range(width):  # vectorised: libm's log would cost more than the block's exps
+            logs[j] = log_f32(ssum[j])
         for j in range(width):  # 4. per position
             r = base + j
             s = ssum[j]
-            log_s = _F32(math.log(s))
+            log_s = logs[j]
             lse[r] = m[j] + log_s
             if not ok[j]:
                 loss[r] = 0.0
