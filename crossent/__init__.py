@@ -7,6 +7,7 @@ from ._diagnostics import ProbabilitiesAsLogitsWarning, set_diagnostics
 from .functional import cross_entropy, cross_entropy_with_lse, log_softmax, nll_loss, softmax
 from .linear import linear_cross_entropy, linear_cross_entropy_with_lse
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
+from .stats import TokenStats, cross_entropy_with_stats, linear_cross_entropy_with_stats
 
 __version__ = "0.1.0"
 
@@ -14,10 +15,13 @@ __all__ = [
     "CrossEntropyLoss",
     "LinearCrossEntropyLoss",
     "ProbabilitiesAsLogitsWarning",
+    "TokenStats",
     "cross_entropy",
     "cross_entropy_with_lse",
+    "cross_entropy_with_stats",
     "linear_cross_entropy",
     "linear_cross_entropy_with_lse",
+    "linear_cross_entropy_with_stats",
     "log_softmax",
     "nll_loss",
     "set_diagnostics",

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from contextvars import ContextVar
 from types import ModuleType
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -76,9 +77,34 @@ def available(name: str) -> bool:
     return _INSTALLED.get(name, False)
 
 
+# Set by ``crossent.stats`` for the duration of one ``*_with_stats`` call: an object whose
+# ``wrap(kernel)`` returns a kernel that also asks for per-row statistics. A hook here, rather
+# than one more argument through every public function and autograd Function, serves both the
+# plain and the linear loss with the kernel pass they already make.
+stats_sink: ContextVar[Any] = ContextVar("crossent_stats_sink", default=None)
+
+
 def resolve(impl: str, tensor: Tensor) -> Kernel:
     """Return the kernel for ``impl`` on ``tensor``'s device, or raise a clear error."""
-    return resolve_backend(impl, tensor).ce_forward
+    return observed(resolve_backend(impl, tensor).ce_forward)
+
+
+def observed(kernel: Kernel) -> Kernel:
+    """``kernel``, or inside a ``*_with_stats`` call the kernel that also fills statistics."""
+    if torch.compiler.is_compiling():
+        return kernel  # the *_with_stats functions are eager-only (they refuse compilation)
+    sink = stats_sink.get()
+    return kernel if sink is None else sink.wrap(kernel)
+
+
+def whole_call(backend: ModuleType) -> Callable[..., Any]:
+    """``backend.cross_entropy``, or inside a ``*_with_stats`` call the same contract composed
+    from the backend's row kernel (``reduced``), which is the one that fills statistics."""
+    if torch.compiler.is_compiling() or stats_sink.get() is None:
+        return backend.cross_entropy
+    from .backends._reduced import reduced
+
+    return reduced(observed(backend.ce_forward), backend.index_target_sums)
 
 
 # (impl, device type) -> backend, for eager calls: resolving imports modules and asks each

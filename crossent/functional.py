@@ -12,7 +12,7 @@ from torch import Tensor
 
 from . import _diagnostics, _validate
 from ._autograd import CrossEntropyFunction
-from ._dispatch import resolve_backend
+from ._dispatch import resolve_backend, whole_call
 from ._params import CEParams
 from ._softmax import LogSoftmax, Softmax, softmax_dim
 from .backends import TargetOutOfBounds
@@ -133,7 +133,7 @@ def _cross_entropy(
         rows_target = rows_target.to(acc)
     try:
         loss, lse = CrossEntropyFunction.apply(
-            logits, rows_target, w, params, backend.cross_entropy
+            logits, rows_target, w, params, whole_call(backend)
         )
     except TargetOutOfBounds as e:  # raised before anything was written
         raise _validate.out_of_bounds(target, e.row, logits.shape[1], ignore_index) from None

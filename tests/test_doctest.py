@@ -16,6 +16,7 @@ MODULES = [
     "crossent.linear",
     "crossent.distributed",
     "crossent.hf",
+    "crossent.stats",
     "crossent.cli",
     "crossent._diagnostics",
     "crossent._demo",

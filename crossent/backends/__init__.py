@@ -31,6 +31,11 @@ The accumulation dtype is float64 for float64 logits and float32 otherwise.
   is 0-d for "mean"/"sum", ``(R,)`` for "none"; ``grad`` is already multiplied by the
   reduction's factor ``scale`` (``1 / weight_sum`` for "mean", else 1; a float or a 0-d tensor).
   Backends without a fused one use :func:`crossent.backends._reduced.reduced`.
+
+``ce_forward``'s optional ``stats``: an ``(R, 2)`` tensor in the accumulation dtype that the kernel fills, in
+the same pass, with ``[first argmax of the (soft-capped) row == target, entropy of its
+softmax]`` for class-index rows (``crossent.stats``); rows of ``ignore_index`` hold anything.
+Not computed when ``None`` (the default). Eager only.
 """
 
 

@@ -205,3 +205,32 @@ def _store_row(gbuf, fmt, grow):
     if _is_f32(grow):
         return lambda gbuf, fmt, grow: None
     return lambda gbuf, fmt, grow: f32_to_bits(gbuf, fmt, grow)
+
+
+# Token statistics (crossent.stats), used only when a caller asks for them.
+
+
+@njit(fastmath=FM, cache=True)
+def exp_moment_sum(x, m, out, store):
+    """(sum_c e_c, sum_c e_c (x_c - m)) with e_c = exp(x_c - m), writing e_c into ``out`` when
+    ``store`` (``out`` may be ``x``: each element is read before it is written). The second sum
+    gives the entropy, log s - moment / s; a -inf logit adds 0 there, not 0 * -inf."""
+    s = _F32(0.0)
+    t = _F32(0.0)
+    for c in range(x.size):
+        d = x[c] - m
+        e = exp_f32(d)
+        if store:
+            out[c] = e
+        s += e
+        t += e * d if e > _F32(0.0) else _F32(0.0)
+    return s, t
+
+
+@njit(fastmath=FM, cache=True)
+def equal_before(x, v, n):
+    """Whether any of ``x[:n]`` equals ``v``: an earlier maximum wins torch.argmax's ties."""
+    found = False
+    for c in range(n):
+        found |= x[c] == v
+    return found

@@ -74,9 +74,10 @@ def opaque_kernel(name: str, kernel: Kernel) -> Kernel:
         weight: Tensor | None,
         grad_scale: Tensor | None,
         params: CEParams,
+        stats: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         if not torch.compiler.is_compiling():
-            return kernel(logits, target, weight, grad_scale, params)
+            return kernel(logits, target, weight, grad_scale, params, stats=stats)
         inplace = params.inplace_backward and grad_scale is not None
         loss, lse, grad = ops[inplace](
             logits, target, weight, grad_scale, params.ignore_index, params.label_smoothing,

@@ -33,12 +33,13 @@ from ._opaque import opaque_kernel
 from ._numba_kdim import kdim_kernel, n_blocks
 from ._numba_math import scaled_difference
 from ._numba_rows import (
-    BF16, F16, FM, cap_factor, exp_sum, exp_sum_inplace, exp_sum_store, gap_sum,
-    grad_dest, load_row, row_max, scale, scale_sub, scale_sub_targets, scale_sub_weighted,
-    soft_target_sums, store_row, weighted_gap_sum,
+    BF16, F16, FM, cap_factor, equal_before, exp_moment_sum, exp_sum, exp_sum_inplace,
+    exp_sum_store, gap_sum, grad_dest, load_row, row_max, scale, scale_sub, scale_sub_targets,
+    scale_sub_weighted, soft_target_sums, store_row, weighted_gap_sum,
 )
 
 _F32 = np.float32
+_NO_STATS = np.empty((0, 2), np.float32)  # the kernels' stats argument when none are wanted
 _FORMATS = {torch.float32: 0, torch.bfloat16: BF16, torch.float16: F16}
 
 
@@ -52,10 +53,12 @@ def _exp_sum(xr, m, dest, want_grad, aliased):
 
 @njit(nogil=True, fastmath=FM, cache=True)
 def _index_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, cap, gscale, finite_scale,
-                  want_grad, inplace, grad, loss, lse, lo, hi):
+                  want_grad, inplace, grad, loss, lse, stats, lo, hi):
     """Class-index targets. ``w`` has size 0 when unweighted; ``eps`` is label smoothing;
     ``finite_scale`` tells whether ``gscale`` is finite (decided by the caller: fast-math code
-    may not test for inf itself)."""
+    may not test for inf itself); ``stats`` ``(R, 2)`` is filled when it has rows
+    (``crossent.stats``), else has none."""
+    want_stats = stats.shape[0] > 0
     n_rows, n_cls = x.shape
     has_w = w.size > 0
     keep = _F32(1.0) - eps
@@ -75,7 +78,13 @@ def _index_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, cap, gscale,
             gaps = weighted_gap_sum(xr, m, w, eps_c) if has_w else gap_sum(xr, m, eps_c)
         x_y = xr[y] if valid else _F32(0.0)
         dest = grad_dest(grad[r], gbuf)
-        s = _exp_sum(xr, m, dest, want_grad, aliased)
+        if want_stats:  # before step 2 may overwrite xr
+            hit = valid and x_y == m and not equal_before(xr, m, y)
+            stats[r, 0] = _F32(1.0) if hit else _F32(0.0)
+            s, moment = exp_moment_sum(xr, m, dest, want_grad)
+            stats[r, 1] = _F32(math.log(s)) - moment / s
+        else:
+            s = _exp_sum(xr, m, dest, want_grad, aliased)
         log_s = _F32(math.log(s))
         lse[r] = m + log_s
         if not valid:
@@ -185,7 +194,8 @@ def _index_call(x, fmt, target, w, w_total, ignore_index, eps, z, cap, mean, wan
         return 0.0, 1.0, bad
     scale = 1.0 / den if mean else 1.0
     _index_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, cap, _F32(scale),
-                  not mean or den != 0.0, want_grad, inplace, grad, loss, lse, 0, x.shape[0])
+                  not mean or den != 0.0, want_grad, inplace, grad, loss, lse,
+                  np.empty((0, 2), np.float32), 0, x.shape[0])  # no stats (a global is read-only)
     total = 0.0
     for r in range(x.shape[0]):
         total += loss[r]
@@ -249,10 +259,12 @@ def _ce_forward(
     weight: Tensor | None,
     grad_scale: Tensor | None,
     params: CEParams,
+    stats: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per-row loss ``(R,)``, lse ``(R,)`` and, if ``grad_scale`` is given, the gradient ``(R, C)``."""
-    if logits.dtype not in _FORMATS:
-        return torch_fused.ce_forward(logits, target, weight, grad_scale, params)  # float64
+    """Per-row loss ``(R,)``, lse ``(R,)`` and, if ``grad_scale`` is given, the gradient ``(R, C)``;
+    ``stats`` ``(R, 2)`` float32, when given, is filled as the backend contract says."""
+    if logits.dtype not in _FORMATS:  # float64
+        return torch_fused.ce_forward(logits, target, weight, grad_scale, params, stats=stats)
     n_rows, n_cls = logits.shape
     loss = torch.empty(n_rows, dtype=torch.float32)  # (R,)
     lse = torch.empty(n_rows, dtype=torch.float32)  # (R,)
@@ -281,7 +293,8 @@ def _ce_forward(
         args = (x, fmt, _as_array(target), w, w_total,
                 np.int64(params.ignore_index), eps, _F32(params.z_loss), cap, gscale,
                 bool(np.isfinite(gscale)), want_grad,
-                params.inplace_backward, out, loss.numpy(), lse.numpy())
+                params.inplace_backward, out, loss.numpy(), lse.numpy(),
+                _NO_STATS if stats is None else stats.numpy())
         _split_rows(_index_kernel, args, n_rows, threads)
     return loss, lse, grad
 

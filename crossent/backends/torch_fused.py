@@ -41,8 +41,10 @@ def ce_forward(
     weight: Tensor | None,
     grad_scale: Tensor | None,
     params: CEParams,
+    stats: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per-row loss ``(R,)``, lse ``(R,)`` and, if ``grad_scale`` is given, the gradient ``(R, C)``."""
+    """Per-row loss ``(R,)``, lse ``(R,)`` and, if ``grad_scale`` is given, the gradient ``(R, C)``;
+    ``stats`` ``(R, 2)``, when given, is filled as the backend contract says."""
     n_rows, n_classes = logits.shape
     acc = acc_dtype(logits.dtype)
     loss = torch.empty(n_rows, dtype=acc, device=logits.device)  # (R,)
@@ -55,8 +57,12 @@ def ce_forward(
     for start in range(0, n_rows, step):
         rows = slice(start, start + step)
         x, tanh_x = _capped(logits[rows].to(acc), params.softcap)  # (r, C) acc
-        rows_fn = _prob_rows if probs_target else _index_rows
-        loss[rows], lse[rows], g = rows_fn(x, target[rows], weight, grad_scale, params)
+        if probs_target:
+            out = _prob_rows(x, target[rows], weight, grad_scale, params)
+        else:
+            row_stats = None if stats is None else stats[rows]
+            out = _index_rows(x, target[rows], weight, grad_scale, params, row_stats)
+        loss[rows], lse[rows], g = out
         if grad is not None:
             if tanh_x is not None:
                 # d(cap * tanh(x / cap))/dx = 1 - tanh^2
@@ -102,7 +108,8 @@ def _softmax_lse(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _index_rows(
-    x: Tensor, t: Tensor, weight: Tensor | None, grad_scale: Tensor | None, params: CEParams
+    x: Tensor, t: Tensor, weight: Tensor | None, grad_scale: Tensor | None, params: CEParams,
+    stats: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Class-index rows. With smoothing eps and class weights w (torch's formula):
 
@@ -115,6 +122,9 @@ def _index_rows(
     eps = params.eps
     p, lse = _softmax_lse(x)
     t = t.long()  # compared with ignore_index in int64, never in uint8
+    if stats is not None:  # before p becomes the gradient; entr(0) = 0 for -inf logits
+        stats[:, 0] = x.argmax(1) == t
+        stats[:, 1] = torch.special.entr(p).sum(1)
     # Out-of-range indices (validation raised before) are treated as ignored, never read.
     valid = (t != params.ignore_index) & (t >= 0) & (t < n_classes)  # (r,)
     t_safe = torch.where(valid, t, 0).unsqueeze(1)  # (r, 1)

@@ -27,6 +27,7 @@ def _ce_forward(
     weight: Tensor | None,
     grad_scale: Tensor | None,
     params: CEParams,
+    stats: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Per-row loss ``(R,)``, lse ``(R,)`` and, if ``grad_scale`` is given, the gradient ``(R, C)``.
 
@@ -51,7 +52,7 @@ def _ce_forward(
             logits.shape, dtype=logits.dtype, device=logits.device)
     launch_ce_forward(
         logits, target, weight, grad_scale, grad, loss, lse, params.ignore_index,
-        params.label_smoothing, params.z_loss, params.softcap,
+        params.label_smoothing, params.z_loss, params.softcap, stats,
     )
     return loss, lse, grad
 

@@ -162,6 +162,17 @@ def _store_grad(grad_row, cols, g, mask, ROUND_BF16: tl.constexpr, EVICT: tl.con
 
 
 @triton.jit
+def _block_moment(x, cols, m):
+    """Token statistics of a block of max ``m``, about ``r = _finite(m)``: the moment
+    ``sum exp(x - r) (x - r)`` (entropy = log s - moment / s; -inf lanes add 0, not 0 * -inf)
+    and the first column holding the max (torch.argmax's tie rule)."""
+    z = x - _finite(m)
+    t = tl.sum(tl.where(x == float("-inf"), 0.0, tl.exp(z) * z), 0)
+    first = tl.min(tl.where(x == m, cols, 2147483647), 0)
+    return t, first
+
+
+@triton.jit
 def ce_fwd_kernel(
     logits_ptr, grad_ptr, target_ptr, weight_ptr, grad_scale_ptr, loss_ptr, lse_ptr,
     n_cols, stride_logits, stride_grad, stride_target, ignore_index,
@@ -169,7 +180,7 @@ def ce_fwd_kernel(
     ACC: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WANT_GRAD: tl.constexpr,
     INPLACE: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
+    ROUND_BF16: tl.constexpr, stats_ptr=None, STATS: tl.constexpr = False,
 ):
     """Row ``program_id(0)``: write ``loss[row]``, ``lse[row]`` and, with ``WANT_GRAD``,
     ``grad[row, :]`` (``INPLACE``: the logits row itself; every element is read before it is
@@ -217,6 +228,8 @@ def ce_fwd_kernel(
         ACC, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, EVICT_1,
     )
     m, s, mass, d = _block_stats(x, wt, mask, NEED_WT)
+    if STATS:
+        moment, first = _block_moment(x, cols, m)
     if not SINGLE_BLOCK:
         for start in range(BLOCK, n_cols, BLOCK):
             xb, _, wtb, maskb = _load_block(
@@ -229,6 +242,13 @@ def ce_fwd_kernel(
             # each finite max, so neither exp below overflows (and exp(-inf - r) = 0).
             m_new = tl.maximum(m, mb)
             r_new = _finite(m_new)
+            if STATS:  # sum e^(x - r')(x - r') = e^(r - r') (moment + (r - r') s), per part
+                tb, fb = _block_moment(xb, start + cols, mb)
+                ra, rb = _finite(m), _finite(mb)
+                # exp(m - r'), not exp(ra - r'): an all -inf part weighs 0, never inf * 0
+                moment = (tl.exp(m - r_new) * (moment + (ra - r_new) * s)
+                          + tl.exp(mb - r_new) * (tb + (rb - r_new) * sb))
+                first = tl.where(mb > m, fb, first)
             s = s * tl.exp(m - r_new) + sb * tl.exp(mb - r_new)
             if NEED_WT:
                 d = d + _moved(mass, r_new - _finite(m)) + db + _moved(massb, r_new - _finite(mb))
@@ -266,6 +286,9 @@ def ce_fwd_kernel(
         loss = tl.where(valid, loss, 0.0)
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
+    if STATS and not PROB_TARGET:
+        tl.store(stats_ptr + 2 * row, tl.where(valid & (first == y), 1.0, 0.0).to(ACC))
+        tl.store(stats_ptr + 2 * row + 1, log_s - moment / s)
 
     if WANT_GRAD:
         scale = tl.load(grad_scale_ptr).to(ACC)  # read on the device: no host sync

@@ -58,10 +58,12 @@ def launch_ce_forward(
     label_smoothing: float,
     z_loss: float,
     softcap: float | None,
+    stats: Tensor | None = None,
 ) -> None:
     """Launch one program per row over ``logits (R, C)`` (unit column stride, any row stride
-    ``>= C``); fills ``loss``, ``lse`` and, when ``grad`` is given, ``grad (R, C)`` (unit column
-    stride; may be ``logits`` itself, then written at the logits' row stride)."""
+    ``>= C``); fills ``loss``, ``lse``, when ``grad`` is given ``grad (R, C)`` (unit column
+    stride; may be ``logits`` itself, then written at the logits' row stride), and when
+    ``stats`` is given ``stats (R, 2)`` (contiguous; ``crossent.stats``)."""
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
@@ -91,6 +93,8 @@ def launch_ce_forward(
             SINGLE_BLOCK=single,
             # The interpreter truncates float32 -> bfloat16; GPUs round to nearest even.
             ROUND_BF16=_INTERPRET and grad is not None and grad.dtype == torch.bfloat16,
+            stats_ptr=dummy if stats is None else stats,
+            STATS=stats is not None,
             num_warps=num_warps,
         )
 
