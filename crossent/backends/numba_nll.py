@@ -1,0 +1,108 @@
+"""Numba CPU kernels of nll_loss: a gather of ``-w_y * input[y]`` and its sparse gradient.
+
+The input is read in place as ``(N, C, I)`` (``I`` the product of the extra dims, any strides):
+only the ``N * I`` picked log-probabilities are touched. The gradient is the scatter of
+``-w_y * g`` into a zeroed buffer, torch's layout. The kernels check every index themselves, so
+they cannot read or write outside a row whatever validation ran before.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit
+from torch import Tensor
+
+from .numba_softmax import as_array, f32, put
+
+
+# error_model="numpy": a zero weight sum divides to inf/NaN as in torch, instead of raising.
+@njit(nogil=True, cache=True, error_model="numpy")
+def _nll_forward(x, t, w, ignore_index, loss):
+    """Per-position loss into ``loss (N, I)``; returns (sum of losses, sum of picked weights).
+    Products and sums are float64, so float32 terms are exact before the final rounding."""
+    n_cls = x.shape[1]
+    has_w = w.size > 0
+    total = 0.0
+    w_sum = 0.0
+    for a in range(t.shape[0]):
+        for b in range(t.shape[1]):
+            y = np.int64(t[a, b])  # int64 compare: a uint8 target never equals a negative index
+            if y == ignore_index:
+                loss[a, b] = 0.0
+                continue
+            if y < 0 or y >= n_cls:
+                raise IndexError("nll_loss: a target class index is out of range [0, C)")
+            w_y = w[y] if has_w else 1.0
+            value = -(w_y * f32(x[a, y, b]))  # -0 * inf is NaN, as torch's
+            loss[a, b] = value
+            total += value
+            w_sum += w_y
+    return total, w_sum, total / w_sum
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _nll_backward(t, w, ignore_index, g, g_total, w_sum, mean, grad):
+    """``grad[a, y, b] = -w_y * g[a, b]`` for every kept position ("none"); for a reduced loss
+    ``-w_y * g_total`` ("sum") or ``-w_y * (g_total / w_sum)`` ("mean", torch's order: a zero
+    weight sum gives NaN for zero weights and +-inf otherwise)."""
+    k = g_total / w_sum if mean else g_total
+    n_cls = grad.shape[1]
+    has_w = w.size > 0
+    per_position = g.size > 0
+    for a in range(t.shape[0]):
+        for b in range(t.shape[1]):
+            y = np.int64(t[a, b])
+            if y == ignore_index or y < 0 or y >= n_cls:
+                continue
+            w_y = w[y] if has_w else 1.0
+            scale = g[a, b] if per_position else k
+            row = grad[a, :, b]
+            put(row, y, -(w_y * scale))
+
+
+def _views(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """``input`` as ``(N, C, I)`` (a view whenever strides allow) and ``target`` as ``(N, I)``."""
+    if input.dim() == 1:
+        return input.reshape(1, -1, 1), target.reshape(1, 1)
+    n, c = input.shape[:2]
+    return input.reshape(n, c, -1), target.reshape(n, -1)
+
+
+def _weights(weight: Tensor | None, acc: torch.dtype) -> np.ndarray:
+    return np.empty(0, acc) if weight is None else weight.detach().to(acc).contiguous().numpy()
+
+
+class NLLLoss(torch.autograd.Function):
+    """nll_loss with the numba kernels: forward gathers, backward scatters into zeros."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
+                reduction: str) -> Tensor:
+        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+        x3, t2 = _views(input.detach(), target)  # (N, C, I), (N, I)
+        loss = torch.empty(t2.shape, dtype=acc)  # (N, I)
+        w = _weights(weight, _NP[acc])
+        total, w_sum, mean = _nll_forward(as_array(x3), as_array(t2), w, ignore_index, loss.numpy())
+        ctx.save_for_backward(target)
+        ctx.w, ctx.w_sum, ctx.ignore_index, ctx.reduction = w, w_sum, ignore_index, reduction
+        ctx.shape, ctx.dtype = input.shape, input.dtype
+        if reduction == "none":
+            return loss.reshape(target.shape).to(input.dtype)
+        return torch.full((), total if reduction == "sum" else mean, dtype=input.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (target,) = ctx.saved_tensors
+        grad = torch.zeros(ctx.shape, dtype=ctx.dtype)  # torch's layout: dense, zeros off-target
+        g3, t2 = _views(grad, target)
+        if ctx.reduction == "none":
+            per = as_array(g.reshape(t2.shape).to(torch.float64))
+            g_total = 0.0
+        else:
+            per, g_total = np.empty((0, 0)), float(g)
+        _nll_backward(as_array(t2), ctx.w, ctx.ignore_index, per, g_total, ctx.w_sum,
+                      ctx.reduction == "mean", as_array(g3))
+        return grad, None, None, None, None
+
+
+_NP = {torch.float32: np.float32, torch.float64: np.float64}

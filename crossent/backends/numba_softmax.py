@@ -1,0 +1,243 @@
+"""Numba CPU kernels for softmax / log_softmax (forward and backward) over any dim, and nll_loss.
+
+A tensor is viewed, without copying, as ``(O, C, I)``: ``O`` outer positions, ``C`` values along
+``dim`` and ``I`` inner positions (``I = prod(shape[dim+1:])``, the stride of ``dim``).
+  * ``I == 1`` (``dim`` last): each row of ``C`` contiguous values is a vectorised loop; a row of
+    up to ~64K classes stays in L2 between its passes, so memory sees one read and one write.
+  * ``I > 1``: a row's values are ``I`` apart, so rows are processed ``_W`` at a time, side by
+    side: for each ``c`` a contiguous run of ``_W`` inner positions is loaded and folded into
+    ``_W``-wide accumulators. The ``(C, _W)`` slab stays in L1/L2 between passes.
+Forward per row: ``m = max x``; ``s = sum exp(x - m)``; then ``x - m - log s`` or ``exp(x - m) / s``.
+Backward: log_softmax ``g - exp(out) * sum g``; softmax ``out * (g - sum(g * out))``.
+
+16-bit floats arrive as their bits (bfloat16 as uint16, float16 as int16, so the storage format
+is known at compile time) and are computed in float32, rounded once on store.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from numba import njit, types
+from numba.extending import overload
+from torch import Tensor
+
+from ._numba_math import bf16_to_f32, exp_f32, f16_to_f32, f32_to_bf16, f32_to_f16, max_f32
+from ._numba_rows import FM
+from .numba_cpu import _PARALLEL_MIN, _split_rows
+
+_F32 = np.float32
+_W = 256  # inner positions processed side by side: a (C, 256) float32 slab is C KiB
+_VIEWS = {torch.bfloat16: torch.uint16, torch.float16: torch.int16}
+
+
+def f32(v):
+    """A stored element (float32, or bfloat16/float16 bits) as float32; float64 stays float64."""
+
+
+def put(a, j, v):
+    """Store float32 ``v`` into ``a[j]``, rounding to ``a``'s format (to nearest even)."""
+
+
+@overload(f32, jit_options={"fastmath": FM})
+def _f32(v):
+    if v == types.uint16:
+        return lambda v: bf16_to_f32(v)
+    if v == types.int16:
+        return lambda v: f16_to_f32(np.uint16(v))
+    return lambda v: v
+
+
+@overload(put, jit_options={"fastmath": FM})
+def _put(a, j, v):
+    if a.dtype == types.uint16:
+        def impl_bf16(a, j, v):
+            a[j] = f32_to_bf16(_F32(v))
+        return impl_bf16
+    if a.dtype == types.int16:
+        def impl_f16(a, j, v):
+            a[j] = np.int16(f32_to_f16(_F32(v)))
+        return impl_f16
+
+    def impl(a, j, v):
+        a[j] = v
+    return impl
+
+
+@njit(fastmath=FM, cache=True)
+def _exp(z):
+    # exp_f32 is exact to ~1 ulp for z >= -87.33; below, exp underflows float32 anyway. Clamping
+    # here keeps that whatever exp_f32 does for huge negative z (the select passes NaN through).
+    return exp_f32(_F32(-100.0) if z < _F32(-100.0) else z)
+
+
+# ---- rows (I == 1): one contiguous row at a time -------------------------------------------
+
+
+@njit(fastmath=FM, cache=True)
+def _row_max_sum(x):
+    m = _F32(-np.inf)
+    for c in range(x.size):
+        m = max_f32(m, f32(x[c]))
+    s = _F32(0.0)
+    for c in range(x.size):
+        s += _exp(f32(x[c]) - m)
+    return m, s
+
+
+@njit(nogil=True, fastmath=FM, cache=True)
+def _fwd_rows(x, out, log, lo, hi):
+    for r in range(lo, hi):
+        xr, orow = x[r], out[r]
+        m, s = _row_max_sum(xr)
+        if log:
+            log_s = _F32(math.log(s))
+            for c in range(xr.size):
+                put(orow, c, (f32(xr[c]) - m) - log_s)
+        else:
+            inv = _F32(1.0) / s
+            for c in range(xr.size):
+                put(orow, c, _exp(f32(xr[c]) - m) * inv)
+
+
+@njit(nogil=True, fastmath=FM, cache=True)
+def _bwd_rows(g, out, grad, log, lo, hi):
+    for r in range(lo, hi):
+        gr, orow, dest = g[r], out[r], grad[r]
+        t = _F32(0.0)
+        if log:
+            for c in range(gr.size):
+                t += f32(gr[c])
+            for c in range(gr.size):
+                put(dest, c, f32(gr[c]) - _exp(f32(orow[c])) * t)
+        else:
+            for c in range(gr.size):
+                t += f32(gr[c]) * f32(orow[c])
+            for c in range(gr.size):
+                p = f32(orow[c])
+                put(dest, c, p * (f32(gr[c]) - t))
+
+
+# ---- columns (I > 1): _W inner positions side by side --------------------------------------
+
+
+@njit(fastmath=FM, cache=True)
+def _fold_max(m, xs):
+    for j in range(m.size):
+        m[j] = max_f32(m[j], f32(xs[j]))
+
+
+@njit(fastmath=FM, cache=True)
+def _fold_exp(s, xs, m):
+    for j in range(s.size):
+        s[j] += _exp(f32(xs[j]) - m[j])
+
+
+@njit(fastmath=FM, cache=True)
+def _fold_sum(t, gs):
+    for j in range(t.size):
+        t[j] += f32(gs[j])
+
+
+@njit(fastmath=FM, cache=True)
+def _fold_dot(t, gs, os):
+    for j in range(t.size):
+        t[j] += f32(gs[j]) * f32(os[j])
+
+
+@njit(nogil=True, fastmath=FM, cache=True)
+def _fwd_cols(x, out, log, lo, hi):
+    n_cls, n_in = x.shape[1], x.shape[2]
+    chunks = (n_in + _W - 1) // _W
+    m_buf = np.empty(_W, np.float32)  # (W,) running max
+    s_buf = np.empty(_W, np.float32)  # (W,) sum of exps, then log(s) or 1/s
+    for u in range(lo, hi):
+        o, j0 = u // chunks, (u % chunks) * _W
+        j1 = min(j0 + _W, n_in)
+        m, s = m_buf[: j1 - j0], s_buf[: j1 - j0]
+        m[:] = -np.inf
+        s[:] = 0.0
+        for c in range(n_cls):
+            _fold_max(m, x[o, c, j0:j1])
+        for c in range(n_cls):
+            _fold_exp(s, x[o, c, j0:j1], m)
+        for j in range(s.size):
+            s[j] = math.log(s[j]) if log else _F32(1.0) / s[j]
+        for c in range(n_cls):
+            xs, os = x[o, c, j0:j1], out[o, c, j0:j1]
+            if log:
+                for j in range(s.size):
+                    put(os, j, (f32(xs[j]) - m[j]) - s[j])
+            else:
+                for j in range(s.size):
+                    put(os, j, _exp(f32(xs[j]) - m[j]) * s[j])
+
+
+@njit(nogil=True, fastmath=FM, cache=True)
+def _bwd_cols(g, out, grad, log, lo, hi):
+    n_cls, n_in = g.shape[1], g.shape[2]
+    chunks = (n_in + _W - 1) // _W
+    t_buf = np.empty(_W, np.float32)  # (W,) sum g, or sum g * out
+    for u in range(lo, hi):
+        o, j0 = u // chunks, (u % chunks) * _W
+        j1 = min(j0 + _W, n_in)
+        t = t_buf[: j1 - j0]
+        t[:] = 0.0
+        for c in range(n_cls):
+            if log:
+                _fold_sum(t, g[o, c, j0:j1])
+            else:
+                _fold_dot(t, g[o, c, j0:j1], out[o, c, j0:j1])
+        for c in range(n_cls):
+            gs, os, ds = g[o, c, j0:j1], out[o, c, j0:j1], grad[o, c, j0:j1]
+            if log:
+                for j in range(t.size):
+                    put(ds, j, f32(gs[j]) - _exp(f32(os[j])) * t[j])
+            else:
+                for j in range(t.size):
+                    p = f32(os[j])
+                    put(ds, j, p * (f32(gs[j]) - t[j]))
+
+
+# ---- host side -----------------------------------------------------------------------------
+
+
+def as_array(t: Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor; bfloat16 as uint16 bits, float16 as int16 bits."""
+    t = t.detach()
+    view = _VIEWS.get(t.dtype)
+    return (t if view is None else t.view(view)).numpy()
+
+
+def _run(rows_kernel, cols_kernel, tensors: tuple[Tensor, ...], dim: int, log: bool) -> None:
+    """Run a kernel over contiguous ``tensors`` (same shape) viewed as ``(O, C, I)`` about ``dim``."""
+    shape = tensors[0].shape
+    n_cls = shape[dim]
+    n_in = math.prod(shape[dim + 1:])
+    n_out = math.prod(shape[:dim])
+    numel = n_out * n_cls * n_in
+    if numel == 0:
+        return
+    if n_in == 1:
+        arrays = [as_array(t).reshape(n_out, n_cls) for t in tensors]  # (O, C) views
+        kernel, units = rows_kernel, n_out
+    else:
+        arrays = [as_array(t).reshape(n_out, n_cls, n_in) for t in tensors]  # (O, C, I) views
+        kernel, units = cols_kernel, n_out * -(-n_in // _W)
+    threads = 1 if numel < _PARALLEL_MIN else min(torch.get_num_threads(), units)
+    _split_rows(kernel, (*arrays, log), units, threads)
+
+
+def forward(x: Tensor, dim: int, log: bool) -> Tensor:
+    """log_softmax (``log``) or softmax of a contiguous float32/bfloat16/float16 ``x`` along ``dim``."""
+    out = torch.empty(x.shape, dtype=x.dtype)  # contiguous, as torch's
+    _run(_fwd_rows, _fwd_cols, (x, out), dim, log)
+    return out
+
+
+def backward(g: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
+    """Gradient of log_softmax / softmax from the upstream ``g`` and the forward output."""
+    grad = torch.empty(out.shape, dtype=out.dtype)
+    _run(_bwd_rows, _bwd_cols, (g, out, grad), dim, log)
+    return grad
