@@ -12,6 +12,7 @@ import torch
 from numba import njit
 from torch import Tensor
 
+from ._cpu_alloc import empty_huge
 from .numba_softmax import as_array, f32, put
 
 
@@ -93,7 +94,8 @@ class NLLLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         (target,) = ctx.saved_tensors
-        grad = torch.zeros(ctx.shape, dtype=ctx.dtype)  # torch's layout: dense, zeros off-target
+        # torch's layout: dense, zeros off-target (large ones huge-page backed: cheaper faults)
+        grad = empty_huge(ctx.shape, ctx.dtype).zero_()
         g3, t2 = _views(grad, target)
         if ctx.reduction == "none":
             per = as_array(g.reshape(t2.shape).to(torch.float64))

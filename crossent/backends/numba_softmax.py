@@ -23,6 +23,7 @@ from numba import njit, types
 from numba.extending import overload
 from torch import Tensor
 
+from ._cpu_alloc import empty_huge
 from ._numba_math import bf16_to_f32, exp_f32, f16_to_f32, f32_to_bf16, f32_to_f16, max_f32
 from ._numba_rows import FM
 from .numba_cpu import _PARALLEL_MIN, _split_rows
@@ -231,13 +232,14 @@ def _run(rows_kernel, cols_kernel, tensors: tuple[Tensor, ...], dim: int, log: b
 
 def forward(x: Tensor, dim: int, log: bool) -> Tensor:
     """log_softmax (``log``) or softmax of a contiguous float32/bfloat16/float16 ``x`` along ``dim``."""
-    out = torch.empty(x.shape, dtype=x.dtype)  # contiguous, as torch's
+    # Contiguous, as torch's; large buffers huge-page backed and reused (4x cheaper page faults).
+    out = empty_huge(x.shape, x.dtype)
     _run(_fwd_rows, _fwd_cols, (x, out), dim, log)
     return out
 
 
 def backward(g: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
     """Gradient of log_softmax / softmax from the upstream ``g`` and the forward output."""
-    grad = torch.empty(out.shape, dtype=out.dtype)
+    grad = empty_huge(out.shape, out.dtype)
     _run(_bwd_rows, _bwd_cols, (g, out, grad), dim, log)
     return grad
