@@ -60,9 +60,15 @@ def _acc(x: Tensor) -> Tensor:
 
 
 def _torch_forward(x: Tensor, dim: int, log: bool) -> Tensor:
+    if x.numel() == 0:
+        return torch.empty_like(x)  # amax rejects an empty dim
     xa = _acc(x)
-    out = xa - torch.logsumexp(xa, dim, keepdim=True)
-    return (out if log else out.exp_()).to(x.dtype)
+    # Subtract the max itself, not logsumexp: logsumexp maps a row holding +inf to inf, which
+    # would leave -inf where torch's softmax gives NaN for the whole row.
+    z = xa - xa.amax(dim, keepdim=True)
+    e = z.exp()
+    s = e.sum(dim, keepdim=True)
+    return (z - s.log() if log else e / s).to(x.dtype)
 
 
 def _torch_backward(g: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
@@ -85,27 +91,23 @@ def _kernels(name: str, dtype: torch.dtype):
     return _torch_forward, _torch_backward
 
 
-def _contiguous(t: Tensor, name: str) -> Tensor:
-    # The kernels index a dense (O, C, I) view. Strided input is made contiguous once (as
-    # torch's own softmax does); ``dim`` itself is never moved.
-    return t if name == "torch" else t.contiguous()
-
-
 class _SoftmaxBase(torch.autograd.Function):
     LOG = False
 
     @classmethod
     def forward(cls, ctx, x: Tensor, dim: int, name: str) -> Tensor:
         fwd, bwd = _kernels(name, x.dtype)
-        out = fwd(_contiguous(x, name), dim, cls.LOG)
-        ctx.dim, ctx.bwd, ctx.name = dim, bwd, name
+        # The kernels index a dense (O, C, I) view: strided input is made contiguous once, as torch's
+        # own softmax does (its output is contiguous too); ``dim`` itself is never moved.
+        out = fwd(x.contiguous(), dim, cls.LOG)
+        ctx.dim, ctx.bwd = dim, bwd
         ctx.save_for_backward(out)
         return out
 
     @classmethod
     def backward(cls, ctx, g: Tensor):
         (out,) = ctx.saved_tensors
-        grad = ctx.bwd(_contiguous(g.to(out.dtype), ctx.name), out, ctx.dim, cls.LOG)
+        grad = ctx.bwd(g.to(out.dtype).contiguous(), out, ctx.dim, cls.LOG)
         return grad, None, None
 
 

@@ -70,7 +70,10 @@ def _views(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _weights(weight: Tensor | None, acc: torch.dtype) -> np.ndarray:
-    return np.empty(0, acc) if weight is None else weight.detach().to(acc).contiguous().numpy()
+    """The class weights as an ``acc`` array; size 0 means unweighted."""
+    if weight is None:
+        return np.empty(0, np.float64 if acc == torch.float64 else np.float32)
+    return weight.detach().to(acc).contiguous().numpy()
 
 
 class NLLLoss(torch.autograd.Function):
@@ -82,7 +85,7 @@ class NLLLoss(torch.autograd.Function):
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32
         x3, t2 = _views(input.detach(), target)  # (N, C, I), (N, I)
         loss = torch.empty(t2.shape, dtype=acc)  # (N, I)
-        w = _weights(weight, _NP[acc])
+        w = _weights(weight, acc)
         total, w_sum, mean = _nll_forward(as_array(x3), as_array(t2), w, ignore_index, loss.numpy())
         ctx.save_for_backward(target)
         ctx.w, ctx.w_sum, ctx.ignore_index, ctx.reduction = w, w_sum, ignore_index, reduction
@@ -106,5 +109,3 @@ class NLLLoss(torch.autograd.Function):
                       ctx.reduction == "mean", as_array(g3))
         return grad, None, None, None, None
 
-
-_NP = {torch.float32: np.float32, torch.float64: np.float64}

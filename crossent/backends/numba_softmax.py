@@ -24,7 +24,7 @@ from numba.extending import overload
 from torch import Tensor
 
 from ._cpu_alloc import empty_huge
-from ._numba_math import bf16_to_f32, exp_f32, f16_to_f32, f32_to_bf16, f32_to_f16, max_f32
+from ._numba_math import EXACT_FM, bf16_to_f32, exp_f32, f16_to_f32, f32_to_bf16, f32_to_f16, max_f32
 from ._numba_rows import FM
 from .numba_cpu import _PARALLEL_MIN, _split_rows
 
@@ -73,6 +73,47 @@ def _exp(z):
     return exp_f32(_F32(-100.0) if z < _F32(-100.0) else z)
 
 
+# ---- element-wise writes, shared by both layouts ------------------------------------------
+# Compiled without reassociation: (x - m) - log s must not become x - (m + log s), which loses
+# log s against a large m (1e4, 3e38). ``k`` is a scalar (rows) or a (W,) array (columns), and
+# ``at`` picks its element either way.
+
+
+def at(k, j):
+    """``k[j]`` for an array, ``k`` for a scalar."""
+
+
+@overload(at, jit_options={"fastmath": EXACT_FM})
+def _at(k, j):
+    if isinstance(k, types.Array):
+        return lambda k, j: k[j]
+    return lambda k, j: k
+
+
+@njit(fastmath=EXACT_FM, cache=True)
+def _put_log(x, out, m, log_s):
+    for j in range(x.size):
+        put(out, j, (f32(x[j]) - at(m, j)) - at(log_s, j))
+
+
+@njit(fastmath=EXACT_FM, cache=True)
+def _put_exp(x, out, m, inv_s):
+    for j in range(x.size):
+        put(out, j, _exp(f32(x[j]) - at(m, j)) * at(inv_s, j))
+
+
+@njit(fastmath=EXACT_FM, cache=True)
+def _put_log_grad(g, out, dest, t):
+    for j in range(g.size):
+        put(dest, j, f32(g[j]) - _exp(f32(out[j])) * at(t, j))
+
+
+@njit(fastmath=EXACT_FM, cache=True)
+def _put_grad(g, out, dest, t):
+    for j in range(g.size):
+        put(dest, j, f32(out[j]) * (f32(g[j]) - at(t, j)))
+
+
 # ---- rows (I == 1): one contiguous row at a time -------------------------------------------
 
 
@@ -93,13 +134,9 @@ def _fwd_rows(x, out, log, lo, hi):
         xr, orow = x[r], out[r]
         m, s = _row_max_sum(xr)
         if log:
-            log_s = _F32(math.log(s))
-            for c in range(xr.size):
-                put(orow, c, (f32(xr[c]) - m) - log_s)
+            _put_log(xr, orow, m, _F32(math.log(s)))
         else:
-            inv = _F32(1.0) / s
-            for c in range(xr.size):
-                put(orow, c, _exp(f32(xr[c]) - m) * inv)
+            _put_exp(xr, orow, m, _F32(1.0) / s)
 
 
 @njit(nogil=True, fastmath=FM, cache=True)
@@ -110,14 +147,11 @@ def _bwd_rows(g, out, grad, log, lo, hi):
         if log:
             for c in range(gr.size):
                 t += f32(gr[c])
-            for c in range(gr.size):
-                put(dest, c, f32(gr[c]) - _exp(f32(orow[c])) * t)
+            _put_log_grad(gr, orow, dest, t)
         else:
             for c in range(gr.size):
                 t += f32(gr[c]) * f32(orow[c])
-            for c in range(gr.size):
-                p = f32(orow[c])
-                put(dest, c, p * (f32(gr[c]) - t))
+            _put_grad(gr, orow, dest, t)
 
 
 # ---- columns (I > 1): _W inner positions side by side --------------------------------------
@@ -166,13 +200,10 @@ def _fwd_cols(x, out, log, lo, hi):
         for j in range(s.size):
             s[j] = math.log(s[j]) if log else _F32(1.0) / s[j]
         for c in range(n_cls):
-            xs, os = x[o, c, j0:j1], out[o, c, j0:j1]
             if log:
-                for j in range(s.size):
-                    put(os, j, (f32(xs[j]) - m[j]) - s[j])
+                _put_log(x[o, c, j0:j1], out[o, c, j0:j1], m, s)
             else:
-                for j in range(s.size):
-                    put(os, j, _exp(f32(xs[j]) - m[j]) * s[j])
+                _put_exp(x[o, c, j0:j1], out[o, c, j0:j1], m, s)
 
 
 @njit(nogil=True, fastmath=FM, cache=True)
@@ -191,14 +222,10 @@ def _bwd_cols(g, out, grad, log, lo, hi):
             else:
                 _fold_dot(t, g[o, c, j0:j1], out[o, c, j0:j1])
         for c in range(n_cls):
-            gs, os, ds = g[o, c, j0:j1], out[o, c, j0:j1], grad[o, c, j0:j1]
             if log:
-                for j in range(t.size):
-                    put(ds, j, f32(gs[j]) - _exp(f32(os[j])) * t[j])
+                _put_log_grad(g[o, c, j0:j1], out[o, c, j0:j1], grad[o, c, j0:j1], t)
             else:
-                for j in range(t.size):
-                    p = f32(os[j])
-                    put(ds, j, p * (f32(gs[j]) - t[j]))
+                _put_grad(g[o, c, j0:j1], out[o, c, j0:j1], grad[o, c, j0:j1], t)
 
 
 # ---- host side -----------------------------------------------------------------------------
