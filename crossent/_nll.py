@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _validate
 from .backends.torch_fused import acc_dtype
 
 
@@ -32,12 +33,23 @@ def nll_torch(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index
 
 def nll(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
         name: str) -> Tensor:
-    """nll_loss on backend ``name`` (numba, or the torch gather for every other backend)."""
-    if name == "numba":
-        from .backends.numba_nll import NLLLoss
+    """nll_loss on backend ``name`` (numba, or the torch gather for every other backend).
 
-        if not torch.is_grad_enabled():
-            input = input.detach()  # no graph, and no buffers kept for a backward
+    Target values are checked by ``_validate.check_target_values``; on the numba path the kernel
+    checks each index as it reads it (one pass instead of the check's five tensor ops, which
+    dominate small calls), and the shared check runs to name the offender when it raises.
+    """
+    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if name != "numba":
+        _validate.check_target_values(target, n_classes, ignore_index)
+        return nll_torch(input, target, weight, ignore_index, reduction)
+    from .backends.numba_nll import NLLLoss
+
+    if not torch.is_grad_enabled():
+        input = input.detach()  # no graph, and no buffers kept for a backward
+    try:
         loss = NLLLoss.apply(input, target, weight, ignore_index, reduction)
-        return loss.reshape(()) if input.dim() == 1 and reduction == "none" else loss
-    return nll_torch(input, target, weight, ignore_index, reduction)
+    except IndexError:
+        _validate.check_target_values(target, n_classes, ignore_index)
+        raise
+    return loss.reshape(()) if input.dim() == 1 and reduction == "none" else loss

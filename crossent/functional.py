@@ -232,8 +232,6 @@ def nll_loss(
     _validate.check_input(input)
     _validate.check_index_target(input, target)
     _validate.check_weight(weight, input)
-    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
-    _validate.check_target_values(target, n_classes, ignore_index)
     return _nll.nll(input, target, weight, ignore_index, reduction, _softmax.backend(impl, input))
 
 

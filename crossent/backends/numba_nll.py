@@ -13,6 +13,7 @@ from numba import njit
 from torch import Tensor
 
 from ._cpu_alloc import empty_huge
+from .numba_cpu import _PARALLEL_MIN, _split_rows
 from .numba_softmax import as_array, f32, put
 
 
@@ -42,23 +43,26 @@ def _nll_forward(x, t, w, ignore_index, loss):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _nll_backward(t, w, ignore_index, g, g_total, w_sum, mean, grad):
-    """``grad[a, y, b] = -w_y * g[a, b]`` for every kept position ("none"); for a reduced loss
-    ``-w_y * g_total`` ("sum") or ``-w_y * (g_total / w_sum)`` ("mean", torch's order: a zero
-    weight sum gives NaN for zero weights and +-inf otherwise)."""
+def _nll_backward(t, w, ignore_index, g, g_total, w_sum, mean, grad, lo, hi):
+    """Rows ``lo:hi`` of the gradient ``(N, C, I)``: zeros, then ``grad[a, y, b] = -w_y * g[a, b]``
+    at every kept position ("none"); for a reduced loss ``-w_y * g_total`` ("sum") or
+    ``-w_y * (g_total / w_sum)`` ("mean", torch's order: a zero weight sum gives NaN for zero
+    weights and +-inf otherwise)."""
     k = g_total / w_sum if mean else g_total
-    n_cls = grad.shape[1]
+    n_cls, n_in = grad.shape[1], grad.shape[2]
     has_w = w.size > 0
     per_position = g.size > 0
-    for a in range(t.shape[0]):
-        for b in range(t.shape[1]):
+    for a in range(lo, hi):
+        flat = grad[a].reshape(n_cls * n_in)  # (C * I,) view: zero bits are 0.0 in every format
+        for j in range(flat.size):
+            flat[j] = 0
+        for b in range(n_in):
             y = np.int64(t[a, b])
             if y == ignore_index or y < 0 or y >= n_cls:
                 continue
             w_y = w[y] if has_w else 1.0
-            scale = g[a, b] if per_position else k
-            row = grad[a, :, b]
-            put(row, y, -(w_y * scale))
+            scale = f32(g[a, b]) if per_position else k
+            put(grad[a, :, b], y, -(w_y * scale))
 
 
 def _views(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -97,15 +101,18 @@ class NLLLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         (target,) = ctx.saved_tensors
-        # torch's layout: dense, zeros off-target (large ones huge-page backed: cheaper faults)
-        grad = empty_huge(ctx.shape, ctx.dtype).zero_()
-        g3, t2 = _views(grad, target)
+        # torch's layout: dense, zeros off-target, zeroed by the kernel (large buffers huge-page
+        # backed: cheaper page faults)
+        grad = empty_huge(ctx.shape, ctx.dtype)
+        g3, t2 = _views(grad, target)  # (N, C, I), (N, I)
         if ctx.reduction == "none":
-            per = as_array(g.reshape(t2.shape).to(torch.float64))
-            g_total = 0.0
+            per, g_total = as_array(g.reshape(t2.shape)), 0.0
         else:
-            per, g_total = np.empty((0, 0)), float(g)
-        _nll_backward(as_array(t2), ctx.w, ctx.ignore_index, per, g_total, ctx.w_sum,
-                      ctx.reduction == "mean", as_array(g3))
+            per, g_total = np.empty((0, 0), np.float32), float(g)
+        n_rows = g3.shape[0]
+        threads = 1 if grad.numel() < _PARALLEL_MIN else min(torch.get_num_threads(), n_rows)
+        args = (as_array(t2), ctx.w, ctx.ignore_index, per, g_total, ctx.w_sum,
+                ctx.reduction == "mean", as_array(g3))
+        _split_rows(_nll_backward, args, n_rows, threads)
         return grad, None, None, None, None
 
