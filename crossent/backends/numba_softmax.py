@@ -30,6 +30,9 @@ from .numba_cpu import _PARALLEL_MIN, _split_rows
 
 _F32 = np.float32
 _W = 256  # inner positions processed side by side: a (C, 256) float32 slab is C KiB
+# Elements below which buffers come from torch.empty without asking empty_huge (which falls
+# back to it below 16 MiB itself, after more per-call work).
+_HUGE_MIN = 1 << 22
 _VIEWS = {torch.bfloat16: torch.uint16, torch.float16: torch.int16}
 
 
@@ -257,16 +260,23 @@ def _run(rows_kernel, cols_kernel, tensors: tuple[Tensor, ...], dim: int, log: b
     _split_rows(kernel, (*arrays, log), units, threads)
 
 
+def empty(shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """An uninitialised contiguous CPU tensor: large ones huge-page backed and reused (4x
+    cheaper page faults, see ``_cpu_alloc``), small ones plain (less per-call work)."""
+    if math.prod(shape) < _HUGE_MIN:
+        return torch.empty(shape, dtype=dtype)
+    return empty_huge(shape, dtype)
+
+
 def forward(x: Tensor, dim: int, log: bool) -> Tensor:
     """log_softmax (``log``) or softmax of a contiguous float32/bfloat16/float16 ``x`` along ``dim``."""
-    # Contiguous, as torch's; large buffers huge-page backed and reused (4x cheaper page faults).
-    out = empty_huge(x.shape, x.dtype)
+    out = empty(x.shape, x.dtype)  # contiguous, as torch's
     _run(_fwd_rows, _fwd_cols, (x, out), dim, log)
     return out
 
 
 def backward(g: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
     """Gradient of log_softmax / softmax from the upstream ``g`` and the forward output."""
-    grad = empty_huge(out.shape, out.dtype)
+    grad = empty(out.shape, out.dtype)
     _run(_bwd_rows, _bwd_cols, (g, out, grad), dim, log)
     return grad
