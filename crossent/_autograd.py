@@ -60,6 +60,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_lse: Tensor | None):
+        refuse_double_backward("cross_entropy")
         grad_logits = grad_target = None
         grad, *extra = ctx.saved_tensors
         if ctx.needs_input_grad[0]:
@@ -71,6 +72,21 @@ class CrossEntropyFunction(torch.autograd.Function):
             g = prob_target_grad(logits, lse, weight, ctx.params) * ctx.scale
             grad_target = g * (grad_loss.unsqueeze(1) if grad_loss.dim() else grad_loss)
         return grad_logits, grad_target, None, None, None, None, None
+
+
+def refuse_double_backward(name: str) -> None:
+    """Raise when a backward runs with ``create_graph=True`` (grad mode is on only then).
+
+    The gradient these Functions return was made in forward as a constant: differentiating it
+    again would silently give a wrong second derivative (MAML inner steps, gradient penalties).
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"crossent.{name} does not support double backward (create_graph=True, e.g. "
+            "torch.autograd.grad(..., create_graph=True) for MAML or a gradient penalty): its "
+            "gradient is computed in forward by a fused kernel and is not differentiable. Use "
+            f"torch.nn.functional.{name} for higher-order gradients."
+        )
 
 
 def _times_upstream(grad: Tensor, upstream: Tensor, in_place: bool) -> Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from types import ModuleType
 from typing import Callable
 
 import torch
@@ -17,22 +18,23 @@ from ._autograd import Kernel
 
 # Loaders use import statements: torch.compile runs those while tracing (importlib it cannot),
 # and optional dependencies are still imported only on first use, never at ``import crossent``.
-def _load_torch() -> Kernel:
+# Each returns the backend module (its contract: ``crossent.backends``).
+def _load_torch() -> ModuleType:
     from .backends import torch_fused
 
-    return torch_fused.ce_forward
+    return torch_fused
 
 
-def _load_numba() -> Kernel:
+def _load_numba() -> ModuleType:
     from .backends import numba_cpu
 
-    return numba_cpu.ce_forward
+    return numba_cpu
 
 
-def _load_triton() -> Kernel:
+def _load_triton() -> ModuleType:
     from .backends import triton
 
-    return triton.ce_forward
+    return triton
 
 
 def _numba_why_not(t: Tensor) -> str | None:
@@ -53,7 +55,7 @@ def _triton_why_not(t: Tensor) -> str | None:
 
 
 # name -> (loads the kernel, tells why it cannot run on this tensor or None)
-_BACKENDS: dict[str, tuple[Callable[[], Kernel], Callable[[Tensor], str | None]]] = {
+_BACKENDS: dict[str, tuple[Callable[[], ModuleType], Callable[[Tensor], str | None]]] = {
     "torch": (_load_torch, lambda t: None),
     "numba": (_load_numba, _numba_why_not),
     "triton": (_load_triton, _triton_why_not),
@@ -76,6 +78,11 @@ def available(name: str) -> bool:
 
 def resolve(impl: str, tensor: Tensor) -> Kernel:
     """Return the kernel for ``impl`` on ``tensor``'s device, or raise a clear error."""
+    return resolve_backend(impl, tensor).ce_forward
+
+
+def resolve_backend(impl: str, tensor: Tensor) -> ModuleType:
+    """Return the backend module for ``impl`` on ``tensor``'s device, or raise a clear error."""
     if impl == "auto":
         for name in _AUTO.get(tensor.device.type, ("torch",)):
             loader, why_not = _BACKENDS[name]

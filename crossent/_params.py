@@ -21,3 +21,8 @@ class CEParams:
     z_loss: float = 0.0
     softcap: float | None = None
     inplace_backward: bool = False
+
+    @property
+    def eps(self) -> float:
+        """Label smoothing as applied: torch ignores values <= 0, and NaN (which compares false)."""
+        return self.label_smoothing if self.label_smoothing > 0 else 0.0

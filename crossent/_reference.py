@@ -38,7 +38,7 @@ def cross_entropy(
     shape = [1, n_classes] + [1] * (x.dim() - 2)
     w = torch.ones(n_classes, dtype=torch.float64) if weight is None else weight.double()
     w = w.reshape(shape)  # broadcast along the class dim
-    eps = max(label_smoothing, 0.0)
+    eps = label_smoothing if label_smoothing > 0 else 0.0  # torch ignores <= 0 and NaN
 
     if target.shape == x.shape:  # class probabilities
         t = target.double() * (1 - eps) + eps / n_classes

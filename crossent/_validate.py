@@ -14,6 +14,7 @@ from torch import Tensor
 from ._params import REDUCTIONS
 
 _INDEX_DTYPES = (torch.int64, torch.uint8)
+_TYPE_NAMES = {torch.uint8: "Byte"}
 
 
 def _shape(t: Tensor | torch.Size | tuple) -> str:
@@ -35,7 +36,8 @@ def resolve_reduction(size_average: bool | None, reduce: bool | None, reduction:
 
 
 def check_options(label_smoothing: float, z_loss: float, softcap: float | None) -> None:
-    if not label_smoothing <= 1.0 or math.isnan(label_smoothing):
+    # NaN passes, as in torch: it compares false with 0, so no smoothing is applied.
+    if label_smoothing > 1.0:
         raise RuntimeError(
             f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}"
         )
@@ -59,7 +61,9 @@ def check_input(input: Tensor, name: str = "input") -> None:
         )
 
 
-def target_is_probabilities(input: Tensor, target: Tensor, ignore_index: int) -> bool:
+def target_is_probabilities(
+    input: Tensor, target: Tensor, ignore_index: int, reduction: str = "none"
+) -> bool:
     """True for class-probability targets (the input's shape), False for class indices.
 
     Raises for a target that fits neither reading, naming the shapes and the fix.
@@ -84,7 +88,7 @@ def target_is_probabilities(input: Tensor, target: Tensor, ignore_index: int) ->
                 f"(class probabilities); give ignored rows zero probability instead"
             )
         return True
-    check_index_target(input, target)
+    check_index_target(input, target, reduction)
     return False
 
 
@@ -92,9 +96,25 @@ def _index_shape(input: Tensor) -> tuple[int, ...]:
     return () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
 
 
-def check_index_target(input: Tensor, target: Tensor) -> None:
-    """Class-index target: dtype int64/uint8 and shape (), (N,) or (N, d1..dk) matching input."""
+def check_index_target(input: Tensor, target: Tensor, reduction: str = "none") -> None:
+    """Class-index target: dtype int64/uint8 and shape (), (N,) or (N, d1..dk) matching input.
+
+    Exception classes and their order are torch's: batch size (``ValueError``), then dtype and
+    rank (``RuntimeError``)."""
     expected = _index_shape(input)
+    if input.dim() == 1 and target.dim() == 1 and target.shape[0] != 1:
+        raise ValueError(
+            f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}: "
+            f"input {_shape(input)} is one sample of {input.shape[0]} classes, so target must "
+            f"be one class index, shape () or (1,)"
+        )
+    batch = target.shape[0] if target.dim() else 0
+    if input.dim() >= 2 and batch != input.shape[0]:
+        raise ValueError(
+            f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+            f"({batch}): input {_shape(input)} needs class indices of shape {_shape(expected)}"
+            f"{_probs_hint(input, target)}, got target {_shape(target)}"
+        )
     if target.dtype not in _INDEX_DTYPES:
         hint = (
             "use target.long()"
@@ -106,22 +126,18 @@ def check_index_target(input: Tensor, target: Tensor) -> None:
             f"to be Long or Byte holding class indices: {hint}, or pass class probabilities of the "
             f"input's shape {_shape(input)}"
         )
-    if input.dim() == 1:
-        if target.dim() == 0 or tuple(target.shape) == (1,):
-            return
+    empty_reduced = target.numel() == 0 and reduction != "none"  # torch returns before checking
+    if input.dim() >= 3 and target.dtype != torch.int64 and not empty_reduced:
+        # torch's K-dim kernels (nll_loss2d) take int64 only; uint8 works for (C,) / (N, C).
         raise RuntimeError(
-            f"input has shape {_shape(input)} (one sample, {input.shape[0]} classes), so target "
-            f"must be a 0-d class index, got shape {_shape(target)}"
+            f"expected scalar type Long but found {_TYPE_NAMES.get(target.dtype, target.dtype)}: "
+            f"K-dimensional input {_shape(input)} takes int64 class indices, as in torch; pass "
+            f"target.long()"
         )
-    if input.dim() == 2 and target.dim() != 1:
+    if input.dim() <= 2 and target.dim() > 1:
         raise RuntimeError(
             f"0D or 1D target tensor expected, multi-target not supported: input {_shape(input)} "
             f"needs target of shape {_shape(expected)}, got {_shape(target)}"
-        )
-    if target.dim() and target.shape[0] != input.shape[0]:
-        raise ValueError(
-            f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
-            f"({target.shape[0]}): input {_shape(input)}, target {_shape(target)}"
         )
     if input.dim() >= 3 and tuple(target.shape) != expected:
         raise RuntimeError(
@@ -129,6 +145,12 @@ def check_index_target(input: Tensor, target: Tensor) -> None:
             f"K-dimensional input (N, C, d1, ..., dk) the target must be (N, d1, ..., dk) = "
             f"{_shape(expected)}{_swap_hint(input, target)}"
         )
+
+
+def _probs_hint(input: Tensor, target: Tensor) -> str:
+    if target.is_floating_point():
+        return f", or class probabilities of the input's shape {_shape(input)}"
+    return ""
 
 
 def _swap_hint(input: Tensor, target: Tensor) -> str:
@@ -142,7 +164,9 @@ def _swap_hint(input: Tensor, target: Tensor) -> str:
     return ""
 
 
-def check_weight(weight: Tensor | None, input: Tensor) -> None:
+def check_weight(weight: Tensor | None, input: Tensor, probs: bool = False) -> None:
+    """``weight`` is ``(C,)`` on input's device; its dtype is input's for class indices (as
+    torch: a RuntimeError), any floating dtype for probabilities (the result is promoted)."""
     if weight is None:
         return
     n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
@@ -154,7 +178,7 @@ def check_weight(weight: Tensor | None, input: Tensor) -> None:
             f"but got weight tensor of shape: {_shape(weight)}; pass a 1-D weight of length "
             f"{n_classes} (one per class) or weight=None"
         )
-    if weight.dtype != input.dtype:
+    if weight.dtype != input.dtype and not (probs and weight.is_floating_point()):
         raise RuntimeError(
             f"weight has dtype {weight.dtype} but input has dtype {input.dtype}; expected scalar "
             f"type {input.dtype}: pass weight.to(input.dtype)"
@@ -171,7 +195,8 @@ def check_target_values(target: Tensor, n_classes: int, ignore_index: int) -> No
     On CPU the first offender is named (value and position). On accelerators the check is a
     device-side assert so that it costs no host synchronisation.
     """
-    flat = target.reshape(-1)
+    # int64, as the kernels index: in uint8, ignore_index=-1 would wrap to 255 and match.
+    flat = target.reshape(-1).long()
     bad = (flat != ignore_index) & ((flat < 0) | (flat >= n_classes))
     if target.device.type != "cpu" or torch.compiler.is_compiling():
         # No host sync (and no data-dependent branch for torch.compile): assert on the device.
@@ -179,7 +204,13 @@ def check_target_values(target: Tensor, n_classes: int, ignore_index: int) -> No
         return
     if not bad.any():
         return
-    first = int(bad.nonzero()[0, 0])
+    raise_out_of_bounds(target, int(bad.nonzero()[0, 0]), n_classes, ignore_index)
+
+
+def raise_out_of_bounds(target: Tensor, first: int, n_classes: int, ignore_index: int) -> None:
+    """Raise torch's ``IndexError`` naming the value and position of ``target``'s flat entry
+    ``first``, the class count and the valid range."""
+    flat = target.reshape(-1)
     position = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), target.shape))
     where = f"position {position[0] if len(position) == 1 else position}" if position else "the target"
     raise IndexError(
@@ -187,6 +218,27 @@ def check_target_values(target: Tensor, n_classes: int, ignore_index: int) -> No
         f"{where}, but input has {n_classes} classes (valid: 0..{n_classes - 1}, or "
         f"ignore_index={ignore_index})"
     )
+
+
+def check_inplace(input: Tensor, target_needs_grad: bool) -> None:
+    """``inplace_backward=True`` writes the gradient over ``input``: refuse what torch refuses
+    for in-place ops (a leaf that requires grad, or a view of one) and what would lose data."""
+    # A view's _base is the tensor it views (the root, for views of views). Dynamo cannot trace
+    # _is_view(); compiled graphs see the tensor itself.
+    base = input if torch.compiler.is_compiling() or not input._is_view() else input._base
+    if input.requires_grad and base.is_leaf and base.requires_grad:
+        what = "a view of a leaf tensor" if base is not input else "a leaf tensor"
+        raise RuntimeError(
+            f"inplace_backward=True would overwrite {what} that requires grad (a parameter or "
+            "user input, as torch refuses for in-place ops); pass the logits produced by the "
+            "model, or inplace_backward=False"
+        )
+    if target_needs_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            "inplace_backward=True overwrites the logits, but the gradient of probability targets "
+            "that require grad is made from them in backward; pass target.detach() or "
+            "inplace_backward=False"
+        )
 
 
 def warn_weight_grad(weight: Tensor | None) -> None:

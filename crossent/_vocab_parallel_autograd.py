@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _vocab_parallel as vp
-from ._autograd import _times_upstream
+from ._autograd import _times_upstream, refuse_double_backward
 from ._params import CEParams
 from .backends.torch_fused import _rows_per_chunk, acc_dtype, prob_target_grad
 
@@ -57,6 +57,7 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
+        refuse_double_backward("cross_entropy")
         grad_logits = grad_target = None
         grad, *extra = ctx.saved_tensors
         if ctx.needs_input_grad[0]:
@@ -129,6 +130,7 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
+        refuse_double_backward("linear_cross_entropy")
         if ctx.grads is None:
             raise RuntimeError(
                 "crossent: backward ran twice through a vocab_parallel_linear_cross_entropy call; "

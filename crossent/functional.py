@@ -10,7 +10,7 @@ from torch import Tensor
 
 from . import _diagnostics, _nll, _softmax, _validate
 from ._autograd import CrossEntropyFunction
-from ._dispatch import resolve
+from ._dispatch import resolve_backend
 from ._params import CEParams
 from ._softmax import LogSoftmax, Softmax
 from .backends.torch_fused import acc_dtype
@@ -109,40 +109,45 @@ def _cross_entropy(
     _validate.check_options(label_smoothing, z_loss, softcap)
     _validate.check_input(input)
     _diagnostics.check_probabilities_as_logits(input)
-    probs = _validate.target_is_probabilities(input, target, ignore_index)
-    _validate.check_weight(weight, input)
+    probs = _validate.target_is_probabilities(input, target, ignore_index, reduction)
+    _validate.check_weight(weight, input, probs)
     _validate.warn_weight_grad(weight)
-    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
-    if not probs:
-        _validate.check_target_values(target, n_classes, ignore_index)
-    if inplace_backward and input.is_leaf and input.requires_grad:
-        raise RuntimeError(
-            "inplace_backward=True would overwrite a leaf tensor that requires grad (a parameter "
-            "or user input); pass the logits produced by the model, or inplace_backward=False"
-        )
-    if inplace_backward and probs and target.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError(
-            "inplace_backward=True overwrites the logits, but the gradient of probability targets "
-            "that require grad is made from them in backward; pass target.detach() or "
-            "inplace_backward=False"
-        )
+    if inplace_backward:
+        _validate.check_inplace(input, probs and target.requires_grad)
     params = CEParams(
         ignore_index=ignore_index, reduction=reduction, label_smoothing=float(label_smoothing),
         z_loss=float(z_loss), softcap=softcap, inplace_backward=inplace_backward,
     )
-    kernel = resolve(impl, input)
+    backend = resolve_backend(impl, input)
     acc = acc_dtype(input.dtype)
     logits, rows_target, out_shape = to_rows(input, target, probs)
     if not torch.is_grad_enabled():
         # Under no_grad a Function still reports needs_input_grad for inputs that require grad:
         # detach so the kernel computes the loss only, with no gradient buffer.
         logits, rows_target = logits.detach(), rows_target.detach()
+    w = None if weight is None else weight.detach().to(acc)
     if probs:
         rows_target = rows_target.to(acc)
-    w = None if weight is None else weight.detach().to(acc)
-    denominator, scale = _mean_terms(rows_target, w, params, probs, acc)
-    loss, lse = CrossEntropyFunction.apply(logits, rows_target, w, denominator, scale, params, kernel)
+        denominator = rows_target.new_tensor(float(rows_target.shape[0]))
+    else:
+        # One pass over the targets: the range check and the weight sum "mean" divides by.
+        denominator, bad = backend.index_target_sums(
+            rows_target, w, ignore_index, logits.shape[1], acc
+        )
+        if bad >= 0:
+            _validate.raise_out_of_bounds(target, bad, logits.shape[1], ignore_index)
+    if reduction == "mean":
+        # 1 / 0 = inf when nothing counts: the loss is 0/0 = NaN, ignored rows keep a zero
+        # gradient and counted rows of weight sum 0 get torch's inf / NaN (kernels scale per term).
+        scale = 1 / denominator
+    else:
+        denominator, scale = None, torch.ones((), dtype=acc, device=input.device)
+    loss, lse = CrossEntropyFunction.apply(
+        logits, rows_target, w, denominator, scale, params, backend.ce_forward
+    )
     out_dtype = torch.result_type(input, target) if probs else input.dtype
+    if probs and weight is not None:
+        out_dtype = torch.promote_types(out_dtype, weight.dtype)  # torch promotes, too
     if reduction == "none":
         loss = loss.reshape(out_shape)
     return loss.to(out_dtype), lse.reshape(out_shape)
@@ -182,9 +187,9 @@ def _mean_terms(
             denominator = valid.sum().to(acc)
         else:
             denominator = torch.where(valid, weight[torch.where(valid, target, 0)], 0).sum()
-    # An all-ignored batch: loss 0/0 = NaN and a zero gradient, exactly as torch.
-    scale = torch.where(denominator > 0, 1 / denominator, 0)
-    return denominator, scale
+    # 1 / 0 = inf when nothing counts: loss 0/0 = NaN, ignored rows keep a zero gradient and
+    # counted rows of weight sum 0 get torch's inf / NaN (the kernels scale per term).
+    return denominator, 1 / denominator
 
 
 def nll_loss(

@@ -32,7 +32,7 @@ def test_memory_probe_sees_the_gradient_buffer(monkeypatch):
     from crossent.backends import _cpu_alloc
 
     monkeypatch.setattr(_cpu_alloc, "_CACHE_SLOTS", 0)
-    monkeypatch.setattr(_cpu_alloc, "_cache", [])
+    monkeypatch.setattr(_cpu_alloc, "_free", [])
     out_of_place = _bench._memory_child("512x8192", "crossent", "fwd+bwd")
     in_place = _bench._memory_child("512x8192", "crossent inplace", "fwd+bwd")
     assert 0.9 < out_of_place["extra_x"] < 1.1

@@ -220,6 +220,18 @@ def test_float64_goes_to_the_torch_backend():
         assert a.dtype == torch.float64 and torch.equal(a, b)
 
 
+def _every_exponent(n_per_binade: int, seed: int):
+    """Float32 values from every binade (both signs, random mantissas) plus the specials."""
+    gen = torch.Generator().manual_seed(seed)
+    exps = torch.arange(-149, 128, dtype=torch.float64).repeat_interleave(n_per_binade)
+    mant = 1 + torch.rand(exps.shape, generator=gen, dtype=torch.float64)
+    z = (mant * 2.0**exps).float()
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"),
+                            torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max,
+                            torch.finfo(torch.float32).tiny, 88.72, 88.73, -87.33, -103.97, -104.0])
+    return torch.cat([z, -z, special])
+
+
 def test_exp_f32_accuracy():
     """The polynomial exp is within 1.5 ulp of float64 exp over the range softmax uses."""
     z = torch.cat([torch.linspace(-87.3, 0.0, 1_000_003), torch.linspace(-1e-3, 1e-3, 10_001)])
@@ -228,9 +240,31 @@ def test_exp_f32_accuracy():
     ulp = torch.finfo(torch.float32).eps * ref.float().abs().double().clamp_min(2**-126)
     ulps = ((torch.from_numpy(ours).double() - ref).abs() / ulp)
     assert float(ulps.max()) <= 1.5
-    special = torch.tensor([float("-inf"), float("nan"), -100.0, 0.0])
-    out = torch.from_numpy(_exp_array(special.numpy()))
-    assert out[0] == 0 and torch.isnan(out[1]) and out[2] == 0 and out[3] == 1
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exp_f32_whole_domain_matches_torch(seed):
+    """Every float32 exponent range, both signs: huge negative arguments, results that underflow
+    to subnormals, overflow to inf, -inf and NaN. Within 1.5 ulp of float64 exp for normal
+    results and one subnormal step (2^-149) below them; inf, 0 and NaN exactly where torch.exp
+    has them."""
+    z = _every_exponent(64, seed)
+    ours = torch.from_numpy(_exp_array(z.numpy()))
+    theirs = torch.exp(z)
+    assert torch.equal(torch.isnan(ours), torch.isnan(theirs))
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    assert torch.equal(ours == 0, theirs == 0) or _zero_flips_are_boundary(z, ours, theirs)
+    finite = torch.isfinite(theirs)
+    ref = torch.exp(z.double())[finite]
+    ulp = (torch.finfo(torch.float32).eps * ref.abs()).clamp_min(2.0**-149)
+    err = (ours[finite].double() - ref).abs() / ulp
+    assert float(err.max()) <= 1.5
+
+
+def _zero_flips_are_boundary(z, ours, theirs):
+    """Results 0 in one and the smallest subnormal in the other: both round exp(z) ~ 2^-150."""
+    flips = (ours == 0) != (theirs == 0)
+    return bool((torch.maximum(ours[flips], theirs[flips]) <= 2.0**-149).all())
 
 
 def test_tanh_f32_accuracy():

@@ -13,5 +13,15 @@
   ``grad`` ``(R, C)`` in the logits' dtype: ``grad_scale * d loss[r] / d logits[r]``. With
   ``params.inplace_backward`` the gradient is written into ``logits``' storage.
 
+``index_target_sums(target, weight, ignore_index, n_classes, dtype) -> (weight_sum, first_bad)``
+
+- one pass over ``(R,)`` int64 class indices: ``weight_sum`` is the 0-d summed class weight of
+  the counted rows (their count when ``weight`` is ``None``) in ``dtype``, the denominator of "mean";
+  ``first_bad`` is the first row whose index is neither in ``[0, C)`` nor ``ignore_index``, or
+  -1 (always -1 where the check is a device-side assert, to avoid a host sync).
+
+Kernels never read outside a row whatever validation did: an out-of-range index is treated as
+ignored.
+
 The accumulation dtype is float64 for float64 logits and float32 otherwise.
 """

@@ -8,11 +8,12 @@ torch does itself under ``THP_MEM_ALLOC_ENABLE=1``.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
 import os
-import sys
 import threading
+import weakref
 
 import torch
 
@@ -24,52 +25,52 @@ _MIN_BYTES = 8 * _HUGE_PAGE
 def empty_huge(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised contiguous CPU tensor, huge-page backed when large (else ``torch.empty``).
 
-    The tensor views an anonymous mapping from a small cache (see ``_cached_region``): once every
-    tensor viewing a mapping is freed, the next request of a similar size reuses it, already
-    faulted in, instead of paying the page faults again (as torch's CUDA caching allocator does).
+    The tensor views an anonymous mapping. Once every tensor viewing it is freed, the mapping
+    joins a small list of free ones (at most ``_CACHE_SLOTS``, the oldest unmapped beyond that),
+    so that the next request of a similar size reuses it already faulted in instead of paying
+    the page faults again (as torch's CUDA caching allocator does).
     """
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if nbytes < _MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(shape, dtype=dtype)
-    region = _cached_region(nbytes) if _CACHE_SLOTS else None
+    region = _take_free(nbytes)
     if region is None:
         # One spare huge page lets the tensor start on a 2 MiB boundary (untouched pages cost nothing).
         region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if _CACHE_SLOTS:
-            _remember(region)
-    raw = torch.frombuffer(region, dtype=torch.uint8)  # (len(region),) views the mapping
-    offset = -raw.data_ptr() % _HUGE_PAGE
+    start = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    offset = -start % _HUGE_PAGE
+    # The tensor holds this ctypes view of the mapping (not the mapping itself): the view can
+    # be watched, and it dies exactly when the last tensor sharing its storage does.
+    view = (ctypes.c_char * nbytes).from_buffer(region, offset)
+    if _CACHE_SLOTS:
+        weakref.finalize(view, _give_back, region)
     region.madvise(mmap.MADV_HUGEPAGE, offset, nbytes)
-    return raw[offset:offset + nbytes].view(dtype).view(shape)
+    return torch.frombuffer(view, dtype=torch.uint8).view(dtype).view(shape)
 
 
-# Mappings kept for reuse: at most this many, so at most that many gradients stay resident after
-# they are freed. CROSSENT_CPU_CACHE=0 turns the cache off (every buffer is unmapped when freed).
+# Free mappings kept for reuse, most recently freed first: at most this many, at all times, so
+# at most that many freed gradients stay resident. CROSSENT_CPU_CACHE=0 turns the cache off
+# (every mapping is unmapped when its last tensor is freed).
 _CACHE_SLOTS = int(os.environ.get("CROSSENT_CPU_CACHE", "2"))
-_cache: list[mmap.mmap] = []
-_lock = threading.Lock()
+_free: list[mmap.mmap] = []
+# Reentrant: _give_back runs wherever the last tensor of a mapping dies, which may be inside
+# this module's own critical section on the same thread.
+_lock = threading.RLock()
 
 
-def _free(i: int) -> bool:
-    # Only the cache's own reference (and getrefcount's argument): no tensor views the mapping.
-    return sys.getrefcount(_cache[i]) <= 2
-
-
-def _cached_region(nbytes: int) -> mmap.mmap | None:
-    """A free cached mapping that fits ``nbytes`` without wasting more than a quarter of it."""
+def _take_free(nbytes: int) -> mmap.mmap | None:
+    """Remove and return a free mapping that fits ``nbytes`` without wasting more than a
+    quarter of it, or ``None``."""
     with _lock:
-        for i in range(len(_cache)):
-            size = len(_cache[i]) - _HUGE_PAGE
-            if nbytes <= size <= nbytes * 4 // 3 and _free(i):
-                _cache.insert(0, _cache.pop(i))  # most recently used first
-                return _cache[0]
+        for i, region in enumerate(_free):
+            if nbytes <= len(region) - _HUGE_PAGE <= nbytes * 4 // 3:
+                return _free.pop(i)
         return None
 
 
-def _remember(region: mmap.mmap) -> None:
-    """Cache ``region`` (most recent first), dropping the oldest free mappings beyond the limit."""
+def _give_back(region: mmap.mmap) -> None:
+    """The last tensor viewing ``region`` died: keep it first in the free list, and drop the
+    oldest beyond the limit (unmapped as soon as the dying view releases it)."""
     with _lock:
-        _cache.insert(0, region)
-        for i in range(len(_cache) - 1, _CACHE_SLOTS - 1, -1):
-            if _free(i):
-                del _cache[i]
+        _free.insert(0, region)
+        del _free[_CACHE_SLOTS:]

@@ -49,17 +49,20 @@ def max_f32(typingctx, a, b):
 
 @njit(fastmath=EXACT_FM, cache=True)
 def exp_f32(z):
-    """exp(z) for float32 ``z <= 88``, within 1.01 ulp of the float64 result (measured).
+    """exp(z) for any float32 ``z``, within 1.01 ulp of the float64 result for normal results
+    (measured), correctly scaled into the subnormal range, 0 below -104, inf above 88.73,
+    exp(-inf) = 0 and NaN stays NaN.
 
     Cody-Waite reduction z = n ln2 + r, |r| <= ln2 / 2, Cephes' degree-5 minimax polynomial
-    for exp(r), and 2^n built from exponent bits. Results below 2^-126 (z < -87.33) flush to 0
-    (their contribution to any softmax sum is below float32 resolution); exp(-inf) = 0 and NaN
-    stays NaN.
+    for exp(r), and 2^n applied as two exact powers of two 2^(n >> 1) * 2^(n - (n >> 1)), so
+    that n from -150 (subnormal results) to 128 (the top of the range) never leaves the
+    exponent field. ``n`` is computed from ``z`` clamped to [-104, 89], so huge or infinite
+    arguments never reach the integer conversion; the result for them is chosen by selects.
     """
-    zc = z if z > _F32(-88.0) else _F32(-88.0)  # NaN -> -88 too, so n below is always defined
-    zc = zc if zc < _F32(88.0) else _F32(88.0)
+    zc = z if z > _F32(-104.0) else _F32(-104.0)  # NaN -> -104 too, so n below is always defined
+    zc = zc if zc < _F32(89.0) else _F32(89.0)
     n = np.floor(zc * _F32(1.44269504088896341) + _F32(0.5))
-    r = z - n * _F32(0.693359375) - n * _F32(-2.12194440e-4)  # ln2 split: n * hi is exact
+    r = zc - n * _F32(0.693359375) - n * _F32(-2.12194440e-4)  # ln2 split: n * hi is exact
     p = _F32(1.9875691500e-4)
     p = p * r + _F32(1.3981999507e-3)
     p = p * r + _F32(8.3334519073e-3)
@@ -67,8 +70,14 @@ def exp_f32(z):
     p = p * r + _F32(1.6666665459e-1)
     p = p * r + _F32(5.0000001201e-1)
     p = p * (r * r) + r + _F32(1.0)
-    two_n = f32_from_bits(_U32(np.int32(n) + np.int32(127)) << _U32(23))
-    return _F32(0.0) if z < _F32(-87.33) else p * two_n
+    ni = np.int32(n)
+    half = ni >> np.int32(1)
+    two_a = f32_from_bits(_U32(half + np.int32(127)) << _U32(23))
+    two_b = f32_from_bits(_U32(ni - half + np.int32(127)) << _U32(23))
+    e = (p * two_a) * two_b  # p * 2^a is exact; one rounding into the subnormals, if any
+    e = _F32(0.0) if z < _F32(-104.0) else e
+    e = _F32(np.inf) if z > _F32(89.0) else e
+    return z if z != z else e  # NaN in, NaN out
 
 
 @njit(fastmath=EXACT_FM, error_model="numpy", cache=True)

@@ -73,10 +73,13 @@ def gap_sum(x, m):
 
 @njit(fastmath=FM, cache=True)
 def weighted_gap_sum(x, m, w):
-    """sum_c w_c (m - x_c); 0 * inf gives NaN for a -inf logit of weight 0, as torch."""
+    """sum_c w_c (m - x_c); 0 * inf gives NaN for a -inf logit of weight 0, as torch.
+
+    A term at the max is skipped, not w_c * 0: with an inf weight that is NaN, while torch's
+    w_c * (lse - x_c) is inf (lse > m), which the caller's (sum_c w_c) log s term supplies."""
     d = _F32(0.0)
     for c in range(x.size):
-        d += w[c] * (m - x[c])
+        d += w[c] * (m - x[c]) if x[c] != m else _F32(0.0)
     return d
 
 

@@ -61,8 +61,9 @@ def _index_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, cap, gscale,
     gbuf = np.empty(n_cls if fmt != 0 else 0, np.float32)  # (C,) scratch
     for r in range(lo, hi):
         xr = load_row(x[r], fmt, cap, inv_cap, buf)
-        y = target[r]
-        valid = y != ignore_index
+        y = np.int64(target[r])  # uint8 targets compare with ignore_index in int64
+        # An index outside [0, C) is never read, whatever validation did (it raised before).
+        valid = y != ignore_index and 0 <= y < n_cls
         m = row_max(xr)
         gaps = _F32(0.0)
         if eps > 0 and valid:  # before step 2, which may overwrite xr (in place)
@@ -80,15 +81,24 @@ def _index_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, cap, gscale,
                 store_row(dest, fmt, grad[r])
             continue
         w_y = w[y] if has_w else _F32(1.0)
+        # Terms whose coefficient is 0 are not computed: 0 * inf (an inf class weight absent
+        # from the row, lse**2 overflowing) would be a NaN the maths does not have.
         row_loss = keep * w_y * ((m - x_y) + log_s)
+        coef = keep * w_y
         if eps > 0:
             row_loss += eps_c * (gaps + w_total * log_s)
-        loss[r] = row_loss + z * lse[r] * lse[r]
+            coef += eps_c * w_total
+        if z > 0:
+            row_loss += z * lse[r] * lse[r]
+            coef += _F32(2.0) * z * lse[r]
+        loss[r] = row_loss
         if not want_grad:
             continue
-        coef = keep * w_y + eps_c * w_total + _F32(2.0) * z * lse[r]
         # p_y - 1 (and the smoothing term) in float32, never rounded through a 16-bit grad.
-        g_y = gscale * (coef * (dest[y] / s) - eps_c * w_y - keep * w_y)
+        if math.isfinite(gscale):
+            g_y = gscale * (coef * (dest[y] / s) - eps_c * w_y - keep * w_y)
+        else:  # mean over a zero weight sum: inf * p_y - inf = NaN at y, as torch
+            g_y = gscale * (coef * (dest[y] / s)) - gscale * (eps_c * w_y + keep * w_y)
         k = gscale * coef / s
         if eps > 0:
             if has_w:
@@ -126,15 +136,49 @@ def _prob_kernel(x, fmt, target, w, eps, z, cap, gscale, want_grad, inplace, gra
         log_s = _F32(math.log(s))
         lse_r = m + log_s
         lse[r] = lse_r
-        loss[r] = gaps + mass * log_s + z * lse_r * lse_r
+        row_loss = gaps + mass * log_s
+        coef = mass
+        if z > 0:  # never 0 * inf when lse**2 overflows
+            row_loss += z * lse_r * lse_r
+            coef += _F32(2.0) * z * lse_r
+        loss[r] = row_loss
         if want_grad:
-            coef = mass + _F32(2.0) * z * lse_r
             scale_sub_targets(dest, gscale * coef / s, target[r], w, gscale * a, gscale * b)
             if cap > 0:
                 cap_factor(dest, xr, inv_cap)
             store_row(dest, fmt, grad[r])
 
 
+@njit(nogil=True, cache=True)
+def _target_pass(target, w, ignore_index, n_cls):
+    """The summed class weight of the counted rows (their count when ``w`` is empty), in float64,
+    and the first row whose index is neither in ``[0, C)`` nor ``ignore_index`` (-1 if none).
+    Every comparison is in int64, the type the kernels index with (uint8 never wraps -1)."""
+    den = 0.0
+    has_w = w.size > 0
+    for r in range(target.size):
+        y = np.int64(target[r])
+        if y == ignore_index:
+            continue
+        if y < 0 or y >= n_cls:
+            return den, r
+        den += np.float64(w[y]) if has_w else 1.0
+    return den, -1
+
+
+def index_target_sums(
+    target: Tensor, weight: Tensor | None, ignore_index: int, n_classes: int, dtype: torch.dtype
+) -> tuple[Tensor, int]:
+    """One pass over ``(R,)`` class indices: the weight sum of counted rows (0-d ``dtype``,
+    summed in float64) and the first row out of range, or -1. See ``crossent.backends``."""
+    if torch.compiler.is_compiling() or target.dtype not in (torch.int64, torch.uint8):
+        return torch_fused.index_target_sums(target, weight, ignore_index, n_classes, dtype)
+    w = _EMPTY if weight is None else _as_array(weight.contiguous())
+    den, bad = _target_pass(_as_array(target), w, np.int64(ignore_index), n_classes)
+    return torch.tensor(den, dtype=dtype), bad
+
+
+_EMPTY = np.empty(0, np.float32)
 _PARALLEL_MIN = 1 << 16  # elements below which one thread beats waking others (~10 us of work)
 _pool: ThreadPoolExecutor | None = None
 _pool_key = (0, 0)  # (process id, workers): a forked child must not reuse its parent's threads
@@ -197,7 +241,7 @@ def _ce_forward(
     x = _as_array(logits)
     out = _as_array(grad) if want_grad else x  # never written without want_grad
     fmt = _FORMATS[logits.dtype]
-    eps = _F32(max(params.label_smoothing, 0.0))  # torch ignores smoothing <= 0
+    eps = _F32(params.eps)
     cap = _F32(params.softcap if params.softcap is not None else 0.0)
     gscale = _F32(grad_scale.item() if want_grad else 0.0)
     if target.is_floating_point():
@@ -208,7 +252,7 @@ def _ce_forward(
     else:
         w = np.empty(0, np.float32) if weight is None else _as_array(weight.float().contiguous())
         w_total = _F32(w.sum(dtype=np.float32)) if weight is not None else _F32(n_cls)
-        args = (x, fmt, _as_array(target.long().contiguous()), w, w_total,
+        args = (x, fmt, _as_array(target), w, w_total,
                 np.int64(params.ignore_index), eps, _F32(params.z_loss), cap, gscale, want_grad,
                 params.inplace_backward, out, loss.numpy(), lse.numpy())
         _split_rows(_index_kernel, args, n_rows, threads)

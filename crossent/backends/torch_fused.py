@@ -55,18 +55,40 @@ def ce_forward(
     for start in range(0, n_rows, step):
         rows = slice(start, start + step)
         x, tanh_x = _capped(logits[rows].to(acc), params.softcap)  # (r, C) acc
-        if probs_target:
-            out = _prob_rows(x, target[rows], weight, grad is not None, params)
-        else:
-            out = _index_rows(x, target[rows], weight, grad is not None, params)
-        loss[rows], lse[rows], g = out
+        rows_fn = _prob_rows if probs_target else _index_rows
+        loss[rows], lse[rows], g = rows_fn(x, target[rows], weight, grad_scale, params)
         if grad is not None:
-            g.mul_(grad_scale)
             if tanh_x is not None:
                 # d(cap * tanh(x / cap))/dx = 1 - tanh^2
                 g.mul_(1 - tanh_x * tanh_x)
             grad[rows] = g
     return loss, lse, grad
+
+
+def index_target_sums(
+    target: Tensor, weight: Tensor | None, ignore_index: int, n_classes: int, dtype: torch.dtype
+) -> tuple[Tensor, int]:
+    """The weight sum of the counted rows of ``(R,)`` class indices (0-d ``dtype``, the count
+    when unweighted) and the first row whose index is neither in ``[0, C)`` nor
+    ``ignore_index``, or -1.
+
+    Compared in int64, the type the kernels index with. On accelerators (and while compiling)
+    the range is checked by a device-side assert instead, so that it costs no host sync: the
+    row returned is then always -1.
+    """
+    t = target.reshape(-1).long()  # (R,)
+    valid = t != ignore_index
+    bad = valid & ((t < 0) | (t >= n_classes))
+    if weight is None:
+        den = valid.sum(dtype=dtype)
+    else:
+        den = torch.where(valid, weight[torch.where(valid & ~bad, t, 0)], 0).sum(dtype=dtype)
+    if t.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), "crossent: target holds a class index out of range")
+        return den, -1
+    if not bad.any():
+        return den, -1
+    return den, int(bad.nonzero()[0, 0])
 
 
 def _softmax_lse(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -80,16 +102,21 @@ def _softmax_lse(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _index_rows(
-    x: Tensor, t: Tensor, weight: Tensor | None, want_grad: bool, params: CEParams
+    x: Tensor, t: Tensor, weight: Tensor | None, grad_scale: Tensor | None, params: CEParams
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Class-index rows. With smoothing eps and class weights w (torch's formula):
 
     loss = (1 - eps) * w_y * (lse - x_y) + eps / C * sum_c w_c * (lse - x_c) [+ z * lse^2]
+
+    The gradient is ``grad_scale`` times d loss / d x. Terms whose coefficient is 0 are never
+    formed: 0 * inf (an inf class weight, lse**2 overflowing) is a NaN the maths does not have.
     """
     n_classes = x.shape[1]
-    eps = max(params.label_smoothing, 0.0)  # torch ignores smoothing <= 0
+    eps = params.eps
     p, lse = _softmax_lse(x)
-    valid = t != params.ignore_index  # (r,)
+    t = t.long()  # compared with ignore_index in int64, never in uint8
+    # Out-of-range indices (validation raised before) are treated as ignored, never read.
+    valid = (t != params.ignore_index) & (t >= 0) & (t < n_classes)  # (r,)
     t_safe = torch.where(valid, t, 0).unsqueeze(1)  # (r, 1)
     counted = valid.to(x.dtype)  # (r,) 1 for counted rows; a bool mask would compute in float32
     w_y = counted
@@ -108,24 +135,27 @@ def _index_rows(
             w_total = weight.sum()
         loss = loss + (eps / n_classes) * torch.where(valid, smooth, 0)
         coef = coef + (eps / n_classes) * w_total * counted
-    if params.z_loss:
+    if params.z_loss > 0:
         loss = loss + params.z_loss * lse * lse
         coef = coef + 2 * params.z_loss * counted * lse
     # Ignored rows contribute exactly 0, even when their logits are not finite.
     loss = torch.where(valid, loss, 0)
-    if not want_grad:
+    if grad_scale is None:
         return loss, lse, None
-    g = p.mul_(coef.unsqueeze(1))  # (r, C), reuses the softmax buffer
+    # The scale goes in per term, as torch's backward applies it: a mean over a zero weight
+    # sum (scale inf) then gives torch's inf * p - inf = NaN, and ignored rows 0 * p.
+    scale = torch.where(valid, grad_scale, 0)  # (r,)
+    g = p.mul_((coef * scale).unsqueeze(1))  # (r, C), reuses the softmax buffer
     # The true-class term is subtracted in the accumulation dtype (p_y - 1 must not round away).
-    g.scatter_add_(1, t_safe, (-(1 - eps) * w_y).unsqueeze(1))
+    g.scatter_add_(1, t_safe, (-(1 - eps) * w_y * scale).unsqueeze(1))
     if eps > 0:
         w_row = 1.0 if weight is None else weight
-        g.sub_((eps / n_classes) * counted.unsqueeze(1) * w_row)
+        g.sub_((eps / n_classes) * (counted * scale).unsqueeze(1) * w_row)
     return loss, lse, g
 
 
 def _prob_rows(
-    x: Tensor, t: Tensor, weight: Tensor | None, want_grad: bool, params: CEParams
+    x: Tensor, t: Tensor, weight: Tensor | None, grad_scale: Tensor | None, params: CEParams
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Probability rows: loss = -sum_c w_c * t_c * log p_c, with t smoothed towards 1/C."""
     eps = params.label_smoothing
@@ -136,12 +166,12 @@ def _prob_rows(
     wt = t if weight is None else t * weight  # (r, C)
     loss = -((x - lse.unsqueeze(1)) * wt).sum(1)
     mass = wt.sum(1)  # (r,): total weighted target mass, 1 for plain distributions
-    if params.z_loss:
+    if params.z_loss > 0:  # never 0 * inf when lse**2 overflows
         loss = loss + params.z_loss * lse * lse
         mass = mass + 2 * params.z_loss * lse
-    if not want_grad:
+    if grad_scale is None:
         return loss, lse, None
-    g = p.mul_(mass.unsqueeze(1)).sub_(wt)
+    g = p.mul_(mass.unsqueeze(1)).sub_(wt).mul_(grad_scale)
     return loss, lse, g
 
 
@@ -151,8 +181,7 @@ def prob_target_grad(
     """d loss[r] / d target[r, c] = -(1 - eps) * w_c * log p[r, c]  (probability targets), ``(R, C)``."""
     acc = lse.dtype
     x, _ = _capped(logits.to(acc), params.softcap)
-    eps = max(params.label_smoothing, 0.0)
-    g = (x - lse.unsqueeze(1)).mul_(-(1 - eps))
+    g = (x - lse.unsqueeze(1)).mul_(-(1 - params.eps))
     if weight is not None:
         g.mul_(weight)
     return g

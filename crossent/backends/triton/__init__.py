@@ -14,10 +14,10 @@ from torch import Tensor
 
 from ..._params import CEParams
 from .._opaque import opaque_kernel
-from ..torch_fused import acc_dtype
+from ..torch_fused import acc_dtype, index_target_sums
 from .launch import launch_ce_forward
 
-__all__ = ["ce_forward"]
+__all__ = ["ce_forward", "index_target_sums"]
 
 
 def _ce_forward(

@@ -1,0 +1,147 @@
+"""No silent wrong answer and no unsafe memory access: the defects of issue 15, each at its root.
+
+Values are checked against torch (and the float64 reference where torch has no path); each
+test here failed before its fix.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import crossent
+from crossent._params import CEParams
+from crossent.backends import torch_fused
+
+from ._oracle import cpu_backends
+
+BACKENDS = cpu_backends()
+
+
+def _kernels():
+    kernels = {"torch": torch_fused}
+    if "numba" in BACKENDS:
+        from crossent.backends import numba_cpu
+
+        kernels["numba"] = numba_cpu
+    return kernels
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("n_classes", [2, 40])
+def test_uint8_target_with_negative_ignore_index_raises_like_torch(impl, n_classes):
+    """ignore_index=-1 must not match a uint8 255 (compared in int64, as the kernels index)."""
+    x = torch.randn(5, n_classes)
+    t = torch.tensor([0, 255, 1, 0, 1], dtype=torch.uint8)
+    with pytest.raises(IndexError, match="Target 255 is out of bounds"):
+        crossent.cross_entropy(x, t, ignore_index=-1, impl=impl)
+    with pytest.raises((IndexError, UnicodeDecodeError)):  # torch's own message fails to decode
+        F.cross_entropy(x, t, ignore_index=-1)
+
+
+@pytest.mark.parametrize("name", sorted(_kernels()))
+@pytest.mark.parametrize("bad", [-1, 2, 255, 10**9, -(10**9)])
+def test_kernels_never_read_outside_a_row(name, bad):
+    """Called directly with an out-of-range index (validation bypassed), every kernel treats the
+    row as ignored: loss 0, gradient 0, the other rows untouched and exact."""
+    kernel = _kernels()[name].ce_forward
+    gen = torch.Generator().manual_seed(bad % 1000)
+    x = torch.randn(3, 2, generator=gen)
+    good = torch.tensor([0, 1, 1])
+    t = good.clone()
+    t[1] = bad
+    loss, _, grad = kernel(x, t, None, torch.tensor(1.0), CEParams(reduction="none"))
+    ref_loss, _, ref_grad = kernel(x, good, None, torch.tensor(1.0), CEParams(reduction="none"))
+    assert loss[1] == 0 and torch.equal(grad[1], torch.zeros(2))
+    assert torch.equal(loss[[0, 2]], ref_loss[[0, 2]]) and torch.equal(grad[[0, 2]], ref_grad[[0, 2]])
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_double_backward_refuses_instead_of_a_wrong_answer(impl):
+    """MAML inner step / gradient penalty: create_graph=True must raise, naming torch's path."""
+    gen = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(6, 4)
+    x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+    loss = crossent.cross_entropy(lin(x), y, impl=impl)
+    with pytest.raises(RuntimeError, match="double backward.*torch.nn.functional.cross_entropy"):
+        torch.autograd.grad(loss, lin.weight, create_graph=True)
+    # First-order gradients are unaffected, and equal torch's.
+    ours = torch.autograd.grad(crossent.cross_entropy(lin(x), y, impl=impl), lin.weight)[0]
+    theirs = torch.autograd.grad(F.cross_entropy(lin(x), y), lin.weight)[0]
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("view", ["view", "slice", "transpose"])
+def test_inplace_backward_refuses_views_of_leaves(impl, view):
+    leaf = torch.randn(4, 3, requires_grad=True)
+    x = {"view": lambda: leaf.view(-1, 3), "slice": lambda: leaf[:],
+         "transpose": lambda: leaf.t().t()}[view]()
+    before = leaf.detach().clone()
+    with pytest.raises(RuntimeError, match="view of a leaf"):
+        crossent.cross_entropy(x, torch.tensor([0, 1, 2, 0]), impl=impl, inplace_backward=True)
+    assert torch.equal(leaf.detach(), before)
+    # A non-leaf's view is fine: the gradient still reaches the leaf, equal to torch's.
+    loss = crossent.cross_entropy((leaf * 2)[:], torch.tensor([0, 1, 2, 0]), impl=impl,
+                                  inplace_backward=True)
+    loss.backward()
+    ours, leaf.grad = leaf.grad, None
+    F.cross_entropy(leaf * 2, torch.tensor([0, 1, 2, 0])).backward()
+    torch.testing.assert_close(ours, leaf.grad)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_inf_class_weight_of_an_absent_class_keeps_gradients_finite(impl, smoothing):
+    """Inverse-frequency weights 1 / counts with a zero count: torch's loss and gradient."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 4, generator=gen, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 0, 1, 2])  # class 3 absent
+    counts = torch.bincount(t, minlength=4).float()
+    w = 1 / counts  # inf for class 3
+    ours = crossent.cross_entropy(x, t, weight=w, impl=impl, label_smoothing=smoothing)
+    (g_ours,) = torch.autograd.grad(ours, x)
+    theirs = F.cross_entropy(x, t, weight=w, label_smoothing=smoothing)
+    (g_theirs,) = torch.autograd.grad(theirs, x)
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    torch.testing.assert_close(g_ours, g_theirs, equal_nan=True)
+    if smoothing == 0:
+        assert torch.isfinite(g_ours).all()
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("magnitude", [1e19, 1e30, 3e38])
+def test_huge_finite_logits_give_a_finite_loss(impl, dtype, magnitude):
+    """|lse| > 1.8e19 squares to inf in float32: with z_loss = 0 that term must not exist."""
+    x = torch.tensor([[magnitude, -magnitude, 0.0], [0.0, magnitude, 1.0]]).to(dtype)
+    t = torch.tensor([1, 1])
+    for reduction in ("none", "sum"):
+        ours = crossent.cross_entropy(x, t, impl=impl, reduction=reduction)
+        theirs = F.cross_entropy(x, t, reduction=reduction)
+        assert torch.equal(ours.isnan(), theirs.isnan()) and not ours.isnan().any()
+        torch.testing.assert_close(ours, theirs, rtol=2**-7 if dtype == torch.bfloat16 else 1e-6,
+                                   atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("weights", [[-1.0, -0.5, -2.0], [1.0, -1.0, 0.5], [0.0, 1.0, 1.0]])
+def test_mean_over_weight_sums_at_or_below_zero_is_torchs(impl, weights):
+    """torch divides by the counted weight sum whatever its sign: negative, zero (inf / NaN)."""
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    t = torch.tensor([0, 1]) if weights[2] != 1.0 else torch.tensor([0, 0])
+    w = torch.tensor(weights)
+    ours = crossent.cross_entropy(x, t, weight=w, impl=impl)
+    (g_ours,) = torch.autograd.grad(ours, x)
+    theirs = F.cross_entropy(x, t, weight=w)
+    (g_theirs,) = torch.autograd.grad(theirs, x)
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    torch.testing.assert_close(g_ours, g_theirs, equal_nan=True)
+
+
+def test_label_smoothing_nan_is_ignored_like_torch():
+    x, t = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    torch.testing.assert_close(crossent.cross_entropy(x, t, label_smoothing=math.nan),
+                               F.cross_entropy(x, t, label_smoothing=math.nan))
