@@ -235,7 +235,7 @@ def nll_loss(
             "(C,), (N, C) or (N, C, d1, ..., dk), e.g. log_softmax(logits, dim) of the logits"
         )
     _validate.check_input(input)
-    _validate.check_index_target(input, target)
+    _validate.check_index_target(input, target, reduction)
     _validate.check_weight(weight, input)
     return _nll.nll(input, target, weight, ignore_index, reduction, _softmax.backend(impl, input))
 

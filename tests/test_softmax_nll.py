@@ -198,8 +198,7 @@ def _check_nll(x, t, weight, reduction, impl, ignore_index=-100):
     # torch's K-dim backward rejects strided input ("grad_input must be contiguous"): it gets a copy.
     a, b = x.clone().requires_grad_(), x.contiguous().requires_grad_()
     ya = crossent.nll_loss(a, t, weight, ignore_index=ignore_index, reduction=reduction, impl=impl)
-    # torch takes uint8 targets for 1-d / 2-d input only; the values are the same.
-    yb = F.nll_loss(b, t.long(), weight, ignore_index=ignore_index, reduction=reduction)
+    yb = F.nll_loss(b, t, weight, ignore_index=ignore_index, reduction=reduction)
     assert ya.shape == yb.shape and ya.dtype == yb.dtype
     tol = {} if x.dtype in (torch.float32, torch.float64) else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(ya, yb, equal_nan=True, **tol)
@@ -242,7 +241,12 @@ def test_nll_loss_weights_ignore_and_uint8(reduction, impl):
     _check_nll(x, t.to(torch.uint8), torch.rand(3, generator=gen), reduction, impl)
     _check_nll(x, torch.tensor([2, 1, 1, 2, 1, 0]), None, reduction, impl, ignore_index=1)
     x4 = F.log_softmax(logits((2, 3, 4, 2), torch.float32, gen), 1)
-    _check_nll(x4, torch.randint(0, 3, (2, 4, 2), generator=gen).to(torch.uint8), None, reduction, impl)
+    t4 = torch.randint(0, 3, (2, 4, 2), generator=gen)
+    with pytest.raises(RuntimeError, match="expected scalar type Long but found Byte"):
+        F.nll_loss(x4, t4.to(torch.uint8))  # torch's K-dim kernels take int64 only
+    with pytest.raises(RuntimeError, match="expected scalar type Long but found Byte.*target.long"):
+        crossent.nll_loss(x4, t4.to(torch.uint8), impl=impl)
+    _check_nll(x4, t4, None, reduction, impl)
 
 
 def test_nll_loss_errors():

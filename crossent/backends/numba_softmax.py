@@ -24,7 +24,9 @@ from numba.extending import overload
 from torch import Tensor
 
 from ._cpu_alloc import empty_huge
-from ._numba_math import EXACT_FM, bf16_to_f32, exp_f32, f16_to_f32, f32_to_bf16, f32_to_f16, max_f32
+from ._numba_math import (
+    EXACT_FM, bf16_to_f32, exp_f32, f16_to_f32, f32_to_bf16, f32_to_f16, max_f32,
+)
 from ._numba_rows import FM
 from .numba_cpu import _PARALLEL_MIN, _split_rows
 
@@ -69,13 +71,6 @@ def _put(a, j, v):
     return impl
 
 
-@njit(fastmath=FM, cache=True)
-def _exp(z):
-    # exp_f32 is exact to ~1 ulp for z >= -87.33; below, exp underflows float32 anyway. Clamping
-    # here keeps that whatever exp_f32 does for huge negative z (the select passes NaN through).
-    return exp_f32(_F32(-100.0) if z < _F32(-100.0) else z)
-
-
 # ---- element-wise writes, shared by both layouts ------------------------------------------
 # Compiled without reassociation: (x - m) - log s must not become x - (m + log s), which loses
 # log s against a large m (1e4, 3e38). ``k`` is a scalar (rows) or a (W,) array (columns), and
@@ -102,13 +97,13 @@ def _put_log(x, out, m, log_s):
 @njit(fastmath=EXACT_FM, cache=True)
 def _put_exp(x, out, m, inv_s):
     for j in range(x.size):
-        put(out, j, _exp(f32(x[j]) - at(m, j)) * at(inv_s, j))
+        put(out, j, exp_f32(f32(x[j]) - at(m, j)) * at(inv_s, j))
 
 
 @njit(fastmath=EXACT_FM, cache=True)
 def _put_log_grad(g, out, dest, t):
     for j in range(g.size):
-        put(dest, j, f32(g[j]) - _exp(f32(out[j])) * at(t, j))
+        put(dest, j, f32(g[j]) - exp_f32(f32(out[j])) * at(t, j))
 
 
 @njit(fastmath=EXACT_FM, cache=True)
@@ -127,7 +122,7 @@ def _row_max_sum(x):
         m = max_f32(m, f32(x[c]))
     s = _F32(0.0)
     for c in range(x.size):
-        s += _exp(f32(x[c]) - m)
+        s += exp_f32(f32(x[c]) - m)
     return m, s
 
 
@@ -167,9 +162,9 @@ def _fold_max(m, xs):
 
 
 @njit(fastmath=FM, cache=True)
-def _fold_exp(s, xs, m):
+def _foldexp_f32(s, xs, m):
     for j in range(s.size):
-        s[j] += _exp(f32(xs[j]) - m[j])
+        s[j] += exp_f32(f32(xs[j]) - m[j])
 
 
 @njit(fastmath=FM, cache=True)
@@ -199,7 +194,7 @@ def _fwd_cols(x, out, log, lo, hi):
         for c in range(n_cls):
             _fold_max(m, x[o, c, j0:j1])
         for c in range(n_cls):
-            _fold_exp(s, x[o, c, j0:j1], m)
+            _foldexp_f32(s, x[o, c, j0:j1], m)
         for j in range(s.size):
             s[j] = math.log(s[j]) if log else _F32(1.0) / s[j]
         for c in range(n_cls):
