@@ -91,39 +91,46 @@ def _kernels(name: str, dtype: torch.dtype):
     return _torch_forward, _torch_backward
 
 
-class _SoftmaxBase(torch.autograd.Function):
-    LOG = False
-
-    @classmethod
-    def forward(cls, ctx, x: Tensor, dim: int, name: str) -> Tensor:
-        fwd, bwd = _kernels(name, x.dtype)
-        # The kernels index a dense (O, C, I) view: strided input is made contiguous once, as torch's
-        # own softmax does (its output is contiguous too); ``dim`` itself is never moved.
-        out = fwd(x.contiguous(), dim, cls.LOG)
-        ctx.dim, ctx.bwd = dim, bwd
-        ctx.save_for_backward(out)
-        return out
-
-    @classmethod
-    def backward(cls, ctx, g: Tensor):
-        (out,) = ctx.saved_tensors
-        grad = ctx.bwd(g.to(out.dtype).contiguous(), out, ctx.dim, cls.LOG)
-        return grad, None, None
+def _forward(ctx, x: Tensor, dim: int, name: str, log: bool) -> Tensor:
+    # The kernels index a dense (O, C, I) view: strided input is made contiguous once, as torch's
+    # own softmax does (its output is contiguous too); ``dim`` itself is never moved.
+    out = _kernels(name, x.dtype)[0](x.contiguous(), dim, log)
+    ctx.dim, ctx.name = dim, name
+    ctx.save_for_backward(out)
+    return out
 
 
-class LogSoftmax(_SoftmaxBase):
+def _backward(ctx, g: Tensor, log: bool) -> Tensor:
+    (out,) = ctx.saved_tensors
+    return _kernels(ctx.name, out.dtype)[1](g.to(out.dtype).contiguous(), out, ctx.dim, log)
+
+
+# Static methods (not one class with a flag): Dynamo inlines autograd.Functions written this way.
+class LogSoftmax(torch.autograd.Function):
     """``log_softmax(x)_i = x_i - logsumexp(x)`` along ``dim``; backward ``g - softmax * sum(g)``."""
 
-    LOG = True
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, name: str) -> Tensor:
+        return _forward(ctx, x, dim, name, True)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return _backward(ctx, g, True), None, None
 
 
-class Softmax(_SoftmaxBase):
+class Softmax(torch.autograd.Function):
     """``softmax(x)_i = exp(x_i - max) / sum exp(x - max)``; backward ``p * (g - sum(g * p))``."""
 
-    LOG = False
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, name: str) -> Tensor:
+        return _forward(ctx, x, dim, name, False)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return _backward(ctx, g, False), None, None
 
 
-def apply(cls: type[_SoftmaxBase], name: str, input: Tensor, dim: int | None,
+def apply(cls: type[torch.autograd.Function], name: str, input: Tensor, dim: int | None,
           dtype: torch.dtype | None, impl: str) -> Tensor:
     """The public ``log_softmax`` / ``softmax``: cast, check, 0-d handling, dispatch."""
     if not isinstance(input, Tensor):

@@ -275,6 +275,20 @@ def test_nll_kernel_guards_its_indices():
     assert grad[0, 0, 0] == -1.0 and np.count_nonzero(grad) == 1
 
 
+def test_torch_compile_fullgraph():
+    """Under torch.compile, impl="auto" takes the traceable torch path: one graph, same values."""
+    x = torch.randn(4, 5, 3, requires_grad=True)
+    t = torch.tensor([[0, 1, 2], [4, -100, 3], [0, 0, 1], [2, 2, 2]])
+
+    def chain(lib, z):
+        return lib.nll_loss(lib.log_softmax(z, 1), t) + lib.softmax(z, -1).square().sum()
+
+    compiled = torch.compile(lambda z: chain(crossent, z), fullgraph=True, backend="aot_eager")
+    ours, theirs = compiled(x), chain(F, x)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(theirs, x)[0])
+
+
 def test_seed_identities():
     """Seeds 001/002: log(softmax(z)) == log_softmax(z); nll_loss(log_softmax(z)) == cross_entropy(z);
     the functional and the module give the same result."""

@@ -1,4 +1,4 @@
-"""Numba CPU kernels for softmax / log_softmax (forward and backward) over any dim, and nll_loss.
+"""Numba CPU kernels for softmax / log_softmax, forward and backward, over any dim.
 
 A tensor is viewed, without copying, as ``(O, C, I)``: ``O`` outer positions, ``C`` values along
 ``dim`` and ``I`` inner positions (``I = prod(shape[dim+1:])``, the stride of ``dim``).
@@ -46,7 +46,8 @@ def put(a, j, v):
     """Store float32 ``v`` into ``a[j]``, rounding to ``a``'s format (to nearest even)."""
 
 
-@overload(f32, jit_options={"fastmath": FM})
+# EXACT_FM: the 16-bit conversions depend on the exact order of their float operations.
+@overload(f32, jit_options={"fastmath": EXACT_FM})
 def _f32(v):
     if v == types.uint16:
         return lambda v: bf16_to_f32(v)
@@ -55,7 +56,7 @@ def _f32(v):
     return lambda v: v
 
 
-@overload(put, jit_options={"fastmath": FM})
+@overload(put, jit_options={"fastmath": EXACT_FM})
 def _put(a, j, v):
     if a.dtype == types.uint16:
         def impl_bf16(a, j, v):
