@@ -249,6 +249,19 @@ def test_nll_loss_weights_ignore_and_uint8(reduction, impl):
     _check_nll(x4, t4, None, reduction, impl)
 
 
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=4), seed=st.integers(0, 2**16),
+       reduction=st.sampled_from(["none", "mean", "sum"]), weighted=st.booleans(),
+       ignored=st.sampled_from([0.0, 0.3, 1.0]))
+def test_property_nll_loss_matches_torch(shape, seed, reduction, weighted, ignored):
+    gen = torch.Generator().manual_seed(seed)
+    n_classes = shape[0] if len(shape) == 1 else shape[1]
+    x = F.log_softmax(logits(tuple(shape), torch.float32, gen), 0 if len(shape) == 1 else 1)
+    t = index_target(shape, n_classes, gen, ignore_fraction=0.0 if len(shape) == 1 else ignored)
+    w = torch.randn(n_classes, generator=gen) if weighted else None  # negative weights too
+    _check_nll(x, t, w, reduction, "auto")
+
+
 def test_nll_loss_errors():
     with pytest.raises(ValueError, match="Expected 1 or more dimensions.*shape \\(C,\\)"):
         crossent.nll_loss(torch.tensor(0.5), torch.tensor(0))
