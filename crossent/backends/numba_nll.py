@@ -19,23 +19,27 @@ from .numba_softmax import as_array, empty, f32, put
 # error_model="numpy": a zero weight sum divides to inf/NaN as in torch, instead of raising.
 @njit(nogil=True, cache=True, error_model="numpy")
 def _nll_forward(x, t, w, ignore_index, loss):
-    """Per-position loss into ``loss (N, I)``; returns (sum of losses, sum of picked weights).
-    Products and sums are float64, so float32 terms are exact before the final rounding."""
+    """Per-position loss into ``loss (N, I)`` (size 0: not stored, for a reduced loss); returns
+    (sum of losses, sum of picked weights, their quotient). Products and sums are float64, so
+    float32 terms are exact before the final rounding."""
     n_cls = x.shape[1]
     has_w = w.size > 0
+    store = loss.size > 0
     total = 0.0
     w_sum = 0.0
     for a in range(t.shape[0]):
         for b in range(t.shape[1]):
             y = np.int64(t[a, b])  # int64 compare: a uint8 target never equals a negative index
             if y == ignore_index:
-                loss[a, b] = 0.0
+                if store:
+                    loss[a, b] = 0.0
                 continue
             if y < 0 or y >= n_cls:
                 raise IndexError("nll_loss: a target class index is out of range [0, C)")
             w_y = w[y] if has_w else 1.0
             value = -(w_y * f32(x[a, y, b]))  # -0 * inf is NaN, as torch's
-            loss[a, b] = value
+            if store:
+                loss[a, b] = value
             total += value
             w_sum += w_y
     return total, w_sum, total / w_sum
@@ -73,10 +77,16 @@ def _views(input: Tensor, target: Tensor) -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(x.shape[0], x.shape[1], -1), t.reshape(x.shape[0], -1)
 
 
+# Stand-ins for "unweighted" and "not stored" (size 0, never written), made once: per-call
+# allocations are a visible share of a small call's time.
+_NONE = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
+_NO_LOSS = {acc: a.reshape(0, 0) for acc, a in _NONE.items()}
+
+
 def _weights(weight: Tensor | None, acc: torch.dtype) -> np.ndarray:
     """The class weights as an ``acc`` array; size 0 means unweighted."""
     if weight is None:
-        return np.empty(0, np.float64 if acc == torch.float64 else np.float32)
+        return _NONE[acc]
     return weight.detach().to(acc).contiguous().numpy()
 
 
@@ -88,9 +98,10 @@ class NLLLoss(torch.autograd.Function):
                 reduction: str) -> Tensor:
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32
         x3, t2 = _views(input, target)  # (N, C, I), (N, I)
-        loss = torch.empty(t2.shape, dtype=acc)  # (N, I)
         w = _weights(weight, acc)
-        total, w_sum, mean = _nll_forward(x3, t2, w, ignore_index, loss.numpy())
+        loss = torch.empty(t2.shape, dtype=acc) if reduction == "none" else None  # (N, I)
+        total, w_sum, mean = _nll_forward(x3, t2, w, ignore_index,
+                                          _NO_LOSS[acc] if loss is None else loss.numpy())
         ctx.save_for_backward(target)
         ctx.w, ctx.w_sum, ctx.ignore_index, ctx.reduction = w, w_sum, ignore_index, reduction
         ctx.shape, ctx.dtype = input.shape, input.dtype
@@ -108,7 +119,7 @@ class NLLLoss(torch.autograd.Function):
         if ctx.reduction == "none":
             per, g_total = as_array(g).reshape(t2.shape), 0.0
         else:
-            per, g_total = np.empty((0, 0), np.float32), float(g)
+            per, g_total = _NO_LOSS[torch.float32], float(g)
         n_rows = g3.shape[0]
         threads = 1 if grad.numel() < _PARALLEL_MIN else min(torch.get_num_threads(), n_rows)
         args = (t2, ctx.w, ctx.ignore_index, per, g_total, ctx.w_sum, ctx.reduction == "mean", g3)

@@ -252,8 +252,10 @@ def _run(rows_kernel, cols_kernel, tensors: tuple[Tensor, ...], dim: int, log: b
     else:
         arrays = [as_array(t).reshape(n_out, n_cls, n_in) for t in tensors]  # (O, C, I) views
         kernel, units = cols_kernel, n_out * -(-n_in // _W)
-    threads = 1 if numel < _PARALLEL_MIN else min(torch.get_num_threads(), units)
-    _split_rows(kernel, (*arrays, log), units, threads)
+    if numel < _PARALLEL_MIN:
+        kernel(*arrays, log, 0, units)  # small: no thread hand-off, no bookkeeping
+    else:
+        _split_rows(kernel, (*arrays, log), units, min(torch.get_num_threads(), units))
 
 
 def empty(shape: torch.Size, dtype: torch.dtype) -> Tensor:
