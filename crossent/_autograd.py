@@ -14,15 +14,14 @@ from torch import Tensor
 
 from ._params import CEParams
 
-Kernel = Callable[..., tuple[Tensor, Tensor, "Tensor | None"]]
+Kernel = Callable[..., tuple[Tensor, Tensor, "Tensor | None"]]  # ce_forward
+Call = Callable[..., tuple[Tensor, Tensor, "Tensor | None", "Tensor | float"]]  # cross_entropy
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """``(logits (R, C), target, weight, denominator, scale) -> (reduced loss, lse (R,))``.
-
-    ``denominator`` divides the summed loss for "mean" (``None`` otherwise); ``scale`` is the
-    matching gradient factor (``1 / denominator``, or 0 when nothing counts, as torch).
-    """
+    """``(logits (R, C), target, weight) -> (reduced loss, lse (R,))`` through a backend's
+    whole-call ``cross_entropy`` (``crossent.backends``), which folds the reduction's scale
+    into the gradient it makes in forward."""
 
     @staticmethod
     def forward(
@@ -30,21 +29,14 @@ class CrossEntropyFunction(torch.autograd.Function):
         logits: Tensor,
         target: Tensor,
         weight: Tensor | None,
-        denominator: Tensor | None,
-        scale: Tensor,
         params: CEParams,
-        kernel: Kernel,
+        call: Call,
     ) -> tuple[Tensor, Tensor]:
-        want_grad = ctx.needs_input_grad[0]
-        loss, lse, grad = kernel(logits, target, weight, scale if want_grad else None, params)
+        loss, lse, grad, scale = call(logits, target, weight, ctx.needs_input_grad[0], params)
         if grad is not None and params.inplace_backward:
             # The logits now hold the gradient: any other autograd node that saved them must
             # fail loudly on backward instead of silently reading the gradient.
             torch.autograd.graph.increment_version(logits)
-        if params.reduction == "sum":
-            loss = loss.sum()
-        elif params.reduction == "mean":
-            loss = loss.sum() / denominator
         ctx.inplace = params.inplace_backward
         ctx.scale = scale
         ctx.params = params
@@ -71,7 +63,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             logits, lse, weight = extra
             g = prob_target_grad(logits, lse, weight, ctx.params) * ctx.scale
             grad_target = g * (grad_loss.unsqueeze(1) if grad_loss.dim() else grad_loss)
-        return grad_logits, grad_target, None, None, None, None, None
+        return grad_logits, grad_target, None, None, None
 
 
 def refuse_double_backward(name: str) -> None:
@@ -90,13 +82,43 @@ def refuse_double_backward(name: str) -> None:
 
 
 def _times_upstream(grad: Tensor, upstream: Tensor, in_place: bool) -> Tensor:
-    """The saved gradient times the upstream gradient (scalar, or one value per row)."""
+    """The saved gradient times the upstream gradient (scalar, or one value per row).
+
+    On CUDA (eager) the gradient is scaled in place: it is the caller's own buffer (the logits
+    with ``in_place``, else the fresh one the Function owns), so this costs no second ``(R, C)``
+    buffer; a scalar factor is read by a Triton kernel on the device, which touches nothing when
+    it is 1 (the usual ``loss.backward()``): no host sync and no pass over the gradient. The
+    version bump makes a second backward through a retained graph fail autograd's check instead
+    of reading a scaled gradient. Elsewhere a host read of a CPU scalar is free; other devices
+    multiply (out of place unless ``in_place``, so a retained graph can backward again).
+    """
+    if grad.is_cuda and not torch.compiler.is_compiling():
+        if upstream.dim() == 0 and _scale_on_device(grad, upstream):
+            torch.autograd.graph.increment_version(grad)
+            return grad
+        return grad.mul_(_per_row(upstream.to(grad.dtype), grad))
     if upstream.dim() == 0:
-        # Host read is free on CPU; on accelerators skip the check to avoid a sync.
         on_host = upstream.device.type == "cpu" and not torch.compiler.is_compiling()
         if on_host and upstream.item() == 1.0:
             return grad
-        factor = upstream.to(grad.dtype)
-    else:
-        factor = upstream.to(grad.dtype).unsqueeze(1)  # (R, 1)
+    factor = _per_row(upstream.to(grad.dtype), grad)
     return grad.mul_(factor) if in_place else grad * factor
+
+
+def _per_row(factor: Tensor, grad: Tensor) -> Tensor:
+    """A scalar factor as is; one per row broadcast over the class dim of ``grad``: ``(R, 1)``
+    for ``(R, C)``, ``(N, 1, S)`` for K-dimensional ``(N, C, S)`` (rows in ``(n, s)`` order)."""
+    if factor.dim() == 0:
+        return factor
+    if grad.dim() == 3:
+        return factor.reshape(grad.shape[0], 1, grad.shape[2])
+    return factor.unsqueeze(1)
+
+
+def _scale_on_device(grad: Tensor, factor: Tensor) -> bool:
+    """``grad *= factor`` by the Triton kernel when Triton is importable and the layout fits."""
+    try:
+        from .backends.triton.scale import scale_inplace
+    except ImportError:
+        return False
+    return scale_inplace(grad, factor.to(grad.device))

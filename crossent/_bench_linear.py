@@ -37,12 +37,13 @@ def contenders(chunk_sizes: tuple[int, ...] = ()) -> dict[str, Callable]:
     from crossent.linear import linear_cross_entropy
 
     out = {
-        "crossent": lambda x, w, b, t: linear_cross_entropy(x, w, t, b),
+        "crossent": lambda x, w, b, t: linear_cross_entropy(x, w, t, linear_bias=b),
         "torch": lambda x, w, b, t: F.cross_entropy(x @ w.T + b, t),
     }
     for rows in chunk_sizes:  # the chunk-size trade-off: crossent with a fixed chunk_size
         out[f"crossent r={rows}"] = (
-            lambda rows: lambda x, w, b, t: linear_cross_entropy(x, w, t, b, chunk_size=rows))(rows)
+            lambda rows: lambda x, w, b, t: linear_cross_entropy(
+                x, w, t, linear_bias=b, chunk_size=rows))(rows)
     if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
         options = torch.nn.LinearCrossEntropyOptions()
         out["torch_chunked"] = lambda x, w, b, t: F.linear_cross_entropy(

@@ -27,6 +27,12 @@ from torch import Tensor
 __all__ = ["ProbabilitiesAsLogitsWarning", "set_diagnostics", "diagnostics_enabled",
            "check_probabilities_as_logits"]
 
+try:  # numpy is optional for torch: the probe uses it where present (faster on small inputs)
+    import numpy as _np
+except ImportError:  # pragma: no cover
+    _np = None
+
+_NUMPY_DTYPES = (torch.float32, torch.float64)
 _SAMPLE_ROWS = 8
 _PREFILTER = 4096  # values of the first sampled row checked before the whole sample
 _enabled = os.environ.get("CROSSENT_DIAGNOSTICS", "1").strip().lower() not in ("0", "false", "off", "no")
@@ -124,19 +130,10 @@ def check_probabilities_as_logits(input: Tensor, class_dim: int | None = None) -
         class_dim = 0 if input.dim() == 1 else 1
     if input.shape[class_dim] < 2:
         return
-    # detach: the probe must not enter the autograd graph. Real logits almost always have a
-    # negative entry: one reduction and one read reject them.
-    x, axis = _sample_rows(input.detach(), class_dim)
-    # First a few thousand values of one row: small enough to stay under torch's threading
-    # cutoff (~32K elements), where a reduction costs microseconds, and real logits fail here.
-    row = x if x.dim() == 1 else x.select(1 - axis, 0)  # (C,) the first sampled row
-    head = row.narrow(0, 0, min(_PREFILTER, row.shape[0]))
-    if not float(head.min()) >= 0.0:
-        return
-    if not float(x.min()) >= 0.0 or not float(x.max()) <= 1.0:
-        return
-    row_sums = x.sum(dim=axis, dtype=torch.float64)  # (r,)
-    if not bool(((row_sums - 1).abs() <= _tolerance(input.dtype)).all()):
+    if _np is not None and input.dtype in _NUMPY_DTYPES and input.dim() <= 2:
+        if not _looks_like_probabilities_np(input.detach().numpy(), class_dim, input.dtype):
+            return
+    elif not _looks_like_probabilities(input, class_dim):
         return
     level, site = _caller()
     if site in _warned_sites:
@@ -151,3 +148,33 @@ def check_probabilities_as_logits(input: Tensor, class_dim: int | None = None) -
         ProbabilitiesAsLogitsWarning,
         stacklevel=level,
     )
+
+
+def _looks_like_probabilities_np(a, class_dim: int, dtype: torch.dtype) -> bool:
+    """The same test on a numpy view of a (C,) or (N, C) tensor: numpy's reductions over a few
+    rows cost about a microsecond each, torch's several (a small call pays per op)."""
+    x = a if a.ndim == 1 else (a[:_SAMPLE_ROWS] if class_dim == 1 else a[:, :_SAMPLE_ROWS])
+    row = x if x.ndim == 1 else (x[0] if class_dim == 1 else x[:, 0])
+    if not row[:_PREFILTER].min() >= 0.0:  # real logits almost always fail here
+        return False
+    if not x.min() >= 0.0 or not x.max() <= 1.0:
+        return False
+    axis = 0 if x.ndim == 1 else class_dim
+    sums = x.sum(axis=axis, dtype=_np.float64)
+    return bool((abs(sums - 1) <= _tolerance(dtype)).all())
+
+
+def _looks_like_probabilities(input: Tensor, class_dim: int) -> bool:
+    # detach: the probe must not enter the autograd graph. Real logits almost always have a
+    # negative entry: one reduction and one read reject them.
+    x, axis = _sample_rows(input.detach(), class_dim)
+    # First a few thousand values of one row: small enough to stay under torch's threading
+    # cutoff (~32K elements), where a reduction costs microseconds, and real logits fail here.
+    row = x if x.dim() == 1 else x.select(1 - axis, 0)  # (C,) the first sampled row
+    head = row.narrow(0, 0, min(_PREFILTER, row.shape[0]))
+    if not float(head.min()) >= 0.0:
+        return False
+    if not float(x.min()) >= 0.0 or not float(x.max()) <= 1.0:
+        return False
+    row_sums = x.sum(dim=axis, dtype=torch.float64)  # (r,)
+    return bool(((row_sums - 1).abs() <= _tolerance(input.dtype)).all())

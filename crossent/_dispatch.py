@@ -81,8 +81,23 @@ def resolve(impl: str, tensor: Tensor) -> Kernel:
     return resolve_backend(impl, tensor).ce_forward
 
 
+# (impl, device type) -> backend, for eager calls: resolving imports modules and asks each
+# backend whether it can run, a few microseconds that a small call should not pay every time.
+_RESOLVED: dict[tuple[str, str, str | None], ModuleType] = {}
+
+
 def resolve_backend(impl: str, tensor: Tensor) -> ModuleType:
     """Return the backend module for ``impl`` on ``tensor``'s device, or raise a clear error."""
+    if torch.compiler.is_compiling():
+        return _resolve(impl, tensor)
+    key = (impl, tensor.device.type, os.environ.get("TRITON_INTERPRET"))
+    backend = _RESOLVED.get(key)
+    if backend is None:
+        backend = _RESOLVED[key] = _resolve(impl, tensor)
+    return backend
+
+
+def _resolve(impl: str, tensor: Tensor) -> ModuleType:
     if impl == "auto":
         for name in _AUTO.get(tensor.device.type, ("torch",)):
             loader, why_not = _BACKENDS[name]

@@ -12,6 +12,7 @@ rows of ``x`` (cheaper than scaling the ``(r, V)`` gradient): four matmuls in al
 """
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import torch
@@ -22,8 +23,12 @@ from ._params import CEParams
 from .backends._cpu_alloc import empty_huge
 from .backends.torch_fused import acc_dtype
 
-# Devices where finding the ignored rows (a host read of the target) costs no synchronisation.
-SKIP_IGNORED_ON = ("cpu",)
+# Devices whose ignored rows are dropped before any matmul (see _row_chunks). On CPU finding them
+# (a host read of the target) costs nothing. On CUDA it is opt-in, CROSSENT_COMPACT_IGNORED=1:
+# counting and gathering the rows is a host sync once per call, which stalls the launch queue and
+# breaks CUDA-graph capture; it pays when many rows are ignored (padding, prompt tokens), since
+# each ignored row otherwise costs its share of all three matmuls.
+SKIP_IGNORED_ON = ("cpu", "cuda") if os.environ.get("CROSSENT_COMPACT_IGNORED") == "1" else ("cpu",)
 # Bytes of W one slab spans on CPU (see _slabs): well inside L3 (32 MiB here) beside the
 # slab of grad_weight it updates.
 _SLAB_BYTES = 8 << 20
@@ -46,7 +51,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """``(x (N, H), W (V, H), b (V,) | None, target, ...) -> (reduced loss, lse (N,))``.
 
     ``target`` is ``(N,)`` int64 or ``(N, V)`` probabilities in the accumulation dtype;
-    ``scale`` is the gradient factor of the reduction (``1 / denominator`` for "mean").
+    ``scale`` is the gradient factor of the reduction (``1 / denominator`` for "mean");
+    ``logit_scale`` multiplies the logits (``None``: 1); ``retain`` keeps the gradients made in
+    forward so that a second backward (``retain_graph=True``) can use them again.
     """
 
     @staticmethod
@@ -62,14 +69,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         params: CEParams,
         kernel: Kernel,
         chunk_size: int,
+        logit_scale: float | None,
+        retain: bool,
     ) -> tuple[Tensor, Tensor]:
         needs = tuple(ctx.needs_input_grad[:3])
         eager = any(needs) and params.reduction != "none"
         loss, lse, grads = chunked_linear_ce(
             x, weight, bias, target, class_weight, scale, params, kernel, chunk_size,
-            needs if eager else (False, False, False),
+            needs if eager else (False, False, False), logit_scale=logit_scale,
         )
         ctx.params, ctx.kernel, ctx.chunk_size = params, kernel, chunk_size
+        ctx.logit_scale, ctx.retain = logit_scale, retain
         ctx.grads = grads
         if any(needs) and params.reduction == "none":
             ctx.save_for_backward(x, weight, bias, target, class_weight)
@@ -82,13 +92,18 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_lse: Tensor | None):
+        # The engine runs backward with grad mode on exactly when create_graph=True. The
+        # gradients below come from a fused kernel and carry no graph, so a second
+        # differentiation (gradient penalty, MAML, Hessian) would silently read zero: refuse.
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
         needs = tuple(ctx.needs_input_grad[:3])
         if ctx.params.reduction == "none":
             x, weight, bias, target, class_weight = ctx.saved_tensors
             one = torch.ones((), dtype=acc_dtype(x.dtype), device=x.device)
             _, _, grads = chunked_linear_ce(
                 x, weight, bias, target, class_weight, one, ctx.params, ctx.kernel,
-                ctx.chunk_size, needs, row_scale=grad_loss,
+                ctx.chunk_size, needs, row_scale=grad_loss, logit_scale=ctx.logit_scale,
             )
         else:
             grads = ctx.grads
@@ -96,15 +111,31 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 raise RuntimeError(
                     "crossent: backward ran twice through a linear_cross_entropy call with "
                     "reduction='mean'/'sum'; its gradients are made in forward and handed over "
-                    "once (keeping them would copy grad_weight). Call it again, or use "
-                    "reduction='none' and reduce yourself, to backward more than once."
+                    "once (keeping them costs a copy of grad_weight). Pass options="
+                    "torch.nn.LinearCrossEntropyOptions(allow_retain_graph=True), call it "
+                    "again, or use reduction='none' and reduce yourself, to backward more "
+                    "than once."
                 )
-            # Hand the tensors over (no reference kept) so autograd can adopt them as .grad
-            # instead of copying a (V, H) gradient.
-            ctx.grads = None
+            if ctx.retain:
+                # Copies: autograd may adopt a returned tensor as .grad and add into it later.
+                grads = tuple(None if g is None else g.clone() for g in grads)
+            else:
+                # Hand the tensors over (no reference kept) so autograd can adopt them as
+                # .grad instead of copying a (V, H) gradient.
+                ctx.grads = None
             grads = tuple(None if g is None else _times_upstream(g, grad_loss, in_place=True)
                           for g in grads)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
+
+
+DOUBLE_BACKWARD_MESSAGE = (
+    "crossent.linear_cross_entropy does not support double backward (create_graph=True, as in "
+    "gradient penalties, MAML inner steps or Hessian products): its gradients are made by a "
+    "fused kernel and carry no graph, so second derivatives would be wrong. Materialise the "
+    "logits and use torch's cross-entropy, which supports it: "
+    "torch.nn.functional.cross_entropy(torch.nn.functional.linear(input, linear_weight, "
+    "linear_bias), target, ...), or torch.nn.functional.linear_cross_entropy(..., options=None)."
+)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -146,6 +177,31 @@ def _slabs(n_classes: int, n_features: int, dtype: torch.dtype, device: torch.de
     return [(p, min(p + width, n_classes)) for p in range(0, n_classes, width)]
 
 
+# Devices that sum a 16-bit weight gradient over several chunks as a 16-bit (hi, lo) pair
+# (backends/triton/accumulate.py) instead of in a float32 (V, H) buffer cast at the end: 2 bytes
+# per weight beside the returned gradient instead of 4 (+ 2 during the cast). The partials come
+# in float32 slabs of _PART_BYTES, and the chunk buffer is capped at _PAIR_CHUNK_BYTES, so a
+# 128256 x 4096 head needs lo (0.98 GiB) + chunk + slab < 1.8 GiB beyond the gradients it returns.
+PAIR_ACC_ON = ("cuda",)
+_PART_BYTES = 64 << 20
+_PAIR_CHUNK_BYTES = 768 << 20
+# Devices whose chunk buffer rows start 32-byte aligned (row stride a multiple of 16 elements):
+# the kernel's vector loads and stores need it, and a vocabulary such as 50257 breaks it.
+PAD_ROWS_ON = ("cuda",)
+
+
+def _pair_chunk_rows(chunk_size: int, n_rows: int, n_classes: int, dtype: torch.dtype,
+                     dev: torch.device, needs_w: bool) -> int:
+    """The chunk size, capped at ``_PAIR_CHUNK_BYTES`` of logits when the weight gradient will be
+    summed as a (hi, lo) pair (16-bit, more than one chunk, a ``PAIR_ACC_ON`` device)."""
+    pair = (needs_w and n_rows > chunk_size and dev.type in PAIR_ACC_ON
+            and dtype in (torch.float16, torch.bfloat16))
+    if not pair:
+        return chunk_size
+    rows = _PAIR_CHUNK_BYTES // (dtype.itemsize * max(1, n_classes))
+    return max(16, min(chunk_size, rows - rows % 16))
+
+
 def chunked_linear_ce(
     x: Tensor,
     weight: Tensor,
@@ -158,10 +214,14 @@ def chunked_linear_ce(
     chunk_size: int,
     needs: tuple[bool, bool, bool],
     row_scale: Tensor | None = None,
+    logit_scale: float | None = None,
 ) -> tuple[Tensor, Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
     """Per-row loss ``(N,)`` and lse ``(N,)`` (accumulation dtype, 0 / NaN for skipped rows) and
     the gradients of ``(x, weight, bias)`` flagged in ``needs``, each times ``scale`` and, when
     ``row_scale`` ``(N,)`` is given, times that row's entry (the upstream gradient of "none").
+    ``logit_scale`` ``s`` multiplies the logits inside the matmul (its ``alpha``; the bias by
+    ``beta``); by the chain rule the logits' gradient is ``s`` times the kernel's, which the
+    kernel's gradient factor absorbs at no cost.
 
     Pipeline: chunk ``i``'s logits fill the buffer, the kernel turns them into the gradient in
     place, then one walk over the vocabulary slabs folds slab ``s`` of that gradient into the
@@ -174,10 +234,16 @@ def chunked_linear_ce(
     want_grad = any(needs)
     # The kernel writes the gradient over the logits: the chunk buffer is ours, reused.
     kparams = replace(params, inplace_backward=True)
-    grad_scale = scale if want_grad else None
+    grad_scale = None
+    if want_grad:
+        grad_scale = scale if logit_scale is None else scale * logit_scale
     loss = torch.zeros(n_rows, dtype=acc, device=dev)  # (N,) ignored rows stay 0
     lse = torch.full((n_rows,), float("nan"), dtype=acc, device=dev)  # (N,) skipped: NaN
-    buf = _empty((min(chunk_size, n_rows), n_classes), x.dtype, dev)  # (r, V)
+    chunk_size = _pair_chunk_rows(chunk_size, n_rows, n_classes, x.dtype, dev, needs[1])
+    width = n_classes
+    if dev.type in PAD_ROWS_ON:
+        width = -(-n_classes // 16) * 16
+    buf = _empty((min(chunk_size, n_rows), width), x.dtype, dev)[:, :n_classes]  # (r, V)
     chunks = list(_row_chunks(target, params, n_rows, chunk_size))
     skipping = bool(chunks) and chunks[0][1] is not None
     grad_x = None
@@ -186,10 +252,25 @@ def chunked_linear_ce(
     # grad_weight / grad_bias accumulate over chunks in float32 for bf16/fp16 inputs: summing
     # per-chunk partials in 8 or 11 bits loses the small contributions (the field's usual bug).
     # One chunk has nothing to sum: its product (float32 inside BLAS) is rounded once, straight
-    # into the returned dtype, with no (V, H) float32 buffer.
+    # into the returned dtype, with no (V, H) float32 buffer. On PAIR_ACC_ON devices several
+    # chunks sum into the returned 16-bit tensor plus a 16-bit remainder (see PAIR_ACC_ON).
     # The first chunk writes grad_weight (no zero-fill pass over (V, H)); later ones add.
-    w_dtype = acc if len(chunks) > 1 else weight.dtype
+    pair = needs[1] and len(chunks) > 1 and dev.type in PAIR_ACC_ON and x.dtype != acc
+    mixed = pair and _MIXED_MM.get(dev.type, False)
+    if pair and dev.type == "cuda" and not mixed:
+        raise RuntimeError(
+            "crossent: linear_cross_entropy with bf16/fp16 inputs in more than one chunk needs "
+            f"torch >= 2.8 on CUDA (matmuls with a float32 out_dtype; this is torch "
+            f"{torch.__version__}): without them the weight gradient would need float32 "
+            "upcasts of every chunk and a float32 (V, H) product, ~10x slower. Upgrade torch, "
+            "or pass chunk_size >= the number of rows (one chunk), or use float32 inputs."
+        )
+    w_dtype = acc if len(chunks) > 1 and not pair else weight.dtype
     grad_w = _empty((n_classes, n_features), w_dtype, dev) if needs[1] else None  # (V, H)
+    grad_w_lo = _empty((n_classes, n_features), w_dtype, dev) if pair else None  # (V, H)
+    part_rows = max(1, _PART_BYTES // (4 * n_features))
+    part = torch.empty((min(part_rows, n_classes), n_features), dtype=torch.float32,
+                       device=dev) if pair else None  # (slab, H) float32 partial
     grad_b = torch.zeros(n_classes, dtype=acc, device=dev) if needs[2] else None  # (V,)
     if grad_w is not None and not chunks:
         grad_w.zero_()
@@ -203,10 +284,28 @@ def chunked_linear_ce(
         """Logits of ``x_c``'s rows for classes ``[p, q)`` into the buffer (a strided view:
         BLAS writes it in place with the buffer's row stride)."""
         out = buf[: x_c.shape[0], p:q]
-        if bias is None:
-            torch.mm(x_c, weight[p:q].t(), out=out)
+        if logit_scale is None:
+            if bias is None:
+                torch.mm(x_c, weight[p:q].t(), out=out)
+            else:
+                torch.addmm(bias[p:q], x_c, weight[p:q].t(), out=out)
+        elif bias is None:  # beta=0: the buffer's stale contents are not read
+            out.addmm_(x_c, weight[p:q].t(), beta=0, alpha=logit_scale)
         else:
-            torch.addmm(bias[p:q], x_c, weight[p:q].t(), out=out)
+            torch.addmm(bias[p:q], x_c, weight[p:q].t(), beta=logit_scale, alpha=logit_scale, out=out)
+
+    def pair_add(g_s: Tensor, x_c: Tensor, p: int, q: int, first: bool) -> None:
+        """``grad_w[p:q] (+)= g_s^T x_c`` into the (hi, lo) pair, in float32 slabs of ``part``."""
+        from .backends.triton.accumulate import pair_add_
+
+        for a in range(p, q, part.shape[0]):
+            b = min(a + part.shape[0], q)
+            g_t, out = g_s[:, a - p:b - p].t(), part[: b - a]  # (b - a, r), (b - a, H)
+            if mixed:
+                torch.mm(g_t, x_c, out_dtype=torch.float32, out=out)
+            else:  # devices without 16-bit -> float32 products: slab-sized upcasts
+                torch.mm(g_t.float(), x_c.float(), out=out)
+            pair_add_(grad_w[a:b], grad_w_lo[a:b], out, first)
 
     x_next = rows_of(chunks[0]) if chunks else None
     for p, q in slabs if chunks else ():
@@ -230,23 +329,23 @@ def chunked_linear_ce(
         direct = index is None and row_scale is None
         if want_grad and grad_x is not None:
             gx_c = grad_x[rows] if direct else torch.empty((r, n_features), dtype=x.dtype, device=dev)
-        same, mixed = True, False
-        if want_grad and grad_w is not None:
-            # bf16/fp16 into a float32 weight gradient: CUDA has matmuls that take 16-bit
-            # operands and write float32 (tensor-core speed); CPUs have none, so upcast there.
+        same = True
+        if want_grad and grad_w is not None and not pair:
+            # bf16/fp16 into a float32 weight gradient (CPU, or devices outside PAIR_ACC_ON):
+            # upcast, as CPUs have no matmul taking 16-bit operands that writes float32.
             same = g.dtype == w_dtype
-            mixed = not same and _MIXED_MM.get(dev.type, False)
-            x_w = x_c if same or mixed else x_c.to(w_dtype)
+            x_w = x_c if same else x_c.to(w_dtype)
         for j, (p, q) in enumerate(slabs):
             if want_grad:
                 g_s = g[:, p:q]  # (r, q - p)
-                if grad_w is not None:
-                    g_t = g_s.t() if same or mixed else g_s.t().to(w_dtype)
-                    extra = {"out_dtype": w_dtype} if mixed else {}
+                if pair:
+                    pair_add(g_s, x_c, p, q, first=i == 0)
+                elif grad_w is not None:
+                    g_t = g_s.t() if same else g_s.t().to(w_dtype)
                     if i == 0:
-                        torch.mm(g_t, x_w, out=grad_w[p:q], **extra)
+                        torch.mm(g_t, x_w, out=grad_w[p:q])
                     else:
-                        torch.addmm(grad_w[p:q], g_t, x_w, out=grad_w[p:q], **extra)
+                        torch.addmm(grad_w[p:q], g_t, x_w, out=grad_w[p:q])
                 if grad_b is not None:
                     if u is None:
                         grad_b[p:q] += g_s.sum(0, dtype=acc)
@@ -266,6 +365,8 @@ def chunked_linear_ce(
                 grad_x[rows] = gx_c
             else:
                 grad_x.index_copy_(0, index, gx_c)
+    # Free the chunk buffer (and the last chunk's gradient view of it) before any final cast.
+    buf = g = grad_w_lo = part = None
     grads = (
         grad_x,
         None if grad_w is None else grad_w.to(weight.dtype),

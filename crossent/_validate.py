@@ -204,16 +204,16 @@ def check_target_values(target: Tensor, n_classes: int, ignore_index: int) -> No
         return
     if not bad.any():
         return
-    raise_out_of_bounds(target, int(bad.nonzero()[0, 0]), n_classes, ignore_index)
+    raise out_of_bounds(target, int(bad.nonzero()[0, 0]), n_classes, ignore_index)
 
 
-def raise_out_of_bounds(target: Tensor, first: int, n_classes: int, ignore_index: int) -> None:
-    """Raise torch's ``IndexError`` naming the value and position of ``target``'s flat entry
-    ``first``, the class count and the valid range."""
+def out_of_bounds(target: Tensor, first: int, n_classes: int, ignore_index: int) -> IndexError:
+    """torch's ``IndexError`` for ``target``'s flat entry ``first``, naming its value and
+    position, the class count and the valid range."""
     flat = target.reshape(-1)
     position = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), target.shape))
     where = f"position {position[0] if len(position) == 1 else position}" if position else "the target"
-    raise IndexError(
+    return IndexError(
         f"Target {int(flat[first])} is out of bounds: target contains {int(flat[first])} at "
         f"{where}, but input has {n_classes} classes (valid: 0..{n_classes - 1}, or "
         f"ignore_index={ignore_index})"

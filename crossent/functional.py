@@ -5,6 +5,8 @@ call becomes ``R`` rows of ``C`` logits (``R = N * d1 * ... * dk``).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -13,6 +15,7 @@ from ._autograd import CrossEntropyFunction
 from ._dispatch import resolve_backend
 from ._params import CEParams
 from ._softmax import LogSoftmax, Softmax
+from .backends import TargetOutOfBounds
 from .backends.torch_fused import acc_dtype
 
 __all__ = ["cross_entropy", "cross_entropy_with_lse", "nll_loss", "log_softmax", "softmax"]
@@ -128,23 +131,12 @@ def _cross_entropy(
     w = None if weight is None else weight.detach().to(acc)
     if probs:
         rows_target = rows_target.to(acc)
-        denominator = rows_target.new_tensor(float(rows_target.shape[0]))
-    else:
-        # One pass over the targets: the range check and the weight sum "mean" divides by.
-        denominator, bad = backend.index_target_sums(
-            rows_target, w, ignore_index, logits.shape[1], acc
+    try:
+        loss, lse = CrossEntropyFunction.apply(
+            logits, rows_target, w, params, backend.cross_entropy
         )
-        if bad >= 0:
-            _validate.raise_out_of_bounds(target, bad, logits.shape[1], ignore_index)
-    if reduction == "mean":
-        # 1 / 0 = inf when nothing counts: the loss is 0/0 = NaN, ignored rows keep a zero
-        # gradient and counted rows of weight sum 0 get torch's inf / NaN (kernels scale per term).
-        scale = 1 / denominator
-    else:
-        denominator, scale = None, torch.ones((), dtype=acc, device=input.device)
-    loss, lse = CrossEntropyFunction.apply(
-        logits, rows_target, w, denominator, scale, params, backend.ce_forward
-    )
+    except TargetOutOfBounds as e:  # raised before anything was written
+        raise _validate.out_of_bounds(target, e.row, logits.shape[1], ignore_index) from None
     out_dtype = torch.result_type(input, target) if probs else input.dtype
     if probs and weight is not None:
         out_dtype = torch.promote_types(out_dtype, weight.dtype)  # torch promotes, too
@@ -154,17 +146,25 @@ def _cross_entropy(
 
 
 def to_rows(input: Tensor, target: Tensor, probs: bool) -> tuple[Tensor, Tensor, tuple[int, ...]]:
-    """Move the class dim last and flatten: logits ``(R, C)``, target ``(R,)`` or ``(R, C)``.
+    """Move the class dim last and flatten: logits ``(R, C)``, target ``(R,)`` or ``(R, C)``;
+    contiguous K-dimensional logits with class indices stay where they are, as ``(N, C, S)``.
 
     Also returns the index shape the per-row results are reshaped to for ``reduction="none"``.
     """
     if input.dim() == 1:
         logits = input.unsqueeze(0)  # (1, C)
-        rows_target = target.reshape(1, -1) if probs else target.reshape(1)
+        rows_target = target.reshape(1, -1) if probs else target.reshape(1).long()
         return logits, rows_target, ()
     n_classes = input.shape[1]
     out_shape = (input.shape[0], *input.shape[2:])
-    logits = input.movedim(1, -1).reshape(-1, n_classes).contiguous()  # (R, C)
+    if input.dim() == 2 and input.is_contiguous():
+        logits = input  # (R, C) already: no op, no copy (a small call pays per op)
+    elif input.dim() >= 3 and input.is_contiguous() and not probs:
+        # (N, C, S), a view: backends with a K-dim kernel read it in place (rows in (n, s)
+        # order), the others move the class dim last themselves.
+        logits = input.reshape(input.shape[0], n_classes, math.prod(input.shape[2:]))
+    else:
+        logits = input.movedim(1, -1).reshape(-1, n_classes).contiguous()  # (R, C)
     if probs:
         rows_target = target.movedim(1, -1).reshape(-1, n_classes)  # (R, C)
     else:

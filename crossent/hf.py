@@ -92,7 +92,7 @@ def causal_lm_loss(
         hidden.reshape(-1, hidden.shape[-1]),  # (B*T, H)
         head.weight,
         targets.reshape(-1),  # (B*T,)
-        getattr(head, "bias", None),
+        linear_bias=getattr(head, "bias", None),
         ignore_index=ignore_index,
         reduction=reduction,
         label_smoothing=label_smoothing,

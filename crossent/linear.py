@@ -1,9 +1,14 @@
-"""Fused linear + cross-entropy: ``cross_entropy(input @ weight.T + bias, target)`` without ever
-holding the ``(N, V)`` logits: rows go through in chunks of a bounded size.
+"""Fused linear + cross-entropy, torch 2.13's ``F.linear_cross_entropy`` API:
+``cross_entropy(input @ linear_weight.T + linear_bias, target)`` without ever holding the
+``(N, V)`` logits: rows go through in chunks of a bounded size.
 
-Shapes: ``N`` rows (all leading dims of ``input`` flattened), ``H`` features, ``V`` classes.
+Shapes: ``N`` rows (all leading dims of ``input`` flattened), ``H`` features, ``V`` (= ``C``)
+classes; a K-dimensional ``linear_weight (C, d1, ..., dK, H)`` adds ``D = d1 * ... * dK``
+positions per row, each with its own ``(C, H)`` projection.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -11,9 +16,9 @@ from torch import Tensor
 from . import _validate
 from ._dispatch import resolve
 from ._linear_autograd import LinearCrossEntropyFunction
+from ._linear_checks import check_logit_scale, check_tensors, resolve_options, target_is_probabilities
 from ._params import CEParams
 from .backends.torch_fused import acc_dtype
-from ._validate import _shape
 from .functional import _mean_terms
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_lse", "auto_chunk_size"]
@@ -46,46 +51,75 @@ def auto_chunk_size(
 
 def linear_cross_entropy(
     input: Tensor,
-    weight: Tensor,
+    linear_weight: Tensor,
     target: Tensor,
-    bias: Tensor | None = None,
     *,
-    class_weight: Tensor | None = None,
-    ignore_index: int = -100,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
     reduction: str = "mean",
+    ignore_index: int | None = None,
     label_smoothing: float = 0.0,
+    options: "torch.nn.LinearCrossEntropyOptions | None" = None,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    logit_scale: float | None = None,
     impl: str = "auto",
     chunk_size: int | None = None,
 ) -> Tensor:
-    r"""``cross_entropy(input @ weight.T + bias, target, ...)`` computed chunk by chunk.
+    r"""Cross-entropy of linearly projected inputs, a drop-in for torch 2.13's
+    ``torch.nn.functional.linear_cross_entropy`` that never holds all logits.
 
+    .. math::
+        z = s \cdot (x W^\top + b), \qquad
+        \ell = \mathrm{cross\_entropy}(c \tanh(z / c), y)
+
+    with ``s = logit_scale`` (1 when ``None``) and the softcap ``c`` (none when ``None``); with
+    neither this is ``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``.
     At most ``chunk_size`` rows of logits exist at a time; the gradients of ``input``,
-    ``weight`` and ``bias`` are made during the forward pass (no recomputation for
-    "mean"/"sum"), ``weight``'s accumulated in float32 for bfloat16/float16 inputs. On CPU the
-    rows whose target is ``ignore_index`` skip the matmuls.
+    ``linear_weight`` and ``linear_bias`` are made during the forward pass (no recomputation
+    for "mean"/"sum"), ``linear_weight``'s accumulated in float32 for bfloat16/float16 inputs.
+    On CPU the rows whose target is ``ignore_index`` skip the matmuls.
 
     Args:
-        input: hidden states ``(H,)``, ``(N, H)`` or ``(B, T, H)`` (any leading dims).
-        weight: projection ``(V, H)``, same dtype and device as ``input``.
-        target: class indices of ``input``'s leading shape (int64 or uint8), or class
-            probabilities ``(*leading, V)``.
-        bias: ``(V,)`` or ``None``.
-        class_weight: ``(V,)`` per-class loss weights (``weight`` of ``torch.nn.functional
-            .cross_entropy``; renamed because ``weight`` is the projection here).
-        ignore_index, reduction, label_smoothing, z_loss, softcap, impl: as in
-            :func:`crossent.cross_entropy`; "mean" over an all-ignored batch is NaN, as torch.
-        chunk_size: rows per chunk; default :func:`auto_chunk_size` (about 64 MiB of logits on CPU,
-            1 GiB on accelerators).
+        input: hidden states ``(H,)``, ``(N, H)`` or, beyond torch, ``(B, T, H)`` (any leading
+            dims; ``(N, H)`` only with a K-dimensional ``linear_weight``).
+        linear_weight: projection ``(C, H)`` (``nn.Linear(H, C).weight``), or
+            ``(C, d1, ..., dK, H)`` for a K-dimensional loss; same dtype and device as ``input``.
+        target: class indices (int64 or uint8) of shape ``(*leading, d1, ..., dK)``, or class
+            probabilities of the logits' shape ``(*leading, C, d1, ..., dK)``.
+        linear_bias: ``(C, d1, ..., dK)`` added to the projection, or ``None``.
+        weight: ``(C,)`` per-class loss weights, as in :func:`torch.nn.functional.cross_entropy`.
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``; "mean" over an all-ignored batch is
+            NaN, as torch.
+        ignore_index: target value that contributes neither loss nor gradient; ``None`` means
+            -100 for class indices. With probability targets it must stay ``None``.
+        label_smoothing: in ``[0, 1]``, torch's formula.
+        options: a ``torch.nn.LinearCrossEntropyOptions`` or ``None``. crossent always runs
+            chunked and accumulates in float32 (torch's ``acc_policy="accurate"``), so only two
+            fields act: ``batch_chunk_size`` (rows per chunk, when ``chunk_size`` is not given)
+            and ``allow_retain_graph`` (keep a copy of the gradients so that "mean"/"sum" can be
+            backpropagated twice).
+        z_loss, softcap, impl: as :func:`crossent.cross_entropy` (crossent only).
+        logit_scale: multiplies the logits before softcap and softmax (crossent only): Cohere's
+            ``config.logit_scale``; for Granite, whose logits are *divided* by
+            ``config.logits_scaling``, pass ``1 / logits_scaling``.
+        chunk_size: rows per chunk (crossent only); default :func:`auto_chunk_size` (about
+            64 MiB of logits on CPU, 1 GiB on accelerators).
 
-    Shape: scalar for "mean"/"sum"; ``input``'s leading shape for "none".
+    Shape:
+        - input: ``(H,)``, ``(N, H)`` or ``(*leading, H)``.
+        - linear_weight: ``(C, H)`` or ``(C, d1, ..., dK, H)``.
+        - target: indices ``()``, ``(N,)``, ``(*leading,)`` or ``(N, d1, ..., dK)``; or
+          probabilities ``(C,)``, ``(N, C)``, ``(*leading, C)`` or ``(N, C, d1, ..., dK)``.
+        - output: scalar for "mean"/"sum"; the index shape for "none".
 
     ``reduction="mean"``/``"sum"`` hands its gradients to autograd once: a second backward
-    through the same call (``retain_graph=True``) raises. "none" recomputes the logits in
-    backward (4 matmuls instead of 3) and supports it. Probability targets get no gradient.
-    With bfloat16/float16 inputs a scalar upstream gradient other than 1 multiplies the finished
-    gradients: one more rounding, none when it is a power of two (loss scaling).
+    through the same call (``retain_graph=True``) raises unless ``options`` allows it. "none"
+    recomputes the logits in backward (4 matmuls instead of 3) and supports it. Probability
+    targets get no gradient. Double backward (``create_graph=True``) raises: materialise the
+    logits for gradient penalties or MAML. With bfloat16/float16 inputs a scalar upstream
+    gradient other than 1 multiplies the finished gradients: one more rounding, none when it is
+    a power of two (loss scaling).
 
     Examples:
         >>> import torch, crossent
@@ -93,151 +127,139 @@ def linear_cross_entropy(
         >>> loss = crossent.linear_cross_entropy(x, w, torch.randint(0, 11, (6,)))
         >>> loss.shape
         torch.Size([])
+        >>> b = torch.randn(11)
+        >>> y = torch.tensor([0, 3, -100, 10, 5, 5])
+        >>> torch.allclose(crossent.linear_cross_entropy(x, w, y, linear_bias=b, logit_scale=0.5),
+        ...                torch.nn.functional.cross_entropy(0.5 * (x @ w.T + b), y))
+        True
     """
     loss, _ = _linear_cross_entropy(
-        input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing,
-        z_loss, softcap, impl, chunk_size,
+        input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+        label_smoothing, options, z_loss, softcap, logit_scale, impl, chunk_size,
     )
     return loss
 
 
 def linear_cross_entropy_with_lse(
     input: Tensor,
-    weight: Tensor,
+    linear_weight: Tensor,
     target: Tensor,
-    bias: Tensor | None = None,
     *,
-    class_weight: Tensor | None = None,
-    ignore_index: int = -100,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
     reduction: str = "mean",
+    ignore_index: int | None = None,
     label_smoothing: float = 0.0,
+    options: "torch.nn.LinearCrossEntropyOptions | None" = None,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    logit_scale: float | None = None,
     impl: str = "auto",
     chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Like :func:`linear_cross_entropy`, also returning each row's logsumexp.
 
-    Returns ``(loss, lse)``; ``lse`` (float32, float64 for float64 input) has ``input``'s
-    leading shape, carries no gradient, and is NaN for rows whose target is ``ignore_index``
-    (their logits are never computed).
+    Returns ``(loss, lse)``; ``lse`` (float32, float64 for float64 input) is that of the scaled,
+    softcapped logits, has the index shape (``input``'s leading shape, then ``d1, ..., dK``),
+    carries no gradient, and is NaN for rows whose target is ``ignore_index`` (their logits are
+    never computed).
+
+    Examples:
+        >>> import torch, crossent
+        >>> x, w, y = torch.randn(6, 8), torch.randn(11, 8), torch.randint(0, 11, (6,))
+        >>> loss, lse = crossent.linear_cross_entropy_with_lse(x, w, y, reduction="none")
+        >>> torch.allclose(lse, torch.logsumexp(x @ w.T, 1))
+        True
     """
     return _linear_cross_entropy(
-        input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing,
-        z_loss, softcap, impl, chunk_size,
+        input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+        label_smoothing, options, z_loss, softcap, logit_scale, impl, chunk_size,
     )
 
 
 def _linear_cross_entropy(
-    input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing,
-    z_loss, softcap, impl, chunk_size,
+    input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
+    options, z_loss, softcap, logit_scale, impl, chunk_size,
 ) -> tuple[Tensor, Tensor]:
     reduction = _validate.resolve_reduction(None, None, reduction)
     _validate.check_options(label_smoothing, z_loss, softcap)
-    _check_tensors(input, weight, bias, class_weight)
-    n_classes = weight.shape[0]
-    probs = _target_is_probabilities(input, target, n_classes, ignore_index)
+    check_logit_scale(logit_scale)
+    retain, chunk_size = resolve_options(options, chunk_size)
+    out_features = check_tensors(input, linear_weight, linear_bias, weight)
+    n_classes, n_features = linear_weight.shape[0], linear_weight.shape[-1]
+    probs = target_is_probabilities(input, target, n_classes, out_features, ignore_index)
+    ignore_index = -100 if ignore_index is None else ignore_index
     if not probs:
         _validate.check_target_values(target, n_classes, ignore_index)
-    _validate.warn_weight_grad(class_weight)
+    _validate.warn_weight_grad(weight)
     if probs and target.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError(
             "linear_cross_entropy computes no gradient for probability targets; pass "
             "target.detach(), or materialise the logits and use crossent.cross_entropy"
         )
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
 
-    lead = input.shape[:-1]  # the loss shape of "none"
-    x = input.reshape(-1, input.shape[-1])  # (N, H)
+    lead = input.shape[:-1]
+    x = input.reshape(-1, n_features)  # (N, H)
+    n_rows = x.shape[0]
+    n_pos = math.prod(out_features)  # D positions per row (1 without out_features)
     acc = acc_dtype(input.dtype)
-    rows_target = target.reshape(-1, n_classes).to(acc) if probs else target.reshape(-1).long()
-    cw = None if class_weight is None else class_weight.detach().to(acc)
+    if n_pos == 0:  # out_features holds a 0: empty logits, nothing to chunk; torch's result
+        return _no_positions(input, linear_weight, target, linear_bias, weight, reduction,
+                             ignore_index, label_smoothing, probs, acc)
+    # Targets per position d of out_features, each block contiguous: (D, N) or (D, N, C).
+    if probs:
+        pos_target = target.reshape(n_rows, n_classes, n_pos).permute(2, 0, 1).to(acc).contiguous()
+    else:
+        pos_target = target.reshape(n_rows, n_pos).t().long().contiguous()
+    cw = None if weight is None else weight.detach().to(acc)
     params = CEParams(
         ignore_index=ignore_index, reduction=reduction, label_smoothing=float(label_smoothing),
         z_loss=float(z_loss), softcap=softcap,
     )
-    denominator, scale = _mean_terms(rows_target, cw, params, probs, acc)
+    # "mean" divides by the (weighted) count over all N * D positions.
+    all_rows = pos_target.reshape(-1, n_classes) if probs else pos_target.reshape(-1)
+    denominator, scale = _mean_terms(all_rows, cw, params, probs, acc)
     kernel = resolve(impl, input)
     if chunk_size is None:
-        chunk_size = auto_chunk_size(x.shape[0], x.shape[1], n_classes, input.device, input.dtype)
-    loss, lse = LinearCrossEntropyFunction.apply(
-        x, weight, bias, rows_target, cw, denominator, scale, params, kernel, chunk_size,
-    )
+        chunk_size = auto_chunk_size(n_rows, n_features, n_classes, input.device, input.dtype)
+    scale_f = None if logit_scale is None else float(logit_scale)
+    if out_features:
+        # Position d's logits are x @ W[:, d].T: one chunked pass per position over (C, H)
+        # views; unbind's backward stacks the D weight gradients into one (C, D, H) tensor.
+        weights = linear_weight.reshape(n_classes, n_pos, n_features).unbind(1)
+        biases = ((None,) * n_pos if linear_bias is None
+                  else linear_bias.reshape(n_classes, n_pos).unbind(1))
+    else:  # W itself, so that autograd can adopt its gradient as .grad without a copy
+        weights, biases = (linear_weight,), (linear_bias,)
+    parts = [
+        LinearCrossEntropyFunction.apply(
+            x, w_d, b_d, pos_target[d], cw, denominator, scale, params, kernel, chunk_size,
+            scale_f, retain,
+        )
+        for d, (w_d, b_d) in enumerate(zip(weights, biases))
+    ]
+    lse = torch.stack([p[1] for p in parts], 1)  # (N, D)
+    if reduction == "none":
+        loss = torch.stack([p[0] for p in parts], 1).reshape((*lead, *out_features))
+    else:
+        loss = sum((p[0] for p in parts[1:]), parts[0][0])  # each already divided for "mean"
     if not probs:
         # Ignored rows: NaN whether or not this device skipped their matmul.
-        lse = torch.where(rows_target == ignore_index, float("nan"), lse)
+        lse = torch.where(pos_target.t() == ignore_index, float("nan"), lse)
     out_dtype = torch.result_type(input, target) if probs else input.dtype
-    if reduction == "none":
-        loss = loss.reshape(lead)
-    return loss.to(out_dtype), lse.reshape(lead)
+    return loss.to(out_dtype), lse.reshape((*lead, *out_features))
 
 
-def _check_tensors(
-    input: Tensor, weight: Tensor, bias: Tensor | None, class_weight: Tensor | None
-) -> None:
-    """input (.., H) / weight (V, H) / bias (V,) / class_weight (V,): shapes, dtypes, devices."""
-    _validate.check_input(input)
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise RuntimeError(f"weight must be a 2-D projection (V, H), got {got}")
-    if input.shape[-1] != weight.shape[1]:
-        raise RuntimeError(
-            f"input {_shape(input)} and weight {_shape(weight)} cannot be multiplied: input's "
-            f"last dim ({input.shape[-1]}) must equal weight's second dim, in_features "
-            f"({weight.shape[1]}); weight is (V, H) as in nn.Linear(H, V).weight"
-        )
-    n_classes = weight.shape[0]
-    for name, t in (("weight", weight), ("bias", bias), ("class_weight", class_weight)):
-        if t is None:
-            continue
-        if name != "weight" and (not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != n_classes):
-            got = _shape(t) if isinstance(t, Tensor) else type(t).__name__
-            raise RuntimeError(
-                f"{name} must have shape ({n_classes},), one entry per class (weight is "
-                f"{_shape(weight)}), got {got}"
-            )
-        if t.dtype != input.dtype:
-            raise RuntimeError(
-                f"{name} has dtype {t.dtype} but input has dtype {input.dtype}; expected both "
-                f"to have the same dtype: pass {name}.to(input.dtype)"
-            )
-        if t.device != input.device:
-            raise RuntimeError(
-                f"{name} is on {t.device} but input is on {input.device}: move both to one device"
-            )
-
-
-def _target_is_probabilities(input: Tensor, target: Tensor, n_classes: int, ignore_index: int) -> bool:
-    """Class indices of ``input``'s leading shape, or probabilities ``(*leading, V)``."""
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.device != input.device:
-        raise RuntimeError(
-            f"target is on {target.device} but input is on {input.device}: move both to one device"
-        )
-    lead = tuple(input.shape[:-1])
-    if target.is_floating_point():
-        if tuple(target.shape) != (*lead, n_classes):
-            raise RuntimeError(
-                f"floating-point target is read as class probabilities and must have shape "
-                f"{_shape((*lead, n_classes))} (input's leading dims, then V), got "
-                f"{_shape(target)}; for class indices pass an int64 target of shape "
-                f"{_shape(lead)}"
-            )
-        if ignore_index >= 0:
-            raise RuntimeError(
-                f"ignore_index={ignore_index} is not supported for floating point target "
-                f"(class probabilities); give ignored rows zero probability instead"
-            )
-        return True
-    if target.dtype not in (torch.int64, torch.uint8):
-        raise RuntimeError(
-            f"target has dtype {target.dtype}; expected Long or Byte class indices: use target.long()"
-        )
-    if tuple(target.shape) != lead:
-        raise ValueError(
-            f"target {_shape(target)} does not match input {_shape(input)}: expected one class "
-            f"index per row of input, shape {_shape(lead)}"
-        )
-    return False
+def _no_positions(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                  label_smoothing, probs, acc) -> tuple[Tensor, Tensor]:
+    """K-dimensional loss over zero positions: torch's (NaN for "mean", 0 for "sum", empty for
+    "none") from the empty logits, which cost nothing to materialise."""
+    flat_bias = None if linear_bias is None else linear_bias.reshape(-1)
+    logits = torch.nn.functional.linear(input, linear_weight.reshape(-1, input.shape[-1]), flat_bias)
+    logits = logits.reshape(*input.shape[:-1], *linear_weight.shape[:-1])  # (N, C, *out_features)
+    loss = torch.nn.functional.cross_entropy(
+        logits, target if probs else target.long(), weight, ignore_index=ignore_index,
+        reduction=reduction, label_smoothing=label_smoothing,
+    )
+    lse_shape = (*input.shape[:-1], *linear_weight.shape[1:-1])
+    return loss, torch.empty(lse_shape, dtype=acc, device=input.device)

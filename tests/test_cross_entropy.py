@@ -273,19 +273,21 @@ def test_no_grad_makes_no_gradient_even_for_inputs_requiring_grad(monkeypatch):
     from crossent.backends import torch_fused
 
     seen = []
-    real = torch_fused.ce_forward
+    real = torch_fused.cross_entropy
 
-    def spy(logits, target, weight, grad_scale, params):
-        seen.append(grad_scale)
-        return real(logits, target, weight, grad_scale, params)
+    def spy(logits, target, weight, want_grad, params):
+        seen.append(want_grad)
+        out = real(logits, target, weight, want_grad, params)
+        seen.append(out[2])
+        return out
 
-    monkeypatch.setattr(torch_fused, "ce_forward", spy)
+    monkeypatch.setattr(torch_fused, "cross_entropy", spy)
     x = torch.randn(4, 5, requires_grad=True)
     t = torch.tensor([0, 1, 2, 3])
     with torch.no_grad():
         crossent.cross_entropy(x, t, impl="torch")
     crossent.cross_entropy(x, t, impl="torch")
-    assert seen[0] is None and seen[1] is not None
+    assert seen[0] is False and seen[1] is None and seen[2] is True and seen[3] is not None
 
 
 @pytest.mark.parametrize("impl", BACKENDS)

@@ -371,7 +371,7 @@ def test_linear_low_precision_single_process():
             ref_in = [x.to(dtype).requires_grad_() for x in tensors]
             ours = vocab_parallel_linear_cross_entropy(*ours_in[:2], t, bias=ours_in[2],
                                                        chunk_size=chunk_size, label_smoothing=0.1)
-            ref = linear_cross_entropy(*ref_in[:2], t, ref_in[2], label_smoothing=0.1)
+            ref = linear_cross_entropy(*ref_in[:2], t, linear_bias=ref_in[2], label_smoothing=0.1)
             ours.backward()
             ref.backward()
             # float32: roundings of the same math; bfloat16: gradients summed over chunks in

@@ -6,6 +6,8 @@ specific to it: long rows (vectorised loops and their tails), 16-bit storage, it
 """
 from __future__ import annotations
 
+import math
+
 import zlib
 
 import pytest
@@ -259,6 +261,27 @@ def test_exp_f32_whole_domain_matches_torch(seed):
     ulp = (torch.finfo(torch.float32).eps * ref.abs()).clamp_min(2.0**-149)
     err = (ours[finite].double() - ref).abs() / ulp
     assert float(err.max()) <= 1.5
+
+
+def test_log_f32_matches_float64_log():
+    """The vectorisable log (K-dim kernel) is within 1 ulp of float64 log over the normal
+    positive floats, with log(0) = -inf, log(inf) = inf and NaN for NaN and negatives."""
+    z = _every_exponent(64, 3)
+    z = z[(z > 0) & torch.isfinite(z) & (z >= torch.finfo(torch.float32).tiny)]
+    ours = torch.from_numpy(_apply(_log_loop, z.numpy())).double()
+    ref = torch.log(z.double())
+    ulp = torch.finfo(torch.float32).eps * ref.abs().clamp_min(2**-126)
+    assert float(((ours - ref).abs() / ulp).max()) <= 1.0
+    ends = torch.tensor([0.0, float("inf"), float("nan"), -1.0, 1.0])
+    special = torch.from_numpy(_apply(_log_loop, ends.numpy()))
+    assert special[0] == -math.inf and special[1] == math.inf and special[4] == 0
+    assert torch.isnan(special[2]) and torch.isnan(special[3])
+
+
+@numba.njit(cache=False)
+def _log_loop(z, out):
+    for i in range(z.size):
+        out[i] = _numba_math.log_f32(z[i])
 
 
 def _zero_flips_are_boundary(z, ours, theirs):

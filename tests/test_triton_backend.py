@@ -23,12 +23,13 @@ pytestmark = pytest.mark.skipif(
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _pytest_child(path: str, interpret: bool, timeout: int) -> None:
+def _pytest_child(path: str | list[str], interpret: bool, timeout: int) -> None:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    cmd = [sys.executable, "-m", "pytest", path, "-q", "-x", "-p", "no:cacheprovider",
+    paths = [path] if isinstance(path, str) else path
+    cmd = [sys.executable, "-m", "pytest", *paths, "-q", "-x", "-p", "no:cacheprovider",
            "-W", "ignore::RuntimeWarning"]  # numpy warns on the kernels' deliberate inf * 0
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
@@ -36,12 +37,24 @@ def _pytest_child(path: str, interpret: bool, timeout: int) -> None:
 
 def test_kernels_in_interpreter():
     """Every option, dtype and edge case, on CPU tensors through TRITON_INTERPRET=1."""
-    _pytest_child("tests/triton_cases.py", interpret=True, timeout=900)
+    _pytest_child(["tests/triton_cases.py", "tests/triton_layout_cases.py"], interpret=True,
+                  timeout=900)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_kernels_on_gpu():
-    _pytest_child("tests/triton_cases.py", interpret=False, timeout=900)
+def test_real_widths_on_gpu():
+    """V in {16384, 16385, 50257, 128256}, in place and not, strided, memory (triton_gpu_cases)."""
+    _pytest_child("tests/triton_gpu_cases.py", interpret=False, timeout=900)
+
+
+def test_gpu_check_script_without_cuda():
+    """benchmarks/gpu_check.sh on a machine without CUDA: one line saying so, exit status 0 (with
+    CUDA hidden from it, so this holds on GPU machines too)."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines() == ["gpu_check: no CUDA device here, nothing to check"]
 
 
 def test_auto_prefers_triton_on_cuda():
@@ -92,3 +105,10 @@ def test_compiled_first_call_imports_the_backend():
     done = subprocess.run([sys.executable, "-c", _FIRST_CALL_COMPILED], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kernels_on_gpu():
+    """The interpreter cases, natively (last: the longest; gpu_check.sh may cut it short)."""
+    _pytest_child(["tests/triton_cases.py", "tests/triton_layout_cases.py"], interpret=False,
+                  timeout=900)

@@ -268,3 +268,4 @@ def test_linear_cross_entropy_bf16(reduction):
     data = linear_data(256, 64, 1000, torch.bfloat16, 23)
     check_linear(*data, torch.bfloat16, f"linear bf16 {reduction}", reduction=reduction,
                  chunk_size=16, device=DEVICE, impl="triton", label_smoothing=0.1)
+

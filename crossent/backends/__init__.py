@@ -24,4 +24,20 @@ Kernels never read outside a row whatever validation did: an out-of-range index 
 ignored.
 
 The accumulation dtype is float64 for float64 logits and float32 otherwise.
+``cross_entropy(logits, target, weight, want_grad, params) -> (loss, lse, grad, scale)``
+
+- the whole call: the range check of class indices (raising :class:`TargetOutOfBounds` before
+  anything is written), the weight sum "mean" divides by, the rows, and the reduction: ``loss``
+  is 0-d for "mean"/"sum", ``(R,)`` for "none"; ``grad`` is already multiplied by the
+  reduction's factor ``scale`` (``1 / weight_sum`` for "mean", else 1; a float or a 0-d tensor).
+  Backends without a fused one use :func:`crossent.backends._reduced.reduced`.
 """
+
+
+class TargetOutOfBounds(IndexError):
+    """A class index neither in ``[0, C)`` nor ``ignore_index``: raised by a backend before it
+    writes anything; the public layer re-raises it naming the value and its position."""
+
+    def __init__(self, row: int) -> None:
+        super().__init__(f"target row {row} holds a class index out of range")
+        self.row = row

@@ -26,9 +26,12 @@ from numba import njit
 from torch import Tensor
 
 from .._params import CEParams
-from . import torch_fused
+from . import TargetOutOfBounds, torch_fused
+from ._reduced import reduced
 from ._cpu_alloc import empty_huge
 from ._opaque import opaque_kernel
+from ._numba_kdim import kdim_kernel, n_blocks
+from ._numba_math import scaled_difference
 from ._numba_rows import (
     BF16, F16, FM, cap_factor, exp_sum, exp_sum_inplace, exp_sum_store, gap_sum,
     grad_dest, load_row, row_max, scale, scale_sub, scale_sub_targets, scale_sub_weighted,
@@ -48,9 +51,11 @@ def _exp_sum(xr, m, dest, want_grad, aliased):
 
 
 @njit(nogil=True, fastmath=FM, cache=True)
-def _index_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, cap, gscale, want_grad,
-                  inplace, grad, loss, lse, lo, hi):
-    """Class-index targets. ``w`` has size 0 when unweighted; ``eps`` is label smoothing."""
+def _index_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, cap, gscale, finite_scale,
+                  want_grad, inplace, grad, loss, lse, lo, hi):
+    """Class-index targets. ``w`` has size 0 when unweighted; ``eps`` is label smoothing;
+    ``finite_scale`` tells whether ``gscale`` is finite (decided by the caller: fast-math code
+    may not test for inf itself)."""
     n_rows, n_cls = x.shape
     has_w = w.size > 0
     keep = _F32(1.0) - eps
@@ -95,10 +100,10 @@ def _index_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, cap, gscale,
         if not want_grad:
             continue
         # p_y - 1 (and the smoothing term) in float32, never rounded through a 16-bit grad.
-        if math.isfinite(gscale):
+        if finite_scale:
             g_y = gscale * (coef * (dest[y] / s) - eps_c * w_y - keep * w_y)
         else:  # mean over a zero weight sum: inf * p_y - inf = NaN at y, as torch
-            g_y = gscale * (coef * (dest[y] / s)) - gscale * (eps_c * w_y + keep * w_y)
+            g_y = scaled_difference(gscale, coef * (dest[y] / s), eps_c * w_y + keep * w_y)
         k = gscale * coef / s
         if eps > 0:
             if has_w:
@@ -164,6 +169,25 @@ def _target_pass(target, w, ignore_index, n_cls):
             return den, r
         den += np.float64(w[y]) if has_w else 1.0
     return den, -1
+
+
+@njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
+def _index_call(x, fmt, target, w, w_total, ignore_index, eps, z, cap, mean, want_grad,
+                inplace, grad, loss, lse):
+    """A whole call on one thread: the target pass, the rows with the gradient scaled for the
+    reduction, and the summed loss. Returns ``(loss sum, or its mean for "mean"; the gradient
+    scale; first bad row or -1)``; with a bad row nothing else is written. numpy's error model:
+    x / 0 is inf or NaN (a mean over nothing, or over a zero weight sum), as torch."""
+    den, bad = _target_pass(target, w, ignore_index, x.shape[1])
+    if bad >= 0:
+        return 0.0, 1.0, bad
+    scale = 1.0 / den if mean else 1.0
+    _index_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, cap, _F32(scale),
+                  not mean or den != 0.0, want_grad, inplace, grad, loss, lse, 0, x.shape[0])
+    total = 0.0
+    for r in range(x.shape[0]):
+        total += loss[r]
+    return (total / den if mean else total), scale, -1
 
 
 def index_target_sums(
@@ -253,10 +277,95 @@ def _ce_forward(
         w = np.empty(0, np.float32) if weight is None else _as_array(weight.float().contiguous())
         w_total = _F32(w.sum(dtype=np.float32)) if weight is not None else _F32(n_cls)
         args = (x, fmt, _as_array(target), w, w_total,
-                np.int64(params.ignore_index), eps, _F32(params.z_loss), cap, gscale, want_grad,
+                np.int64(params.ignore_index), eps, _F32(params.z_loss), cap, gscale,
+                bool(np.isfinite(gscale)), want_grad,
                 params.inplace_backward, out, loss.numpy(), lse.numpy())
         _split_rows(_index_kernel, args, n_rows, threads)
     return loss, lse, grad
 
 
 ce_forward = opaque_kernel("numba", _ce_forward)  # a custom op under torch.compile
+_composed = reduced(ce_forward, index_target_sums)
+
+
+def cross_entropy(
+    logits: Tensor, target: Tensor, weight: Tensor | None, want_grad: bool, params: CEParams
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | float]:
+    """The whole call (``crossent.backends``' contract) in one kernel launch when the work is one
+    thread's (class indices, float32/16-bit, eager): small calls pay for few Python steps.
+    Larger, probability-target, float64 and compiled calls take the composed path."""
+    if logits.dim() == 3 and _kdim_fits(logits, target, params):
+        return _kdim_cross_entropy(logits, target, weight, want_grad, params)
+    if (logits.dim() == 3 or target.is_floating_point() or logits.dtype not in _FORMATS
+            or logits.numel() >= _PARALLEL_MIN or logits.shape[0] == 0
+            or torch.compiler.is_compiling()):
+        return _composed(logits, target, weight, want_grad, params)
+    n_rows, n_cls = logits.shape
+    loss = np.empty(n_rows, np.float32)  # (R,)
+    lse = np.empty(n_rows, np.float32)  # (R,)
+    x = _as_array(logits)
+    grad = out = None
+    if want_grad and params.inplace_backward:
+        grad, out = logits, x
+    elif want_grad:
+        out = np.empty_like(x)  # (R, C) numpy-made: cheaper than torch.empty + .numpy()
+        grad = torch.from_numpy(out)
+        if logits.dtype != torch.float32:
+            grad = grad.view(logits.dtype)  # 16-bit gradients travel as their uint16 bits
+    w = _EMPTY if weight is None else _as_array(weight.float().contiguous())
+    w_total = float(w.sum(dtype=np.float32)) if weight is not None else float(n_cls)
+    value, scale, bad = _index_call(
+        x, _FORMATS[logits.dtype], target.numpy(), w, w_total, params.ignore_index,
+        params.eps, params.z_loss, params.softcap or 0.0, params.reduction == "mean",
+        want_grad, params.inplace_backward, x if out is None else out, loss, lse,
+    )
+    if bad >= 0:
+        raise TargetOutOfBounds(bad)
+    if params.reduction == "none":
+        out = torch.from_numpy(loss)
+    else:
+        out = torch.tensor(value, dtype=torch.float32)
+    return out, torch.from_numpy(lse), grad, scale
+
+
+def _kdim_fits(logits: Tensor, target: Tensor, params: CEParams) -> bool:
+    """K-dim logits the in-place kernel takes (eager, class indices, no softcap, 32/16-bit)."""
+    return (logits.dtype in _FORMATS and not target.is_floating_point()
+            and params.softcap is None and logits.numel() > 0
+            and not torch.compiler.is_compiling())
+
+
+def _kdim_cross_entropy(
+    logits: Tensor, target: Tensor, weight: Tensor | None, want_grad: bool, params: CEParams
+) -> tuple[Tensor, Tensor, Tensor | None, float]:
+    """``(N, C, S)`` logits with class indices ``(N * S,)``: read and written in their layout."""
+    n, n_cls, n_in = logits.shape
+    w = _EMPTY if weight is None else _as_array(weight.float().contiguous())
+    t = target.numpy()
+    den, bad = _target_pass(t, w, np.int64(params.ignore_index), n_cls)
+    if bad >= 0:
+        raise TargetOutOfBounds(bad)
+    mean = params.reduction == "mean"
+    scale = (math.inf if den == 0 else 1.0 / den) if mean else 1.0
+    loss = np.empty(n * n_in, np.float32)  # (N * S,)
+    lse = np.empty(n * n_in, np.float32)  # (N * S,)
+    x = _as_array(logits)
+    grad = out = None
+    if want_grad and params.inplace_backward:
+        grad, out = logits, x
+    elif want_grad:
+        grad = empty_huge(logits.shape, logits.dtype)  # (N, C, S), fresh: huge pages
+        out = _as_array(grad)
+    w_total = float(w.sum(dtype=np.float32)) if weight is not None else float(n_cls)
+    blocks = n_blocks(n, n_in)
+    threads = 1 if logits.numel() < _PARALLEL_MIN else min(torch.get_num_threads(), blocks)
+    args = (x, _FORMATS[logits.dtype], t, w, w_total, np.int64(params.ignore_index),
+            _F32(params.eps), _F32(params.z_loss), _F32(scale), scale != math.inf, want_grad,
+            x if out is None else out, loss, lse)
+    _split_rows(kdim_kernel, args, blocks, threads)
+    out_loss = torch.from_numpy(loss)
+    if params.reduction == "sum":
+        out_loss = out_loss.sum()
+    elif mean:
+        out_loss = out_loss.sum() / den if den else out_loss.sum() / torch.tensor(0.0)
+    return out_loss, torch.from_numpy(lse), grad, scale

@@ -15,9 +15,10 @@ from torch import Tensor
 from ..._params import CEParams
 from .._opaque import opaque_kernel
 from ..torch_fused import acc_dtype, index_target_sums
+from .._reduced import reduced
 from .launch import launch_ce_forward
 
-__all__ = ["ce_forward", "index_target_sums"]
+__all__ = ["ce_forward", "cross_entropy", "index_target_sums"]
 
 
 def _ce_forward(
@@ -29,8 +30,10 @@ def _ce_forward(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Per-row loss ``(R,)``, lse ``(R,)`` and, if ``grad_scale`` is given, the gradient ``(R, C)``.
 
-    ``grad_scale`` is read by the kernel from device memory (no host sync). With
-    ``params.inplace_backward`` the gradient overwrites ``logits`` and is returned as ``logits``.
+    ``logits`` may have any row stride (a slice ``wide[:, :C]`` is read where it lies). A fresh
+    gradient is contiguous; with ``params.inplace_backward`` it overwrites ``logits`` at their
+    stride and is returned as ``logits``. ``grad_scale`` is read by the kernel from device
+    memory (no host sync).
     """
     if logits.stride(1) != 1:
         if params.inplace_backward and grad_scale is not None:
@@ -43,7 +46,9 @@ def _ce_forward(
     lse = torch.empty(logits.shape[0], dtype=acc, device=logits.device)  # (R,)
     grad = None
     if grad_scale is not None:
-        grad = logits if params.inplace_backward else torch.empty_like(logits)  # (R, C)
+        # (R, C); not empty_like, which would copy a strided layout that is not dense
+        grad = logits if params.inplace_backward else torch.empty(
+            logits.shape, dtype=logits.dtype, device=logits.device)
     launch_ce_forward(
         logits, target, weight, grad_scale, grad, loss, lse, params.ignore_index,
         params.label_smoothing, params.z_loss, params.softcap,
@@ -52,3 +57,4 @@ def _ce_forward(
 
 
 ce_forward = opaque_kernel("triton", _ce_forward)  # a custom op under torch.compile
+cross_entropy = reduced(ce_forward, index_target_sums)  # the whole call, composed

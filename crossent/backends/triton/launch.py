@@ -12,13 +12,17 @@ from torch import Tensor
 
 from .kernels import ce_fwd_kernel
 
-# Block widths, from ptxas register reports for sm_90 (Triton 3.6 and 3.9, num_warps = BLOCK/512):
-# a row of up to SINGLE_MAX classes is held in registers and read from memory once; longer
-# rows loop over LOOP_BLOCK-wide blocks and are read twice (the second pass mostly from L2).
-# Wider blocks spill once weights, smoothing and softcap keep more per-lane values live, and
-# float64 needs half the width. Speed is still to be tuned on a GPU (BENCHMARKS.md).
+# The one place block sizes and warps are chosen. From ptxas register reports for sm_90 (Triton
+# 3.6 and 3.9): a row of up to SINGLE_MAX classes is held in registers and read from memory once;
+# longer rows loop over LOOP_BLOCK-wide blocks and are read twice (the second pass mostly from
+# L2). Wider blocks spill once weights, smoothing and softcap keep more per-lane values live, and
+# float64 needs half the width. Warps: ELEMS_PER_THREAD elements per thread, 1 to MAX_WARPS.
+# Speed is to be set from `crossent._bench_gpu.sweep_blocks` on a GPU (benchmarks/gpu_check.sh
+# measures it; BENCHMARKS.md): these are the register-derived starting values.
 SINGLE_MAX = {torch.float32: 16384, torch.float64: 4096}
 LOOP_BLOCK = {torch.float32: 8192, torch.float64: 4096}
+ELEMS_PER_THREAD = 16
+MAX_WARPS = 16  # 512 threads, which keeps 128 registers each
 # Test hook (a power of 2): caps every block, so small rows run the multi-block path.
 MAX_BLOCK = 1 << 30
 # Read when this module is imported, like Triton reads it when it is imported.
@@ -32,8 +36,7 @@ def block_config(n_cols: int, acc: torch.dtype, probs: bool) -> tuple[int, int, 
         block = triton.next_power_of_2(max(n_cols, 1))
     else:
         block = min(LOOP_BLOCK[acc], MAX_BLOCK)
-    # 8 to 16 elements per thread; 16 warps (512 threads) at most, which keeps 128 registers each.
-    num_warps = max(1, min(16, block // 512))
+    num_warps = max(1, min(MAX_WARPS, block // (32 * ELEMS_PER_THREAD)))
     return block, num_warps, n_cols <= block
 
 
@@ -56,13 +59,14 @@ def launch_ce_forward(
     z_loss: float,
     softcap: float | None,
 ) -> None:
-    """Launch one program per row over ``logits (R, C)`` (unit column stride); fills ``loss``,
-    ``lse`` and, when ``grad`` is given, ``grad (R, C)`` (which may be ``logits`` itself)."""
+    """Launch one program per row over ``logits (R, C)`` (unit column stride, any row stride
+    ``>= C``); fills ``loss``, ``lse`` and, when ``grad`` is given, ``grad (R, C)`` (unit column
+    stride; may be ``logits`` itself, then written at the logits' row stride)."""
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
     probs = target.is_floating_point()
-    eps = max(label_smoothing, 0.0)  # torch ignores smoothing <= 0
+    eps = label_smoothing if label_smoothing > 0 else 0.0  # torch ignores <= 0 (and NaN)
     block, num_warps, single = block_config(n_cols, lse.dtype, probs)
     want_grad = grad is not None
     dummy = lse  # stands in for absent tensors; the constexpr flags keep it unread
@@ -79,9 +83,10 @@ def launch_ce_forward(
             PROB_TARGET=probs,
             HAS_WEIGHT=weight is not None,
             HAS_SMOOTHING=eps > 0,
-            HAS_Z_LOSS=z_loss != 0,
+            HAS_Z_LOSS=z_loss > 0,  # never 0 * inf when lse**2 overflows
             HAS_SOFTCAP=softcap is not None,
             WANT_GRAD=want_grad,
+            INPLACE=want_grad and grad.data_ptr() == logits.data_ptr(),
             BLOCK=block,
             SINGLE_BLOCK=single,
             # The interpreter truncates float32 -> bfloat16; GPUs round to nearest even.

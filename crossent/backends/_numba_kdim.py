@@ -1,0 +1,155 @@
+"""Numba kernel for K-dimensional logits ``(N, C, S)`` (``S = d1 * ... * dk``) read in place.
+
+Segmentation logits keep the class dim in the middle: a "row" of one pixel is ``C`` values at
+stride ``S``. Moving the class dim last costs a full copy of the logits and another of the
+gradient; instead this kernel walks ``_BLOCK`` neighbouring positions side by side, so every
+load and store is a contiguous run along ``S`` and the loops vectorise:
+
+  1. per position: target, validity, ``x_y`` (read before any store, for in-place gradients);
+  2. ``m = max_c x_c`` over the block, one pass over ``C`` runs of ``_BLOCK`` values;
+  3. ``e_c = exp(x_c - m)`` into a float32 ``(C, _BLOCK)`` scratch (L1/L2-sized), their sums,
+     and the smoothing gaps;
+  4. per position: lse, loss, the gradient coefficients;
+  5. the gradient, written once in the logits' own layout and dtype.
+
+Same maths, options (weights, ``ignore_index``, smoothing, ``z_loss``) and conventions as the
+row kernel in ``numba_cpu`` (softcap and probability targets take the row path).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+from numba.extending import overload
+
+from ._numba_math import (
+    bf16_to_f32, exp_f32, f16_to_f32, f32_to_bf16, f32_to_f16, log_f32, max_f32,
+    scaled_difference,
+)
+from ._numba_rows import BF16, FM
+
+_F32 = np.float32
+_BLOCK = 64  # positions per block: 64 float32 lanes = four AVX-512 vectors per class run
+
+
+def to_f32(v, fmt):
+    """One stored logit as float32 (16-bit storage arrives as its uint16 bits)."""
+
+
+def from_f32(g, fmt, like):
+    """A float32 gradient value in the storage type of ``like`` (an array element)."""
+
+
+def _is_f32(t) -> bool:
+    return str(t) == "float32"
+
+
+@overload(to_f32, jit_options={"fastmath": FM})
+def _to_f32(v, fmt):
+    if _is_f32(v):
+        return lambda v, fmt: v
+    return lambda v, fmt: bf16_to_f32(v) if fmt == BF16 else f16_to_f32(v)
+
+
+@overload(from_f32, jit_options={"fastmath": FM})
+def _from_f32(g, fmt, like):
+    if _is_f32(like):
+        return lambda g, fmt, like: g
+    return lambda g, fmt, like: f32_to_bf16(g) if fmt == BF16 else f32_to_f16(g)
+
+
+@njit(nogil=True, fastmath=FM, cache=True)
+def kdim_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale, finite_scale,
+                want_grad, grad, loss, lse, lo, hi):
+    """Blocks ``lo..hi`` of ``x`` ``(N, C, S)``; ``target``, ``loss``, ``lse`` are ``(N * S,)``
+    in ``(n, s)`` order; ``grad`` is ``x``'s shape and dtype (``x`` itself when in place); ``w``
+    has size 0 when unweighted; ``finite_scale`` as in the row kernel."""
+    n_cls, n_in = x.shape[1], x.shape[2]
+    per_n = (n_in + _BLOCK - 1) // _BLOCK
+    has_w = w.size > 0
+    keep = _F32(1.0) - eps
+    eps_c = eps / _F32(n_cls)
+    e = np.empty((n_cls, _BLOCK), np.float32)  # (C, B) exp scratch
+    m = np.empty(_BLOCK, np.float32)
+    ssum = np.empty(_BLOCK, np.float32)
+    gap = np.empty(_BLOCK, np.float32)
+    logs = np.empty(_BLOCK, np.float32)
+    x_y = np.empty(_BLOCK, np.float32)
+    k = np.empty(_BLOCK, np.float32)  # gradient factor of e_c
+    g_y = np.empty(_BLOCK, np.float32)
+    ys = np.empty(_BLOCK, np.int64)
+    ok = np.empty(_BLOCK, np.bool_)
+    for blk in range(lo, hi):
+        i = blk // per_n
+        s0 = (blk - i * per_n) * _BLOCK
+        width = min(_BLOCK, n_in - s0)
+        base = i * n_in + s0  # flat (n, s) index of the block's first position
+        for j in range(width):  # 1. before any store: in place, x is the gradient buffer
+            y = np.int64(target[base + j])
+            valid = y != ignore_index and 0 <= y < n_cls  # out of range: never read
+            ok[j] = valid
+            ys[j] = y if valid else 0
+            x_y[j] = to_f32(x[i, ys[j], s0 + j], fmt) if valid else _F32(0.0)
+        for j in range(width):  # 2. the max of each position
+            m[j] = -np.inf
+        for c in range(n_cls):
+            run = x[i, c, s0:s0 + width]
+            for j in range(width):
+                m[j] = max_f32(m[j], to_f32(run[j], fmt))
+        for j in range(width):  # 3. exp, sums, smoothing gaps
+            ssum[j] = _F32(0.0)
+            gap[j] = _F32(0.0)
+        for c in range(n_cls):
+            run = x[i, c, s0:s0 + width]
+            er = e[c]
+            w_c = w[c] if has_w else _F32(1.0)
+            for j in range(width):
+                v = to_f32(run[j], fmt)
+                ev = exp_f32(v - m[j])
+                er[j] = ev
+                ssum[j] += ev
+                if eps > 0:  # a term at the max is 0, never inf * 0 (see weighted_gap_sum)
+                    gap[j] += w_c * (m[j] - v) if v != m[j] else _F32(0.0)
+        for j in range(width):  # vectorised: libm's log would cost more than the block's exps
+            logs[j] = log_f32(ssum[j])
+        for j in range(width):  # 4. per position
+            r = base + j
+            s = ssum[j]
+            log_s = logs[j]
+            lse[r] = m[j] + log_s
+            if not ok[j]:
+                loss[r] = 0.0
+                k[j] = _F32(0.0) / s  # 0 * p: NaN for an all -inf position, as torch
+                continue
+            w_y = w[ys[j]] if has_w else _F32(1.0)
+            row_loss = keep * w_y * ((m[j] - x_y[j]) + log_s)
+            coef = keep * w_y
+            if eps > 0:
+                row_loss += eps_c * (gap[j] + w_total * log_s)
+                coef += eps_c * w_total
+            if z > 0:
+                row_loss += z * lse[r] * lse[r]
+                coef += _F32(2.0) * z * lse[r]
+            loss[r] = row_loss
+            p_y = e[ys[j], j] / s
+            if finite_scale:
+                g_y[j] = gscale * (coef * p_y - eps_c * w_y - keep * w_y)
+            else:
+                g_y[j] = scaled_difference(gscale, coef * p_y, eps_c * w_y + keep * w_y)
+            k[j] = gscale * coef / s
+        if not want_grad:
+            continue
+        for c in range(n_cls):  # 5. the gradient, in the logits' layout
+            out = grad[i, c, s0:s0 + width]
+            er = e[c]
+            b = gscale * eps_c * (w[c] if has_w else _F32(1.0))
+            for j in range(width):
+                sub = b if (eps > 0 and ok[j]) else _F32(0.0)
+                out[j] = from_f32(er[j] * k[j] - sub, fmt, out[j])
+        for j in range(width):
+            if ok[j]:
+                grad[i, ys[j], s0 + j] = from_f32(g_y[j], fmt, grad[i, ys[j], s0 + j])
+
+
+def n_blocks(n: int, n_in: int) -> int:
+    """Blocks of ``(N, C, S)`` logits, the unit the kernel's ``lo..hi`` range counts."""
+    return n * ((n_in + _BLOCK - 1) // _BLOCK)
