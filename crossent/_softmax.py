@@ -42,7 +42,7 @@ def backend(impl: str, x: Tensor) -> str:
     """The backend name for ``impl`` on ``x`` (``_dispatch``'s rules: auto picks numba on CPU,
     Triton on CUDA, else torch; an explicit backend that cannot run raises)."""
     if impl != "auto":
-        _dispatch.resolve(impl, x)  # raises the shared, explicit errors
+        _dispatch.resolve_backend(impl, x)  # raises the shared, explicit errors
         return impl
     if torch.compiler.is_compiling():
         return "torch"  # the kernels are not traceable; the torch path fuses under the compiler
