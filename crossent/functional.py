@@ -123,7 +123,7 @@ def _cross_entropy(
     )
     backend = resolve_backend(impl, input)
     acc = acc_dtype(input.dtype)
-    logits, rows_target, out_shape = to_rows(input, target, probs)
+    logits, rows_target, out_shape = to_rows(input, target, probs, keep_kdim=True)
     if not torch.is_grad_enabled():
         # Under no_grad a Function still reports needs_input_grad for inputs that require grad:
         # detach so the kernel computes the loss only, with no gradient buffer.
@@ -145,9 +145,12 @@ def _cross_entropy(
     return loss.to(out_dtype), lse.reshape(out_shape)
 
 
-def to_rows(input: Tensor, target: Tensor, probs: bool) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+def to_rows(
+    input: Tensor, target: Tensor, probs: bool, keep_kdim: bool = False
+) -> tuple[Tensor, Tensor, tuple[int, ...]]:
     """Move the class dim last and flatten: logits ``(R, C)``, target ``(R,)`` or ``(R, C)``;
-    contiguous K-dimensional logits with class indices stay where they are, as ``(N, C, S)``.
+    with ``keep_kdim``, contiguous K-dimensional logits with class indices stay where they are,
+    as an ``(N, C, S)`` view (for the whole-call backend contract).
 
     Also returns the index shape the per-row results are reshaped to for ``reduction="none"``.
     """
@@ -159,7 +162,7 @@ def to_rows(input: Tensor, target: Tensor, probs: bool) -> tuple[Tensor, Tensor,
     out_shape = (input.shape[0], *input.shape[2:])
     if input.dim() == 2 and input.is_contiguous():
         logits = input  # (R, C) already: no op, no copy (a small call pays per op)
-    elif input.dim() >= 3 and input.is_contiguous() and not probs:
+    elif keep_kdim and input.dim() >= 3 and input.is_contiguous() and not probs:
         # (N, C, S), a view: backends with a K-dim kernel read it in place (rows in (n, s)
         # order), the others move the class dim last themselves.
         logits = input.reshape(input.shape[0], n_classes, math.prod(input.shape[2:]))

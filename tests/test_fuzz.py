@@ -181,9 +181,29 @@ def _run(fn, leaf):
     return out.detach(), grad
 
 
-def _agree(ours: torch.Tensor, theirs: torch.Tensor | None, ref: torch.Tensor, dtype, what):
+def _ignored_rows(base: torch.Tensor, target: torch.Tensor, case: Case) -> torch.Tensor | None:
+    """Gradient entries of ignored rows whose softmax is defined (no NaN, no +inf, not all
+    -inf), as a mask of ``base``'s shape: their gradient is exactly 0. torch's (and the
+    reference's, which follows torch's formula) is NaN there when an inf class weight or a -inf
+    logit meets the 0 of the mask in backward."""
+    if case.probs or base.dim() == 0:
+        return None
+    ignored = target.long() == case.ignore_index  # index shape
+    class_dim = 0 if base.dim() == 1 else 1
+    ignored = ignored.unsqueeze(class_dim).expand_as(base)
+    if case.softcap is not None:  # cap * tanh(x / cap) is finite for +-inf logits
+        defined = (~base.isnan()).all(dim=class_dim, keepdim=True)
+    else:
+        defined = ((~base.isnan() & (base != math.inf)).all(dim=class_dim, keepdim=True)
+                   & (base > -math.inf).any(dim=class_dim, keepdim=True))
+    return ignored & defined.expand_as(base)
+
+
+def _agree(ours: torch.Tensor, theirs: torch.Tensor | None, ref: torch.Tensor, dtype, what,
+           exact_zero: torch.Tensor | None = None):
     """Element-wise: equal to torch's (NaN == NaN), or within one dtype rounding of the float64
-    reference's error of torch's, or close to a finite reference where torch is not finite."""
+    reference's error of torch's, or close to a finite reference where torch is not finite;
+    and exactly 0 where ``exact_zero`` says the maths has 0 (whatever torch gives)."""
     o, r = ours.double(), ref.double()
     if theirs is None:  # no torch counterpart: the reference alone
         t = torch.full_like(r, math.nan)
@@ -206,6 +226,8 @@ def _agree(ours: torch.Tensor, theirs: torch.Tensor | None, ref: torch.Tensor, d
     ok = same | no_worse | near_ref | exact_special
     if theirs is None:
         ok = near_ref | exact_special
+    if exact_zero is not None:
+        ok = torch.where(exact_zero, o == 0, ok)
     bad = (~ok).nonzero()
     assert not bad.numel(), (
         f"{what}: {bad.shape[0]} elements differ, first at {bad[0].tolist()}: ours "
@@ -258,7 +280,7 @@ def check(case: Case, impl: str) -> None:
         return
     if o_grad is not None:
         ref_grad = r_leaf.grad if r_leaf.grad is not None else torch.zeros_like(r_leaf)
-        _agree(o_grad, t_grad, ref_grad, case.dtype, "grad")
+        _agree(o_grad, t_grad, ref_grad, case.dtype, "grad", _ignored_rows(base, target, case))
 
 
 def _torch_bug(case: Case, error: Exception) -> bool:

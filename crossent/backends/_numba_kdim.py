@@ -23,7 +23,7 @@ from numba.extending import overload
 
 from ._numba_math import (
     bf16_to_f32, exp_f32, f16_to_f32, f32_to_bf16, f32_to_f16, log_f32, max_f32,
-    scaled_difference,
+    scaled_difference, scaled_gap,
 )
 from ._numba_rows import BF16, FM
 
@@ -108,7 +108,7 @@ def kdim_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale, finite
                 er[j] = ev
                 ssum[j] += ev
                 if eps > 0:  # a term at the max is 0, never inf * 0 (see weighted_gap_sum)
-                    gap[j] += w_c * (m[j] - v) if v != m[j] else _F32(0.0)
+                    gap[j] += w_c * scaled_gap(m[j], v, eps_c) if v != m[j] else _F32(0.0)
         for j in range(width):  # vectorised: libm's log would cost more than the block's exps
             logs[j] = log_f32(ssum[j])
         for j in range(width):  # 4. per position
@@ -121,13 +121,15 @@ def kdim_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale, finite
                 k[j] = _F32(0.0) / s  # 0 * p: NaN for an all -inf position, as torch
                 continue
             w_y = w[ys[j]] if has_w else _F32(1.0)
-            row_loss = keep * w_y * ((m[j] - x_y[j]) + log_s)
             coef = keep * w_y
+            # In float64, as the row kernel: m - x_y and lse**2 overflow float32 near 3e38.
+            row_loss = np.float64(coef) * ((np.float64(m[j]) - np.float64(x_y[j])) + log_s)
             if eps > 0:
-                row_loss += eps_c * (gap[j] + w_total * log_s)
+                row_loss += np.float64(gap[j]) + np.float64(eps_c * w_total) * log_s
                 coef += eps_c * w_total
             if z > 0:
-                row_loss += z * lse[r] * lse[r]
+                lse64 = np.float64(m[j]) + log_s
+                row_loss += np.float64(z) * lse64 * lse64
                 coef += _F32(2.0) * z * lse[r]
             loss[r] = row_loss
             p_y = e[ys[j], j] / s

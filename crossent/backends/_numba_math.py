@@ -117,6 +117,13 @@ def log_f32(v):
 
 
 @njit(fastmath=EXACT_FM, cache=True)
+def scaled_gap(m, v, k):
+    """``k * (m - v)`` as ``m * k - v * k``: logits near +-3e38 make ``m - v`` overflow, the
+    scaled terms do not (and reassociation, allowed in the row loops, cannot factor them)."""
+    return m * k - v * k
+
+
+@njit(fastmath=EXACT_FM, cache=True)
 def scaled_difference(k, a, b):
     """``k * a - k * b`` as written: with ``k = inf`` that is torch's inf - inf = NaN, which
     reassociation (allowed in the row loops) would fold into ``k * (a - b)``."""

@@ -12,7 +12,7 @@ from numba import njit
 from numba.extending import overload
 
 from ._numba_math import (
-    bf16_to_f32, exp_f32, f16_to_f32, f32_to_bf16, f32_to_f16, max_f32, tanh_f32,
+    bf16_to_f32, exp_f32, f16_to_f32, f32_to_bf16, f32_to_f16, max_f32, scaled_gap, tanh_f32,
 )
 
 # Reassociation lets LLVM split the sums and the max into vector lanes; nnan/ninf are left out
@@ -63,23 +63,24 @@ def exp_sum_inplace(x, m):
 
 
 @njit(fastmath=FM, cache=True)
-def gap_sum(x, m):
-    """sum_c (m - x_c): with C * log(s) it is sum_c (lse - x_c), without cancelling lse."""
+def gap_sum(x, m, k):
+    """sum_c k (m - x_c): with k C log(s) it is k sum_c (lse - x_c), without cancelling lse;
+    each term scaled before the subtraction (logits near +-3e38 would overflow it)."""
     d = _F32(0.0)
     for c in range(x.size):
-        d += m - x[c]
+        d += scaled_gap(m, x[c], k)
     return d
 
 
 @njit(fastmath=FM, cache=True)
-def weighted_gap_sum(x, m, w):
-    """sum_c w_c (m - x_c); 0 * inf gives NaN for a -inf logit of weight 0, as torch.
+def weighted_gap_sum(x, m, w, k):
+    """sum_c w_c k (m - x_c); 0 * inf gives NaN for a -inf logit of weight 0, as torch.
 
     A term at the max is skipped, not w_c * 0: with an inf weight that is NaN, while torch's
     w_c * (lse - x_c) is inf (lse > m), which the caller's (sum_c w_c) log s term supplies."""
     d = _F32(0.0)
     for c in range(x.size):
-        d += w[c] * (m - x[c]) if x[c] != m else _F32(0.0)
+        d += w[c] * scaled_gap(m, x[c], k) if x[c] != m else _F32(0.0)
     return d
 
 

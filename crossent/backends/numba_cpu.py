@@ -72,7 +72,7 @@ def _index_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, cap, gscale,
         m = row_max(xr)
         gaps = _F32(0.0)
         if eps > 0 and valid:  # before step 2, which may overwrite xr (in place)
-            gaps = weighted_gap_sum(xr, m, w) if has_w else gap_sum(xr, m)
+            gaps = weighted_gap_sum(xr, m, w, eps_c) if has_w else gap_sum(xr, m, eps_c)
         x_y = xr[y] if valid else _F32(0.0)
         dest = grad_dest(grad[r], gbuf)
         s = _exp_sum(xr, m, dest, want_grad, aliased)
@@ -86,15 +86,17 @@ def _index_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, cap, gscale,
                 store_row(dest, fmt, grad[r])
             continue
         w_y = w[y] if has_w else _F32(1.0)
-        # Terms whose coefficient is 0 are not computed: 0 * inf (an inf class weight absent
-        # from the row, lse**2 overflowing) would be a NaN the maths does not have.
-        row_loss = keep * w_y * ((m - x_y) + log_s)
+        # The row's loss in float64 (a few scalars): with logits near +-3e38, m - x_y and
+        # lse**2 overflow float32, and 0 * inf would be a NaN the maths does not have. Terms
+        # whose coefficient is 0 are not computed (an inf class weight absent from the row).
         coef = keep * w_y
+        row_loss = np.float64(coef) * ((np.float64(m) - np.float64(x_y)) + log_s)
         if eps > 0:
-            row_loss += eps_c * (gaps + w_total * log_s)
+            row_loss += np.float64(gaps) + np.float64(eps_c * w_total) * log_s
             coef += eps_c * w_total
         if z > 0:
-            row_loss += z * lse[r] * lse[r]
+            lse64 = np.float64(m) + log_s
+            row_loss += np.float64(z) * lse64 * lse64
             coef += _F32(2.0) * z * lse[r]
         loss[r] = row_loss
         if not want_grad:

@@ -120,26 +120,34 @@ def _index_rows(
     t_safe = torch.where(valid, t, 0).unsqueeze(1)  # (r, 1)
     counted = valid.to(x.dtype)  # (r,) 1 for counted rows; a bool mask would compute in float32
     w_y = counted
-    if weight is not None:
-        w_y = w_y * weight[t_safe.squeeze(1)]
+    if weight is not None:  # where, not counted * w: an ignored row of an inf class weight is 0
+        w_y = torch.where(valid, weight[t_safe.squeeze(1)], 0)
     x_y = x.gather(1, t_safe).squeeze(1)
-    loss = (1 - eps) * w_y * (lse - x_y)
     coef = (1 - eps) * w_y  # multiplies p in the gradient
+    # The per-row loss in float64 (r values): with logits near +-3e38, lse - x_y and lse**2
+    # overflow float32, and 0 * inf would be a NaN the maths does not have.
+    lse64 = lse.double()
+    loss = coef.double() * (lse64 - x_y.double())
     if eps > 0:
+        # eps / C * sum_c w_c (lse - x_c), each term scaled before the subtraction and the sum:
+        # with logits near +-3e38, lse - x_c alone (and C * lse - sum_c x_c) would overflow.
+        k = eps / n_classes
+        lse_k = (lse * k).unsqueeze(1)  # (r, 1)
         if weight is None:
-            smooth = n_classes * lse - x.sum(1)
+            smooth = (lse_k - x * k).sum(1)
             w_total = float(n_classes)
         else:
             # -(logp * w).sum(), written as torch does so that -inf * 0 gives the same NaN
-            smooth = -((x - lse.unsqueeze(1)) * weight).sum(1)
+            smooth = -((x * k - lse_k) * weight).sum(1)
             w_total = weight.sum()
-        loss = loss + (eps / n_classes) * torch.where(valid, smooth, 0)
-        coef = coef + (eps / n_classes) * w_total * counted
+        loss = loss + torch.where(valid, smooth, 0)
+        k_w = k * w_total  # a tensor when weighted: where() keeps an inf total off ignored rows
+        coef = coef + (torch.where(valid, k_w, 0) if torch.is_tensor(k_w) else counted * k_w)
     if params.z_loss > 0:
-        loss = loss + params.z_loss * lse * lse
+        loss = loss + params.z_loss * lse64 * lse64
         coef = coef + 2 * params.z_loss * counted * lse
     # Ignored rows contribute exactly 0, even when their logits are not finite.
-    loss = torch.where(valid, loss, 0)
+    loss = torch.where(valid, loss, 0).to(x.dtype)
     if grad_scale is None:
         return loss, lse, None
     # The scale goes in per term, as torch's backward applies it: a mean over a zero weight
@@ -150,7 +158,7 @@ def _index_rows(
     g.scatter_add_(1, t_safe, (-(1 - eps) * w_y * scale).unsqueeze(1))
     if eps > 0:
         w_row = 1.0 if weight is None else weight
-        g.sub_((eps / n_classes) * (counted * scale).unsqueeze(1) * w_row)
+        g.sub_(torch.where(valid.unsqueeze(1), (eps / n_classes) * scale.unsqueeze(1) * w_row, 0))
     return loss, lse, g
 
 
