@@ -10,11 +10,11 @@ import math
 import torch
 from torch import Tensor
 
-from . import _diagnostics, _validate
+from . import _diagnostics, _nll, _softmax, _validate
 from ._autograd import CrossEntropyFunction
 from ._dispatch import resolve_backend, whole_call
 from ._params import CEParams
-from ._softmax import LogSoftmax, Softmax, softmax_dim
+from ._softmax import LogSoftmax, Softmax
 from .backends import TargetOutOfBounds
 from .backends.torch_fused import acc_dtype
 
@@ -205,15 +205,25 @@ def nll_loss(
     ignore_index: int = -100,
     reduce: bool | None = None,
     reduction: str = "mean",
+    *,
+    impl: str = "auto",
 ) -> Tensor:
     r"""Negative log-likelihood of log-probabilities, a drop-in for ``torch.nn.functional.nll_loss``.
 
-    ``loss = -w_y * input[y]`` per row; ``nll_loss(log_softmax(x, 1), y) == cross_entropy(x, y)``.
+    .. math::
+        \ell_n = -w_{y_n} x_{n, y_n}, \qquad
+        \ell = \sum_n \ell_n \;\text{("sum")}, \quad
+        \ell = \sum_n \ell_n \Big/ \sum_{n:\, y_n \ne \text{ignore}} w_{y_n} \;\text{("mean")}
+
+    so ``nll_loss(log_softmax(x, 1), y) == cross_entropy(x, y)``. Ignored positions give 0 and
+    leave the "mean" denominator; a denominator of 0 gives NaN (or inf), as torch.
 
     Args:
-        input: log-probabilities ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``.
+        input: log-probabilities ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``, read in place.
         target: class indices ``()``, ``(N,)`` or ``(N, d1, ..., dk)`` (int64 or uint8).
         weight, ignore_index, reduction: as in :func:`cross_entropy`.
+        impl: ``"auto"`` (numba on CPU), ``"numba"``, ``"triton"`` or ``"torch"``; every
+            backend but numba runs one torch ``gather`` (a single cheap pass, on any device).
 
     Shape: scalar for "mean"/"sum"; the target's shape for "none".
 
@@ -224,32 +234,38 @@ def nll_loss(
         tensor(0.2413)
     """
     reduction = _validate.resolve_reduction(size_average, reduce, reduction)
+    if isinstance(input, Tensor) and input.dim() == 0:
+        raise ValueError(
+            "Expected 1 or more dimensions (got 0): nll_loss needs log-probabilities of shape "
+            "(C,), (N, C) or (N, C, d1, ..., dk), e.g. log_softmax(logits, dim) of the logits"
+        )
     _validate.check_input(input)
-    _validate.check_index_target(input, target)
+    _validate.check_index_target(input, target, reduction)
     _validate.check_weight(weight, input)
-    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
-    _validate.check_target_values(target, n_classes, ignore_index)
-    logp, rows_target, out_shape = to_rows(input, target, probs=False)
-    acc = acc_dtype(input.dtype)
-    valid = rows_target != ignore_index  # (R,)
-    safe = torch.where(valid, rows_target, 0)
-    w_y = valid.to(acc) if weight is None else torch.where(valid, weight.to(acc)[safe], 0)
-    picked = logp.gather(1, safe.unsqueeze(1)).squeeze(1).to(acc)  # (R,)
-    loss = torch.where(valid, -w_y * picked, 0)  # 0, not NaN, for ignored rows
-    if reduction == "none":
-        return loss.reshape(out_shape).to(input.dtype)
-    total = loss.sum()
-    return (total if reduction == "sum" else total / w_y.sum()).to(input.dtype)
+    return _nll.nll(input, target, weight, ignore_index, reduction, _softmax.backend(impl, input))
 
 
 def log_softmax(
-    input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None
+    input: Tensor,
+    dim: int | None = None,
+    _stacklevel: int = 3,
+    dtype: torch.dtype | None = None,
+    *,
+    impl: str = "auto",
 ) -> Tensor:
-    r"""``log_softmax(x)_i = x_i - \log\sum_j e^{x_j}`` along ``dim`` (any dim), as torch's.
+    r"""Log-softmax along ``dim`` (any dim), a drop-in for ``torch.nn.functional.log_softmax``.
+
+    .. math::
+        \text{log\_softmax}(x)_i = x_i - \max_j x_j - \log \sum_j e^{x_j - \max_k x_k}
+
+    Backward: :math:`g - e^{\text{out}} \sum_j g_j`. One read and one write each way.
 
     Args:
-        input: any floating tensor; ``dim``: the dim to normalise (``None``: torch's deprecated
-        implicit choice, with its warning); ``dtype``: cast ``input`` to this first.
+        input: any floating tensor (a 0-d tensor gives 0).
+        dim: the dim to normalise (``None``: torch's deprecated implicit choice, with its warning).
+        dtype: cast ``input`` to this first, as torch.
+        impl: ``"auto"`` (numba on CPU, Triton on CUDA, else torch), ``"numba"``, ``"triton"``
+            or ``"torch"``. float64 on CPU runs in torch (float64 throughout).
 
     Shape: same as ``input``. Computed in float32 for half-precision input, rounded once.
 
@@ -258,18 +274,25 @@ def log_softmax(
         >>> crossent.log_softmax(torch.tensor([0.0, 0.0]), dim=0)
         tensor([-0.6931, -0.6931])
     """
-    _validate.check_input(input)
-    if dtype is not None:
-        input = input.to(dtype)
-    return LogSoftmax.apply(input, softmax_dim("log_softmax", input.dim(), dim))
+    return _softmax.apply(LogSoftmax, "log_softmax", input, dim, dtype, impl)
 
 
 def softmax(
-    input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None
+    input: Tensor,
+    dim: int | None = None,
+    _stacklevel: int = 3,
+    dtype: torch.dtype | None = None,
+    *,
+    impl: str = "auto",
 ) -> Tensor:
-    r"""``softmax(x)_i = e^{x_i} / \sum_j e^{x_j}`` along ``dim`` (any dim), max-subtracted.
+    r"""Softmax along ``dim`` (any dim), max-subtracted, a drop-in for ``torch.nn.functional.softmax``.
 
-    Args: as :func:`log_softmax`.
+    .. math::
+        \text{softmax}(x)_i = \frac{e^{x_i - \max_k x_k}}{\sum_j e^{x_j - \max_k x_k}}
+
+    Backward: :math:`\text{out} \odot (g - \sum_j g_j \text{out}_j)`. One read and one write each way.
+
+    Args: as :func:`log_softmax` (a 0-d tensor gives 1).
 
     Shape: same as ``input``; each slice along ``dim`` sums to 1.
 
@@ -279,7 +302,4 @@ def softmax(
         tensor([[0.5000, 0.5000],
                 [0.0000, 1.0000]])
     """
-    _validate.check_input(input)
-    if dtype is not None:
-        input = input.to(dtype)
-    return Softmax.apply(input, softmax_dim("softmax", input.dim(), dim))
+    return _softmax.apply(Softmax, "softmax", input, dim, dtype, impl)

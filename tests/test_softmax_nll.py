@@ -1,65 +1,305 @@
-"""softmax / log_softmax over any dim, nll_loss, and the identities the seed documents check."""
+"""softmax / log_softmax over any dim and nll_loss, on every backend, against torch and float64.
+
+The Triton cases (``*_triton``) need ``TRITON_INTERPRET=1`` before Triton is imported, so
+``test_triton_cases_in_interpreter`` runs them in a child pytest (see test_triton_backend.py).
+"""
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import crossent
 
-from ._oracle import index_target, logits
+from ._oracle import EPS, assert_close_to_reference, cpu_backends, index_target, logits
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+FAMILIES = {"log_softmax": (crossent.log_softmax, F.log_softmax),
+            "softmax": (crossent.softmax, F.softmax)}
+TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+needs_triton = pytest.mark.skipif(not TRITON, reason="runs in the child of test_triton_cases_in_interpreter")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape,dim", [((5,), 0), ((3, 5), 1), ((3, 5), 0), ((2, 3, 4), -1),
-                                       ((2, 3, 4), 1), ((2, 3, 4, 5), 2)])
-def test_softmax_and_log_softmax_match_torch(dtype, shape, dim):
-    gen = torch.Generator().manual_seed(len(shape) + dim)
-    x = logits(shape, dtype, gen)
-    up = torch.randn(shape, generator=gen).to(dtype)
-    for ours_fn, torch_fn in [(crossent.softmax, F.softmax), (crossent.log_softmax, F.log_softmax)]:
-        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = ours_fn(a, dim=dim), torch_fn(b, dim=dim)
-        tol = {} if dtype in (torch.float32, torch.float64) else dict(rtol=1e-2, atol=1e-2)
-        torch.testing.assert_close(ya, yb, **tol)
+def _check_family(family, x, dim, impl, up_seed=0):
+    """Values and gradients (random upstream) vs torch (same dtype) and the float64 reference."""
+    ours_fn, torch_fn = FAMILIES[family]
+    gen = torch.Generator().manual_seed(up_seed)
+    up = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    a, b = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    r = x.detach().double().requires_grad_()
+    ya, yb, yr = ours_fn(a, dim, impl=impl), torch_fn(b, dim), torch_fn(r, dim)
+    what = f"{family} {impl} {x.dtype} {tuple(x.shape)} dim={dim}"
+    assert ya.shape == yb.shape and ya.is_contiguous()
+    assert_close_to_reference(ya, yb, yr.detach(), x.dtype, what)
+    (ga,), (gb,) = torch.autograd.grad(ya, a, up.to(x.dtype)), torch.autograd.grad(yb, b, up.to(x.dtype))
+    if x.dtype in EPS:
+        # A 16-bit gradient is dominated by the rounding of the saved output (ours and torch's
+        # differ by an ulp), so check the backward formula in float64 from our own output: one
+        # rounding of the result, plus float32 sums.
+        out, g = ya.detach().double(), up.to(x.dtype).double()
+        sums = (g if family == "log_softmax" else g * out).sum(dim, keepdim=True)
+        gr = g - out.exp() * sums if family == "log_softmax" else out * (g - sums)
+        scale = float(gr.abs().max()) if gr.numel() else 0.0
+        torch.testing.assert_close(ga.double(), gr, rtol=EPS[x.dtype], atol=1e-5 * max(1.0, scale),
+                                   equal_nan=True, msg=what + " grad")
+        return
+    (gr,) = torch.autograd.grad(yr, r, up.to(x.dtype).double())
+    assert_close_to_reference(ga, gb, gr, x.dtype, what + " grad")
+
+
+SHAPES = [((7,), 0), ((3, 5), 1), ((3, 5), 0), ((2, 3, 4), -1), ((2, 3, 4), 1), ((2, 3, 4), -3),
+          ((2, 3, 4, 5), 2), ((4, 1), 1), ((2, 1, 6), 1), ((5, 300), 1), ((3, 40, 300), 1)]
+
+
+@pytest.mark.parametrize("impl", cpu_backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,dim", SHAPES, ids=str)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_softmax_families_any_dim(family, shape, dim, dtype, impl):
+    """Every dim (negative too), C = 1, inner runs longer than the kernels' 256-wide chunks."""
+    x = logits(shape, dtype, torch.Generator().manual_seed(len(shape) + dim))
+    _check_family(family, x, dim, impl)
+
+
+@pytest.mark.parametrize("impl", cpu_backends())
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parallel_split_and_large_rows(family, impl):
+    """Above the single-thread threshold: rows split over threads, columns over (outer, chunk)."""
+    gen = torch.Generator().manual_seed(1)
+    _check_family(family, logits((70, 1500), torch.float32, gen), 1, impl)
+    _check_family(family, logits((3, 21, 1300), torch.bfloat16, gen), 1, impl)
+
+
+@pytest.mark.parametrize("impl", cpu_backends())
+@pytest.mark.parametrize("family", FAMILIES)
+def test_strided_and_empty_input(family, impl):
+    gen = torch.Generator().manual_seed(2)
+    base = logits((6, 8, 5), torch.float32, gen)
+    for view in (base.transpose(0, 2), base[:, ::2], base.permute(1, 2, 0)[1:]):
+        for dim in range(view.dim()):
+            _check_family(family, view, dim, impl)
+    for shape, dim in [((0, 5), 1), ((3, 0), 1), ((2, 0, 4), 1), ((0,), 0)]:
+        x = torch.empty(shape, requires_grad=True)
+        y = FAMILIES[family][0](x, dim, impl=impl)
+        assert y.shape == x.shape
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+
+
+EXTREMES = torch.tensor([
+    [float("-inf")] * 4,                          # all -inf: NaN, as torch
+    [1.0, float("nan"), 2.0, 0.0],                # a NaN poisons its row
+    [float("inf"), 0.0, 1.0, float("-inf")],      # +inf: NaN
+    [3e38, -3e38, 0.0, 3e38],                     # differences overflow to -inf
+    [-3e38, -3e38, -3e38, -3e38],                 # equal huge negatives: uniform
+    [0.0, -100.0, -1e4, float("-inf")],           # exp underflow, far below -88
+    [1e4, 1e4 - 1, 1e4 - 2, 1e4 - 200],           # large logits keep small differences
+])
+
+
+@pytest.mark.parametrize("impl", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_extreme_values_match_torch_exactly_in_nans(family, dtype, impl):
+    x = EXTREMES.to(dtype)
+    for xx, dim in [(x, 1), (x.t().contiguous(), 0), (x.t().contiguous().unsqueeze(0), 1)]:
+        ours_fn, torch_fn = FAMILIES[family]
+        a, b = xx.clone().requires_grad_(), xx.clone().requires_grad_()
+        ya, yb = ours_fn(a, dim, impl=impl), torch_fn(b, dim)
+        torch.testing.assert_close(ya, yb, equal_nan=True, atol=1e-6, rtol=1e-2 if dtype != torch.float32 else 1e-6)
+        up = torch.ones_like(ya)
         (ga,), (gb,) = torch.autograd.grad(ya, a, up), torch.autograd.grad(yb, b, up)
-        torch.testing.assert_close(ga, gb, **tol)
+        assert torch.equal(ga.isnan(), gb.isnan()), f"{family} grad NaN pattern"
 
 
-def test_softmax_gradcheck_and_extremes():
-    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: crossent.log_softmax(t, 1), (x,))
-    assert torch.autograd.gradcheck(lambda t: crossent.softmax(t, 0), (x,))
-    big = torch.tensor([[1e4, -1e4, 0.0], [float("-inf"), 0.0, 1.0]])
-    torch.testing.assert_close(crossent.log_softmax(big, 1), F.log_softmax(big, 1))
-    torch.testing.assert_close(crossent.softmax(big, 1), F.softmax(big, 1))
+@pytest.mark.parametrize("impl", cpu_backends())
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_dim_input(family, impl):
+    ours_fn, torch_fn = FAMILIES[family]
+    for value in (2.5, float("inf"), float("nan")):
+        for dim in (0, -1):
+            a = torch.tensor(value, requires_grad=True)
+            b = torch.tensor(value, requires_grad=True)
+            ya, yb = ours_fn(a, dim, impl=impl), torch_fn(b, dim)
+            assert ya.shape == () and ya.dtype == yb.dtype
+            torch.testing.assert_close(ya, yb, equal_nan=True)
+            (ga,), (gb,) = torch.autograd.grad(ya, a), torch.autograd.grad(yb, b)
+            torch.testing.assert_close(ga, gb, equal_nan=True)
+    with pytest.raises(IndexError, match=r"range of \[-1, 0\], but got 1"):
+        ours_fn(torch.tensor(1.0), 1)
+    with pytest.raises(IndexError, match=r"range of \[-2, 1\], but got -3"):
+        ours_fn(torch.randn(2, 3), -3)
+
+
+def test_dtype_argument_and_integer_input():
+    x = torch.arange(6).reshape(2, 3)
+    for family, (ours_fn, torch_fn) in FAMILIES.items():
+        torch.testing.assert_close(ours_fn(x, 1, dtype=torch.float32), torch_fn(x, 1, dtype=torch.float32))
+        torch.testing.assert_close(ours_fn(x.float(), 0, dtype=torch.bfloat16),
+                                   torch_fn(x.float(), 0, dtype=torch.bfloat16))
+        with pytest.raises(RuntimeError, match="floating-point"):
+            ours_fn(x, 1)
 
 
 def test_implicit_dim_warns_like_torch():
     x = torch.randn(2, 3, 4)
-    with pytest.warns(UserWarning, match="Implicit dimension"):
+    with pytest.warns(UserWarning, match="Implicit dimension") as record:
         ours = crossent.softmax(x)
+    assert record[0].filename == __file__  # points at the caller
     with pytest.warns(UserWarning):
         theirs = F.softmax(x)
     torch.testing.assert_close(ours, theirs)
-    torch.testing.assert_close(crossent.log_softmax(x, 1, dtype=torch.float64),
-                               F.log_softmax(x, 1, dtype=torch.float64))
 
 
+def test_explicit_impl_that_cannot_run_raises():
+    with pytest.raises(ValueError, match="not a crossent backend"):
+        crossent.softmax(torch.randn(2, 3), 1, impl="cuda")
+    if not TRITON and importlib.util.find_spec("triton") is not None:
+        with pytest.raises(RuntimeError, match="cannot run here"):
+            crossent.log_softmax(torch.randn(2, 3), 1, impl="triton")
+
+
+@pytest.mark.parametrize("impl", cpu_backends())
+def test_gradcheck_float64(impl):
+    x = torch.randn(3, 4, 2, dtype=torch.float64, requires_grad=True)
+    for dim in (0, 1, 2):
+        assert torch.autograd.gradcheck(lambda t: crossent.log_softmax(t, dim, impl=impl), (x,))
+        assert torch.autograd.gradcheck(lambda t: crossent.softmax(t, dim, impl=impl), (x,))
+    y = torch.tensor([1, 0, -100])
+    w = torch.tensor([0.5, -2.0, 3.0, 1.0], dtype=torch.float64)
+    for reduction in ("none", "mean", "sum"):
+        assert torch.autograd.gradcheck(
+            lambda t: crossent.nll_loss(t, y, w, reduction=reduction, impl=impl), (x[:, :, 0],))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=4), data=st.data(),
+       family=st.sampled_from(sorted(FAMILIES)), scale=st.sampled_from([0.1, 3.0, 300.0]))
+def test_property_matches_torch(shape, data, family, scale):
+    dim = data.draw(st.integers(-len(shape), len(shape) - 1))
+    x = logits(tuple(shape), torch.float32, torch.Generator().manual_seed(sum(shape)), scale)
+    _check_family(family, x, dim, "auto")
+
+
+# ---- nll_loss ------------------------------------------------------------------------------
+
+
+def _check_nll(x, t, weight, reduction, impl, ignore_index=-100):
+    # torch's K-dim backward rejects strided input ("grad_input must be contiguous"): it gets a copy.
+    a, b = x.clone().requires_grad_(), x.contiguous().requires_grad_()
+    ya = crossent.nll_loss(a, t, weight, ignore_index=ignore_index, reduction=reduction, impl=impl)
+    yb = F.nll_loss(b, t, weight, ignore_index=ignore_index, reduction=reduction)
+    assert ya.shape == yb.shape and ya.dtype == yb.dtype
+    tol = {} if x.dtype in (torch.float32, torch.float64) else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(ya, yb, equal_nan=True, **tol)
+    up = torch.randn(yb.shape, generator=torch.Generator().manual_seed(3)).to(x.dtype)
+    (ga,), (gb,) = torch.autograd.grad(ya, a, up), torch.autograd.grad(yb, b, up)
+    torch.testing.assert_close(ga, gb, equal_nan=True, **tol)
+
+
+@pytest.mark.parametrize("impl", cpu_backends())
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-@pytest.mark.parametrize("shape", [(6,), (8, 5), (4, 5, 3, 2)], ids=str)
-def test_nll_loss_matches_torch(reduction, shape):
+@pytest.mark.parametrize("shape", [(6,), (8, 5), (4, 5, 3, 2), (2, 3, 7)], ids=str)
+def test_nll_loss_matches_torch(shape, reduction, dtype, impl):
     gen = torch.Generator().manual_seed(len(shape))
     n_classes = shape[0] if len(shape) == 1 else shape[1]
-    logp = F.log_softmax(logits(shape, torch.float64, gen), 0 if len(shape) == 1 else 1)
+    x = F.log_softmax(logits(shape, torch.float64, gen), 0 if len(shape) == 1 else 1).to(dtype)
     t = index_target(shape, n_classes, gen, ignore_fraction=0.0 if len(shape) == 1 else 0.3)
-    w = torch.rand(n_classes, generator=gen, dtype=torch.float64)
-    a, b = logp.clone().requires_grad_(), logp.clone().requires_grad_()
-    ya = crossent.nll_loss(a, t, w, reduction=reduction)
-    yb = F.nll_loss(b, t, w, reduction=reduction)
-    torch.testing.assert_close(ya, yb)
-    up = torch.randn(yb.shape, generator=gen, dtype=torch.float64)
-    torch.testing.assert_close(torch.autograd.grad(ya, a, up)[0], torch.autograd.grad(yb, b, up)[0])
+    for weight in (None, torch.rand(n_classes, generator=gen, dtype=torch.float64).to(dtype)):
+        _check_nll(x, t, weight, reduction, impl)
+    if len(shape) > 1:
+        strided = x.transpose(0, 1).contiguous().transpose(0, 1)  # read in place, with strides
+        assert not strided.is_contiguous()
+        _check_nll(strided, t, None, reduction, impl)
+
+
+@pytest.mark.parametrize("impl", cpu_backends())
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_nll_loss_weights_ignore_and_uint8(reduction, impl):
+    gen = torch.Generator().manual_seed(4)
+    x = F.log_softmax(logits((6, 3), torch.float32, gen), 1)
+    x[0, 2] = float("-inf")
+    t = torch.tensor([2, 0, 1, 2, 1, 0])
+    weights = [torch.tensor([1.0, -1.0, 0.0]),              # negative and zero (-inf * 0 = NaN)
+               torch.tensor([1.0, 1.0, -2.0]),              # weight sum 0 under "mean"
+               torch.tensor([float("inf"), 1.0, 2.0]),      # inf weight
+               torch.tensor([0.0, 0.0, 0.0])]               # 0/0
+    for w in weights:
+        _check_nll(x, t, w, reduction, impl)
+    _check_nll(x, torch.full((6,), -100), None, reduction, impl)  # all ignored: mean is NaN
+    _check_nll(x, t.to(torch.uint8), torch.rand(3, generator=gen), reduction, impl)
+    _check_nll(x, torch.tensor([2, 1, 1, 2, 1, 0]), None, reduction, impl, ignore_index=1)
+    x4 = F.log_softmax(logits((2, 3, 4, 2), torch.float32, gen), 1)
+    t4 = torch.randint(0, 3, (2, 4, 2), generator=gen)
+    with pytest.raises(RuntimeError, match="expected scalar type Long but found Byte"):
+        F.nll_loss(x4, t4.to(torch.uint8))  # torch's K-dim kernels take int64 only
+    with pytest.raises(RuntimeError, match="expected scalar type Long but found Byte.*target.long"):
+        crossent.nll_loss(x4, t4.to(torch.uint8), impl=impl)
+    _check_nll(x4, t4, None, reduction, impl)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=4), seed=st.integers(0, 2**16),
+       reduction=st.sampled_from(["none", "mean", "sum"]), weighted=st.booleans(),
+       ignored=st.sampled_from([0.0, 0.3, 1.0]))
+def test_property_nll_loss_matches_torch(shape, seed, reduction, weighted, ignored):
+    gen = torch.Generator().manual_seed(seed)
+    n_classes = shape[0] if len(shape) == 1 else shape[1]
+    x = F.log_softmax(logits(tuple(shape), torch.float32, gen), 0 if len(shape) == 1 else 1)
+    t = index_target(shape, n_classes, gen, ignore_fraction=0.0 if len(shape) == 1 else ignored)
+    w = torch.randn(n_classes, generator=gen) if weighted else None  # negative weights too
+    _check_nll(x, t, w, reduction, "auto")
+
+
+def test_nll_loss_errors():
+    with pytest.raises(ValueError, match="Expected 1 or more dimensions.*shape \\(C,\\)"):
+        crossent.nll_loss(torch.tensor(0.5), torch.tensor(0))
+    for impl in cpu_backends():  # the shared check names the offender on every backend
+        with pytest.raises(IndexError, match="Target 3 is out of bounds.*position 1"):
+            crossent.nll_loss(torch.randn(2, 3), torch.tensor([0, 3]), impl=impl)
+
+
+def test_nll_kernel_guards_its_indices():
+    """The kernels never read or write outside a row, even when handed unvalidated targets."""
+    from crossent.backends import numba_nll
+
+    x = np.zeros((2, 3, 1), np.float32)
+    loss = np.empty((2, 1), np.float32)
+    for bad in (3, -1, 255):
+        t = np.array([[0], [bad]], np.int64)
+        with pytest.raises(IndexError, match="out of range"):
+            numba_nll._nll_forward(x, t, np.empty(0, np.float32), -100, loss)
+    grad = np.zeros((2, 3, 1), np.float32)
+    t = np.array([[0], [7]], np.int64)
+    grad[:] = np.nan  # the kernel zeroes its rows itself
+    numba_nll._nll_backward(t, np.empty(0, np.float32), -100, np.empty((0, 0), np.float32), 1.0,
+                            1.0, False, grad, 0, 2)
+    assert grad[0, 0, 0] == -1.0 and np.count_nonzero(grad) == 1
+
+
+def test_torch_compile_fullgraph():
+    """Under torch.compile, impl="auto" takes the traceable torch path: one graph, same values."""
+    x = torch.randn(4, 5, 3, requires_grad=True)
+    t = torch.tensor([[0, 1, 2], [4, -100, 3], [0, 0, 1], [2, 2, 2]])
+
+    def chain(lib, z):
+        return lib.nll_loss(lib.log_softmax(z, 1), t) + lib.softmax(z, -1).square().sum()
+
+    compiled = torch.compile(lambda z: chain(crossent, z), fullgraph=True, backend="aot_eager")
+    ours, theirs = compiled(x), chain(F, x)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(theirs, x)[0])
 
 
 def test_seed_identities():
@@ -92,7 +332,49 @@ def test_segmentation_and_stability():
     """Seed 003: (N, C, H, W) logits with (N, H, W) targets; finite result where naive exp overflows."""
     x = torch.randn(2, 4, 3, 3) * 1000
     t = torch.randint(0, 4, (2, 3, 3))
-    ours = crossent.cross_entropy(x, t, reduction="none")
+    ours = crossent.nll_loss(crossent.log_softmax(x, 1), t, reduction="none")
     assert ours.shape == (2, 3, 3) and torch.isfinite(ours).all()
     torch.testing.assert_close(ours, F.cross_entropy(x, t, reduction="none"))
     assert not torch.isfinite(torch.log(torch.exp(x).sum(1))).all()  # what the naive form gives
+
+
+# ---- Triton (child process) ----------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,dim", [((3, 5), 1), ((3, 5), 0), ((2, 3, 4, 5), 1), ((4, 37, 3), -2),
+                                       ((2, 3, 70), 1), ((5,), 0), ((2, 1, 3), 1)], ids=str)
+@pytest.mark.parametrize("tile", [None, 8], ids=["one tile", "tiles of 8"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_softmax_families_triton(family, tile, shape, dim, dtype, monkeypatch):
+    from crossent.backends.triton import softmax as triton_softmax
+
+    if tile:
+        monkeypatch.setattr(triton_softmax, "_TILE_DEFAULT", tile)
+        monkeypatch.setitem(triton_softmax.TILE, torch.float64, tile)
+    x = logits(shape, dtype, torch.Generator().manual_seed(len(shape))).to(DEVICE)
+    _check_family(family, x, dim, "triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("family", FAMILIES)
+def test_extremes_and_empty_triton(family):
+    x = EXTREMES.to(DEVICE)
+    ours_fn, torch_fn = FAMILIES[family]
+    for xx, dim in [(x, 1), (x.t().contiguous(), 0)]:
+        torch.testing.assert_close(ours_fn(xx, dim, impl="triton"), torch_fn(xx, dim), equal_nan=True)
+    empty = torch.empty(0, 4, device=DEVICE)
+    assert ours_fn(empty, 1, impl="triton").shape == (0, 4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.skipif(TRITON, reason="this process runs the Triton cases itself")
+def test_triton_cases_in_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "pytest", "tests/test_softmax_nll.py", "-q", "-x", "-k", "triton",
+           "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"]
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and "failed" not in done.stdout

@@ -1,0 +1,280 @@
+"""Numba CPU kernels for softmax / log_softmax, forward and backward, over any dim.
+
+A tensor is viewed, without copying, as ``(O, C, I)``: ``O`` outer positions, ``C`` values along
+``dim`` and ``I`` inner positions (``I = prod(shape[dim+1:])``, the stride of ``dim``).
+  * ``I == 1`` (``dim`` last): each row of ``C`` contiguous values is a vectorised loop; a row of
+    up to ~64K classes stays in L2 between its passes, so memory sees one read and one write.
+  * ``I > 1``: a row's values are ``I`` apart, so rows are processed ``_W`` at a time, side by
+    side: for each ``c`` a contiguous run of ``_W`` inner positions is loaded and folded into
+    ``_W``-wide accumulators. The ``(C, _W)`` slab stays in L1/L2 between passes.
+Forward per row: ``m = max x``; ``s = sum exp(x - m)``; then ``x - m - log s`` or ``exp(x - m) / s``.
+Backward: log_softmax ``g - exp(out) * sum g``; softmax ``out * (g - sum(g * out))``.
+
+16-bit floats arrive as their bits (bfloat16 as uint16, float16 as int16, so the storage format
+is known at compile time) and are computed in float32, rounded once on store.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from numba import njit, types
+from numba.extending import overload
+from torch import Tensor
+
+from ._cpu_alloc import empty_huge
+from ._numba_math import (
+    EXACT_FM, bf16_to_f32, exp_f32, f16_to_f32, f32_to_bf16, f32_to_f16, max_f32,
+)
+from ._numba_rows import FM
+from .numba_cpu import _PARALLEL_MIN, _split_rows
+
+_F32 = np.float32
+_W = 256  # inner positions processed side by side: a (C, 256) float32 slab is C KiB
+# Elements below which buffers come from torch.empty without asking empty_huge (which falls
+# back to it below 16 MiB itself, after more per-call work).
+_HUGE_MIN = 1 << 22
+_VIEWS = {torch.bfloat16: torch.uint16, torch.float16: torch.int16}
+
+
+def f32(v):
+    """A stored element (float32, or bfloat16/float16 bits) as float32; float64 stays float64."""
+
+
+def put(a, j, v):
+    """Store float32 ``v`` into ``a[j]``, rounding to ``a``'s format (to nearest even)."""
+
+
+# EXACT_FM: the 16-bit conversions depend on the exact order of their float operations.
+@overload(f32, jit_options={"fastmath": EXACT_FM})
+def _f32(v):
+    if v == types.uint16:
+        return lambda v: bf16_to_f32(v)
+    if v == types.int16:
+        return lambda v: f16_to_f32(np.uint16(v))
+    return lambda v: v
+
+
+@overload(put, jit_options={"fastmath": EXACT_FM})
+def _put(a, j, v):
+    if a.dtype == types.uint16:
+        def impl_bf16(a, j, v):
+            a[j] = f32_to_bf16(_F32(v))
+        return impl_bf16
+    if a.dtype == types.int16:
+        def impl_f16(a, j, v):
+            a[j] = np.int16(f32_to_f16(_F32(v)))
+        return impl_f16
+
+    def impl(a, j, v):
+        a[j] = v
+    return impl
+
+
+# ---- element-wise writes, shared by both layouts ------------------------------------------
+# Compiled without reassociation: (x - m) - log s must not become x - (m + log s), which loses
+# log s against a large m (1e4, 3e38). ``k`` is a scalar (rows) or a (W,) array (columns), and
+# ``at`` picks its element either way.
+
+
+def at(k, j):
+    """``k[j]`` for an array, ``k`` for a scalar."""
+
+
+@overload(at, jit_options={"fastmath": EXACT_FM})
+def _at(k, j):
+    if isinstance(k, types.Array):
+        return lambda k, j: k[j]
+    return lambda k, j: k
+
+
+@njit(fastmath=EXACT_FM, cache=True)
+def _put_log(x, out, m, log_s):
+    for j in range(x.size):
+        put(out, j, (f32(x[j]) - at(m, j)) - at(log_s, j))
+
+
+@njit(fastmath=EXACT_FM, cache=True)
+def _put_exp(x, out, m, inv_s):
+    for j in range(x.size):
+        put(out, j, exp_f32(f32(x[j]) - at(m, j)) * at(inv_s, j))
+
+
+@njit(fastmath=EXACT_FM, cache=True)
+def _put_log_grad(g, out, dest, t):
+    for j in range(g.size):
+        put(dest, j, f32(g[j]) - exp_f32(f32(out[j])) * at(t, j))
+
+
+@njit(fastmath=EXACT_FM, cache=True)
+def _put_grad(g, out, dest, t):
+    for j in range(g.size):
+        put(dest, j, f32(out[j]) * (f32(g[j]) - at(t, j)))
+
+
+# ---- rows (I == 1): one contiguous row at a time -------------------------------------------
+
+
+@njit(fastmath=FM, cache=True)
+def _row_max_sum(x):
+    m = _F32(-np.inf)
+    for c in range(x.size):
+        m = max_f32(m, f32(x[c]))
+    s = _F32(0.0)
+    for c in range(x.size):
+        s += exp_f32(f32(x[c]) - m)
+    return m, s
+
+
+@njit(nogil=True, fastmath=FM, cache=True)
+def _fwd_rows(x, out, log, lo, hi):
+    for r in range(lo, hi):
+        xr, orow = x[r], out[r]
+        m, s = _row_max_sum(xr)
+        if log:
+            _put_log(xr, orow, m, _F32(math.log(s)))
+        else:
+            _put_exp(xr, orow, m, _F32(1.0) / s)
+
+
+@njit(nogil=True, fastmath=FM, cache=True)
+def _bwd_rows(g, out, grad, log, lo, hi):
+    for r in range(lo, hi):
+        gr, orow, dest = g[r], out[r], grad[r]
+        t = _F32(0.0)
+        if log:
+            for c in range(gr.size):
+                t += f32(gr[c])
+            _put_log_grad(gr, orow, dest, t)
+        else:
+            for c in range(gr.size):
+                t += f32(gr[c]) * f32(orow[c])
+            _put_grad(gr, orow, dest, t)
+
+
+# ---- columns (I > 1): _W inner positions side by side --------------------------------------
+
+
+@njit(fastmath=FM, cache=True)
+def _fold_max(m, xs):
+    for j in range(m.size):
+        m[j] = max_f32(m[j], f32(xs[j]))
+
+
+@njit(fastmath=FM, cache=True)
+def _foldexp_f32(s, xs, m):
+    for j in range(s.size):
+        s[j] += exp_f32(f32(xs[j]) - m[j])
+
+
+@njit(fastmath=FM, cache=True)
+def _fold_sum(t, gs):
+    for j in range(t.size):
+        t[j] += f32(gs[j])
+
+
+@njit(fastmath=FM, cache=True)
+def _fold_dot(t, gs, os):
+    for j in range(t.size):
+        t[j] += f32(gs[j]) * f32(os[j])
+
+
+@njit(nogil=True, fastmath=FM, cache=True)
+def _fwd_cols(x, out, log, lo, hi):
+    n_cls, n_in = x.shape[1], x.shape[2]
+    chunks = (n_in + _W - 1) // _W
+    m_buf = np.empty(_W, np.float32)  # (W,) running max
+    s_buf = np.empty(_W, np.float32)  # (W,) sum of exps, then log(s) or 1/s
+    for u in range(lo, hi):
+        o, j0 = u // chunks, (u % chunks) * _W
+        j1 = min(j0 + _W, n_in)
+        m, s = m_buf[: j1 - j0], s_buf[: j1 - j0]
+        m[:] = -np.inf
+        s[:] = 0.0
+        for c in range(n_cls):
+            _fold_max(m, x[o, c, j0:j1])
+        for c in range(n_cls):
+            _foldexp_f32(s, x[o, c, j0:j1], m)
+        for j in range(s.size):
+            s[j] = math.log(s[j]) if log else _F32(1.0) / s[j]
+        for c in range(n_cls):
+            if log:
+                _put_log(x[o, c, j0:j1], out[o, c, j0:j1], m, s)
+            else:
+                _put_exp(x[o, c, j0:j1], out[o, c, j0:j1], m, s)
+
+
+@njit(nogil=True, fastmath=FM, cache=True)
+def _bwd_cols(g, out, grad, log, lo, hi):
+    n_cls, n_in = g.shape[1], g.shape[2]
+    chunks = (n_in + _W - 1) // _W
+    t_buf = np.empty(_W, np.float32)  # (W,) sum g, or sum g * out
+    for u in range(lo, hi):
+        o, j0 = u // chunks, (u % chunks) * _W
+        j1 = min(j0 + _W, n_in)
+        t = t_buf[: j1 - j0]
+        t[:] = 0.0
+        for c in range(n_cls):
+            if log:
+                _fold_sum(t, g[o, c, j0:j1])
+            else:
+                _fold_dot(t, g[o, c, j0:j1], out[o, c, j0:j1])
+        for c in range(n_cls):
+            if log:
+                _put_log_grad(g[o, c, j0:j1], out[o, c, j0:j1], grad[o, c, j0:j1], t)
+            else:
+                _put_grad(g[o, c, j0:j1], out[o, c, j0:j1], grad[o, c, j0:j1], t)
+
+
+# ---- host side -----------------------------------------------------------------------------
+
+
+def as_array(t: Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor; bfloat16 as uint16 bits, float16 as int16 bits."""
+    t = t.detach()
+    view = _VIEWS.get(t.dtype)
+    return (t if view is None else t.view(view)).numpy()
+
+
+def _run(rows_kernel, cols_kernel, tensors: tuple[Tensor, ...], dim: int, log: bool) -> None:
+    """Run a kernel over contiguous ``tensors`` (same shape) viewed as ``(O, C, I)`` about ``dim``."""
+    shape = tensors[0].shape
+    n_cls = shape[dim]
+    n_in = math.prod(shape[dim + 1:])
+    n_out = math.prod(shape[:dim])
+    numel = n_out * n_cls * n_in
+    if numel == 0:
+        return
+    if n_in == 1:
+        arrays = [as_array(t).reshape(n_out, n_cls) for t in tensors]  # (O, C) views
+        kernel, units = rows_kernel, n_out
+    else:
+        arrays = [as_array(t).reshape(n_out, n_cls, n_in) for t in tensors]  # (O, C, I) views
+        kernel, units = cols_kernel, n_out * -(-n_in // _W)
+    if numel < _PARALLEL_MIN:
+        kernel(*arrays, log, 0, units)  # small: no thread hand-off, no bookkeeping
+    else:
+        _split_rows(kernel, (*arrays, log), units, min(torch.get_num_threads(), units))
+
+
+def empty(shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """An uninitialised contiguous CPU tensor: large ones huge-page backed and reused (4x
+    cheaper page faults, see ``_cpu_alloc``), small ones plain (less per-call work)."""
+    if math.prod(shape) < _HUGE_MIN:
+        return torch.empty(shape, dtype=dtype)
+    return empty_huge(shape, dtype)
+
+
+def forward(x: Tensor, dim: int, log: bool) -> Tensor:
+    """log_softmax (``log``) or softmax of a contiguous float32/bfloat16/float16 ``x`` along ``dim``."""
+    out = empty(x.shape, x.dtype)  # contiguous, as torch's
+    _run(_fwd_rows, _fwd_cols, (x, out), dim, log)
+    return out
+
+
+def backward(g: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
+    """Gradient of log_softmax / softmax from the upstream ``g`` and the forward output."""
+    grad = empty(out.shape, out.dtype)
+    _run(_bwd_rows, _bwd_cols, (g, out, grad), dim, log)
+    return grad
