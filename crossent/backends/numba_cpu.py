@@ -152,10 +152,12 @@ def _prob_kernel(x, fmt, target, w, eps, z, cap, gscale, want_grad, inplace, gra
         log_s = _F32(math.log(s))
         lse_r = m + log_s
         lse[r] = lse_r
-        row_loss = gaps + mass * log_s
+        # In float64, as the index kernel (lse**2 overflows float32 near 3e38).
+        row_loss = np.float64(gaps) + np.float64(mass) * log_s
         coef = mass
         if z > 0:  # never 0 * inf when lse**2 overflows
-            row_loss += z * lse_r * lse_r
+            lse64 = np.float64(m) + log_s
+            row_loss += np.float64(z) * lse64 * lse64
             coef += _F32(2.0) * z * lse_r
         loss[r] = row_loss
         if want_grad:
