@@ -86,17 +86,19 @@ def weighted_gap_sum(x, m, w, k):
 
 @njit(fastmath=FM, cache=True)
 def soft_target_sums(x, m, t, w, a, b):
-    """For smoothed weighted targets u_c = (a t_c + b) w_c: (sum_c u_c, sum_c u_c (m - x_c)).
+    """For smoothed weighted targets u_c = (a t_c + b) w_c: (sum_c u_c, sum_c u_c (m - x_c)),
+    the second in float64.
 
     A term of zero target mass at a finite logit is 0, not 0 * (m - x_c), which is NaN when
     m - x_c overflows float32 (logits near +-3e38); at a -inf logit it stays torch's
     0 * inf = NaN."""
     mass = _F32(0.0)
-    d = _F32(0.0)
+    d = 0.0  # float64: m - x_c overflows float32 near +-3e38, and the terms may cancel
     for c in range(x.size):
         u = (a * t[c] + b) * w[c]
         mass += u
-        d += u * (m - x[c]) if (u != 0 or x[c] == -np.inf) else _F32(0.0)
+        if u != 0 or x[c] == -np.inf:
+            d += np.float64(u) * (np.float64(m) - np.float64(x[c]))
     return mass, d
 
 

@@ -146,8 +146,8 @@ def _block_grad(
         g = (g - wt) * scale
     else:
         g = g - tl.where(cols == y, w_target, 0.0)
-        if HAS_SMOOTHING:
-            g = g - smooth_coef * wt
+        if HAS_SMOOTHING:  # an ignored row's 0 never meets an inf class weight: 0, not NaN
+            g = g - tl.where(smooth_coef == 0, 0.0, smooth_coef * wt)
     if HAS_SOFTCAP:
         # d(cap * tanh(x / cap)) / dx = 1 - tanh^2
         g = g * (1 - tanh_x * tanh_x)
