@@ -117,13 +117,25 @@ def log_f32(v):
 
 
 @njit(fastmath=EXACT_FM, cache=True)
+def finite_f32(v):
+    """Whether ``v`` is finite. ``math.isfinite`` inside the reassociating row kernels may be
+    folded to True (``v - v`` becomes 0 there); here it keeps IEEE meaning."""
+    return v - v == _F32(0.0)
+
+
+# No contraction either: fused into an FMA, m * k - v * k at v = m is the rounding error of
+# v * k, not 0 (and an inf class weight times that residue is inf, not torch's NaN).
+_NO_FMA = {"nsz", "arcp", "afn"}
+
+
+@njit(fastmath=_NO_FMA, cache=True)
 def scaled_gap(m, v, k):
     """``k * (m - v)`` as ``m * k - v * k``: logits near +-3e38 make ``m - v`` overflow, the
     scaled terms do not (and reassociation, allowed in the row loops, cannot factor them)."""
     return m * k - v * k
 
 
-@njit(fastmath=EXACT_FM, cache=True)
+@njit(fastmath=_NO_FMA, cache=True)
 def scaled_difference(k, a, b):
     """``k * a - k * b`` as written: with ``k = inf`` that is torch's inf - inf = NaN, which
     reassociation (allowed in the row loops) would fold into ``k * (a - b)``."""

@@ -85,6 +85,16 @@ def weighted_gap_sum(x, m, w, k):
 
 
 @njit(fastmath=FM, cache=True)
+def weighted_smooth_terms(x, m, w, k, log_s):
+    """sum_c w_c k (m - x_c + log s) class by class: torch's w_c (lse - x_c), for non-finite
+    class weights, whose inf * 0 must fall exactly where torch's does."""
+    d = _F32(0.0)
+    for c in range(x.size):
+        d += w[c] * (scaled_gap(m, x[c], k) + k * log_s)
+    return d
+
+
+@njit(fastmath=FM, cache=True)
 def soft_target_sums(x, m, t, w, a, b):
     """For smoothed weighted targets u_c = (a t_c + b) w_c: (sum_c u_c, sum_c u_c (m - x_c)),
     the second in float64.
@@ -97,9 +107,22 @@ def soft_target_sums(x, m, t, w, a, b):
     for c in range(x.size):
         u = (a * t[c] + b) * w[c]
         mass += u
-        if u != 0 or x[c] == -np.inf:
+        # 0 at the max (the mass * log s term supplies an inf weight's inf there, as torch's
+        # u_c (lse - x_c)), and at zero mass unless the logit is -inf (torch's 0 * inf = NaN).
+        if (u != 0 and x[c] != m) or x[c] == -np.inf:
             d += np.float64(u) * (np.float64(m) - np.float64(x[c]))
     return mass, d
+
+
+@njit(fastmath=FM, cache=True)
+def soft_target_terms(x, m, t, w, a, b, log_s):
+    """sum_c u_c (m - x_c + log s) class by class in float64, torch's u_c (lse - x_c): for an
+    inf class weight, whose inf * 0 must fall exactly where torch's does."""
+    d = 0.0
+    for c in range(x.size):
+        u = np.float64((a * t[c] + b) * w[c])
+        d += u * ((np.float64(m) - np.float64(x[c])) + np.float64(log_s))
+    return d
 
 
 @njit(fastmath=FM, cache=True)

@@ -31,11 +31,12 @@ from ._reduced import reduced
 from ._cpu_alloc import empty_huge
 from ._opaque import opaque_kernel
 from ._numba_kdim import kdim_kernel, n_blocks
-from ._numba_math import scaled_difference
+from ._numba_math import finite_f32, scaled_difference
 from ._numba_rows import (
     BF16, F16, FM, cap_factor, equal_before, exp_moment_sum, exp_sum, exp_sum_inplace,
     exp_sum_store, gap_sum, grad_dest, load_row, row_max, scale, scale_sub, scale_sub_targets,
-    scale_sub_weighted, soft_target_sums, store_row, weighted_gap_sum,
+    scale_sub_weighted, soft_target_sums, soft_target_terms, store_row, weighted_gap_sum,
+    weighted_smooth_terms,
 )
 
 _F32 = np.float32
@@ -65,6 +66,9 @@ def _index_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, cap, gscale,
     eps_c = eps / _F32(n_cls)
     inv_cap = _F32(1.0) / cap if cap > 0 else _F32(0.0)
     aliased = inplace and fmt == 0 and cap == 0  # the gradient row is the logits row itself
+    # Non-finite class weights: the smoothing term class by class, w_c (m - x_c + log s), as
+    # torch's w_c (lse - x_c): inf * 0 only where torch has it (an inf weight at the max).
+    exact_smooth = has_w and not finite_f32(_F32(w_total))
     buf = np.empty(n_cls if (fmt != 0 or cap > 0) else 0, np.float32)  # (C,) scratch
     gbuf = np.empty(n_cls if fmt != 0 else 0, np.float32)  # (C,) scratch
     for r in range(lo, hi):
@@ -75,7 +79,10 @@ def _index_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, cap, gscale,
         m = row_max(xr)
         gaps = _F32(0.0)
         if eps > 0 and valid:  # before step 2, which may overwrite xr (in place)
-            gaps = weighted_gap_sum(xr, m, w, eps_c) if has_w else gap_sum(xr, m, eps_c)
+            if exact_smooth:  # rare: an inf class weight; log s first, one more pass
+                gaps = weighted_smooth_terms(xr, m, w, eps_c, _F32(math.log(exp_sum(xr, m))))
+            else:
+                gaps = weighted_gap_sum(xr, m, w, eps_c) if has_w else gap_sum(xr, m, eps_c)
         x_y = xr[y] if valid else _F32(0.0)
         dest = grad_dest(grad[r], gbuf)
         if want_stats:  # before step 2 may overwrite xr
@@ -101,7 +108,10 @@ def _index_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, cap, gscale,
         coef = keep * w_y
         row_loss = np.float64(coef) * ((np.float64(m) - np.float64(x_y)) + log_s)
         if eps > 0:
-            row_loss += np.float64(gaps) + np.float64(eps_c * w_total) * log_s
+            if exact_smooth:  # gaps already holds sum_c w_c eps_c (m - x_c + log s)
+                row_loss += np.float64(gaps)
+            else:
+                row_loss += np.float64(gaps) + np.float64(eps_c * w_total) * log_s
             coef += eps_c * w_total
         if z > 0:
             lse64 = np.float64(m) + log_s
@@ -147,13 +157,16 @@ def _prob_kernel(x, fmt, target, w, eps, z, cap, gscale, want_grad, inplace, gra
         m = row_max(xr)
         # loss = sum_c u_c (lse - x_c) = sum_c u_c (m - x_c) + (sum_c u_c) log s
         mass, gaps = soft_target_sums(xr, m, target[r], w, a, b)
+        exact = not finite_f32(mass)  # rare: an inf weight; class by class, as torch
+        if exact:
+            gaps = soft_target_terms(xr, m, target[r], w, a, b, _F32(math.log(exp_sum(xr, m))))
         dest = grad_dest(grad[r], gbuf)
         s = _exp_sum(xr, m, dest, want_grad, aliased)
         log_s = _F32(math.log(s))
         lse_r = m + log_s
         lse[r] = lse_r
         # In float64, as the index kernel (lse**2 overflows float32 near 3e38).
-        row_loss = np.float64(gaps) + np.float64(mass) * log_s
+        row_loss = np.float64(gaps) if exact else np.float64(gaps) + np.float64(mass) * log_s
         coef = mass
         if z > 0:  # never 0 * inf when lse**2 overflows
             lse64 = np.float64(m) + log_s
@@ -313,7 +326,7 @@ def cross_entropy(
     Larger, probability-target, float64 and compiled calls take the composed path."""
     if logits.dim() == 2 and not logits.is_contiguous():
         logits = logits.contiguous()  # rows at a stride: the row kernels read contiguous rows
-    if logits.dim() == 3 and _kdim_fits(logits, target, params):
+    if logits.dim() == 3 and _kdim_fits(logits, target, weight, params):
         return _kdim_cross_entropy(logits, target, weight, want_grad, params)
     if (logits.dim() == 3 or target.is_floating_point() or logits.dtype not in _FORMATS
             or logits.numel() >= _PARALLEL_MIN or logits.shape[0] == 0
@@ -347,11 +360,13 @@ def cross_entropy(
     return out, torch.from_numpy(lse), grad, scale
 
 
-def _kdim_fits(logits: Tensor, target: Tensor, params: CEParams) -> bool:
-    """K-dim logits the in-place kernel takes (eager, class indices, no softcap, 32/16-bit)."""
+def _kdim_fits(logits: Tensor, target: Tensor, weight: Tensor | None, params: CEParams) -> bool:
+    """K-dim logits the in-place kernel takes (eager, class indices, no softcap, 32/16-bit,
+    finite class weights with smoothing)."""
     return (logits.dtype in _FORMATS and not target.is_floating_point()
             and params.softcap is None and logits.numel() > 0
-            and not torch.compiler.is_compiling())
+            and not torch.compiler.is_compiling()
+            and not (params.eps > 0 and weight is not None and not bool(weight.isfinite().all())))
 
 
 def _kdim_cross_entropy(

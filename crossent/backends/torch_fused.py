@@ -97,14 +97,17 @@ def index_target_sums(
     return den, int(bad.nonzero()[0, 0])
 
 
-def _softmax_lse(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Softmax of each row and its logsumexp, max-subtracted so any finite logits are safe."""
+def _softmax_lse(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Softmax of each row, its logsumexp, and the two parts of it: the max ``m`` and
+    ``log s``, max-subtracted so any finite logits are safe. Losses use ``(m - x_y) + log s``:
+    for logits near 3e38, ``lse`` rounded to float32 has lost ``log s``."""
     m = x.amax(1, keepdim=True)  # (r, 1)
     # A row of all -inf gives m = -inf and NaNs below, exactly as torch's log_softmax does.
     p = (x - m).exp_()  # (r, C)
     s = p.sum(1, keepdim=True)  # (r, 1)
     p.div_(s)
-    return p, (m + s.log()).squeeze(1)
+    log_s = s.log()
+    return p, (m + log_s).squeeze(1), m.squeeze(1), log_s.squeeze(1)
 
 
 def _index_rows(
@@ -120,7 +123,7 @@ def _index_rows(
     """
     n_classes = x.shape[1]
     eps = params.eps
-    p, lse = _softmax_lse(x)
+    p, lse, m, log_s = _softmax_lse(x)
     t = t.long()  # compared with ignore_index in int64, never in uint8
     if stats is not None:  # before p becomes the gradient; entr(0) = 0 for -inf logits
         stats[:, 0] = x.argmax(1) == t
@@ -136,25 +139,26 @@ def _index_rows(
     coef = (1 - eps) * w_y  # multiplies p in the gradient
     # The per-row loss in float64 (r values): with logits near +-3e38, lse - x_y and lse**2
     # overflow float32, and 0 * inf would be a NaN the maths does not have.
-    lse64 = lse.double()
-    loss = coef.double() * (lse64 - x_y.double())
+    m64, log_s64 = m.double(), log_s.double()
+    loss = coef.double() * ((m64 - x_y.double()) + log_s64)
     if eps > 0:
         # eps / C * sum_c w_c (lse - x_c), each term scaled before the subtraction and the sum:
         # with logits near +-3e38, lse - x_c alone (and C * lse - sum_c x_c) would overflow.
         k = eps / n_classes
-        lse_k = (lse * k).unsqueeze(1)  # (r, 1)
+        m_k = (m * k).unsqueeze(1)  # (r, 1)
         if weight is None:
-            smooth = (lse_k - x * k).sum(1)
             w_total = float(n_classes)
+            smooth = (m_k - x * k).sum(1) + (k * w_total) * log_s  # w_total finite: C
         else:
-            # -(logp * w).sum(), written as torch does so that -inf * 0 gives the same NaN
-            smooth = -((x * k - lse_k) * weight).sum(1)
+            # Class by class, w_c (m - x_c + log s) as torch's w_c (lse - x_c): a -inf logit of
+            # weight 0 and an inf weight at the max give NaN exactly where torch's do.
             w_total = weight.sum()
+            smooth = (((m_k - x * k) + (k * log_s).unsqueeze(1)) * weight).sum(1)
         loss = loss + torch.where(valid, smooth, 0)
         k_w = k * w_total  # a tensor when weighted: where() keeps an inf total off ignored rows
         coef = coef + (torch.where(valid, k_w, 0) if torch.is_tensor(k_w) else counted * k_w)
     if params.z_loss > 0:
-        loss = loss + params.z_loss * lse64 * lse64
+        loss = loss + params.z_loss * (m64 + log_s64) ** 2
         coef = coef + 2 * params.z_loss * counted * lse
     # Ignored rows contribute exactly 0, even when their logits are not finite.
     loss = torch.where(valid, loss, 0).to(x.dtype)
@@ -177,16 +181,23 @@ def _prob_rows(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Probability rows: loss = -sum_c w_c * t_c * log p_c, with t smoothed towards 1/C."""
     eps = params.label_smoothing
-    p, lse = _softmax_lse(x)
+    p, lse, m, log_s = _softmax_lse(x)
     t = t.to(x.dtype)
     if eps > 0:
         t = t * (1 - eps) + eps / x.shape[1]
     wt = t if weight is None else t * weight  # (r, C)
-    loss = -((x - lse.unsqueeze(1)) * wt).sum(1)
+    # sum_c wt_c (lse - x_c) as sum_c wt_c ((m - x_c) + log s), summed in float64: near 3e38,
+    # lse has lost log s in float32 and the terms overflow; a zero-mass term at a finite logit
+    # is 0, not 0 * (an overflowed m - x_c); at a -inf logit it stays torch's 0 * inf = NaN.
+    x64 = x.double()  # (r, C): a chunk of this portable path, bounded
+    terms = wt.double() * ((m.double().unsqueeze(1) - x64) + log_s.double().unsqueeze(1))
+    terms = torch.where((wt == 0) & (x > float("-inf")), 0.0, terms)
+    loss = terms.sum(1)
     mass = wt.sum(1)  # (r,): total weighted target mass, 1 for plain distributions
     if params.z_loss > 0:  # never 0 * inf when lse**2 overflows
-        loss = loss + params.z_loss * lse * lse
+        loss = loss + params.z_loss * (m.double() + log_s.double()) ** 2
         mass = mass + 2 * params.z_loss * lse
+    loss = loss.to(x.dtype)
     if grad_scale is None:
         return loss, lse, None
     g = p.mul_(mass.unsqueeze(1)).sub_(wt).mul_(grad_scale)

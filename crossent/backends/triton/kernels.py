@@ -278,7 +278,7 @@ def ce_fwd_kernel(
             smooth_coef = tl.where(valid, smooth_per_class, 0.0)
             # eps / C * sum_c w_c (lse - x_c), with mass = sum_c w_c (C without weights)
             loss += smooth_coef * wt_nll
-            coef += smooth_coef * mass
+            coef += tl.where(valid, smooth_coef * mass, 0.0)  # ignored: never 0 * inf
         if HAS_Z_LOSS:
             loss += z_loss * lse * lse
             coef += tl.where(valid, 2 * z_loss * lse, 0.0)
