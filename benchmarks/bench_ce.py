@@ -4,7 +4,7 @@
 """
 import sys
 
-from crossent._bench import main
+from crossent.cli.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from crossent._bench_linear import SHAPES, contenders, gemm_floor, measure_memory, time_shape
+from crossent.cli.bench_linear import SHAPES, contenders, gemm_floor, measure_memory, time_shape
 
 MIB = 1 << 20
 

@@ -20,9 +20,9 @@ import sys
 
 import torch
 
-from crossent._bench_gpu import (QUICK_SHAPES, SHAPES, bench_case, contenders, copy_bandwidth,
+from crossent.cli.bench_gpu import (QUICK_SHAPES, SHAPES, bench_case, contenders, copy_bandwidth,
                                  markdown, sweep_blocks)
-from crossent._bench_gpu_linear import QUICK_SHAPE, SHAPES as LINEAR_SHAPES, linear_case
+from crossent.cli.bench_gpu_linear import QUICK_SHAPE, SHAPES as LINEAR_SHAPES, linear_case
 
 
 def main(argv: list[str] | None = None) -> int:

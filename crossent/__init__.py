@@ -3,7 +3,7 @@
 Re-exports only; importing crossent has no side effects and does not import Triton or numba.
 """
 from . import distributed
-from ._diagnostics import ProbabilitiesAsLogitsWarning, set_diagnostics
+from ._core.diagnostics import ProbabilitiesAsLogitsWarning, set_diagnostics
 from .functional import cross_entropy, cross_entropy_with_lse, log_softmax, nll_loss, softmax
 from .linear import linear_cross_entropy, linear_cross_entropy_with_lse
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss

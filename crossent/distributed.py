@@ -29,10 +29,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _validate
-from . import _vocab_parallel as vp
-from ._params import CEParams
-from ._vocab_parallel_autograd import (
+from ._core import validate as _validate
+from ._core import vocab_parallel as vp
+from ._core.params import CEParams
+from ._core.vocab_parallel_autograd import (
     ReduceGradInput,
     VocabParallelCrossEntropy,
     VocabParallelLinearCrossEntropy,

@@ -10,11 +10,14 @@ import math
 import torch
 from torch import Tensor
 
-from . import _diagnostics, _nll, _softmax, _validate
-from ._autograd import CrossEntropyFunction
-from ._dispatch import resolve_backend, whole_call
-from ._params import CEParams
-from ._softmax import LogSoftmax, Softmax
+from ._core import diagnostics as _diagnostics
+from ._core import nll as _nll
+from ._core import softmax as _softmax
+from ._core import validate as _validate
+from ._core.autograd import CrossEntropyFunction
+from ._core.dispatch import resolve_backend, whole_call
+from ._core.params import CEParams
+from ._core.softmax import LogSoftmax, Softmax
 from .backends import TargetOutOfBounds
 from .backends.torch_fused import acc_dtype
 

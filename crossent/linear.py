@@ -13,11 +13,11 @@ import math
 import torch
 from torch import Tensor
 
-from . import _validate
-from ._dispatch import resolve
-from ._linear_autograd import LinearCrossEntropyFunction
-from ._linear_checks import check_logit_scale, check_tensors, resolve_options, target_is_probabilities
-from ._params import CEParams
+from ._core import validate as _validate
+from ._core.dispatch import resolve
+from ._core.linear_autograd import LinearCrossEntropyFunction
+from ._core.linear_checks import check_logit_scale, check_tensors, resolve_options, target_is_probabilities
+from ._core.params import CEParams
 from .backends.torch_fused import acc_dtype
 from .functional import _mean_terms
 

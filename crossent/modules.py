@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .functional import cross_entropy
 from .linear import linear_cross_entropy
-from ._validate import resolve_reduction
+from ._core.validate import resolve_reduction
 
 
 class CrossEntropyLoss(nn.Module):

@@ -13,9 +13,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._autograd import Kernel
-from ._dispatch import stats_sink
-from ._params import CEParams
+from ._core.autograd import Kernel
+from ._core.dispatch import stats_sink
+from ._core.params import CEParams
 from .backends.torch_fused import acc_dtype
 
 __all__ = ["TokenStats", "cross_entropy_with_stats", "linear_cross_entropy_with_stats"]

@@ -10,7 +10,7 @@ import importlib.util
 
 import torch
 
-from crossent import _dispatch
+from crossent._core import dispatch as _dispatch
 
 TOL = {  # (rtol, atol) against a float64 answer for computations accumulated in that dtype
     torch.float64: (1e-10, 1e-12),

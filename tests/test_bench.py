@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from crossent import _bench
+from crossent.cli import bench as _bench
 
 
 def test_quick_bench_runs_and_writes_json(tmp_path, capsys):
@@ -61,7 +61,7 @@ def test_cli_bench_linear_plot_json(tmp_path):
 def test_gpu_part_runs_and_reports_when_cuda_is_present(monkeypatch, capsys):
     """The GPU part is wired in when CUDA is present (faked here: the Triton benchmark itself
     needs a GPU and is run by benchmarks/bench_triton.py)."""
-    from crossent import _bench_gpu
+    from crossent.cli import bench_gpu as _bench_gpu
 
     row = dict(N=4096, V=32768, mode="fwd+bwd", impl="crossent triton", ms=0.1, tb_s=2.5,
                peak_extra_gb=0.25)

@@ -64,15 +64,15 @@ def test_no_command_prints_help_and_fails():
 
 def test_bench_forwards_its_arguments(monkeypatch):
     seen = []
-    fake = types.ModuleType("crossent._bench")
+    fake = types.ModuleType("crossent.cli.bench")
     fake.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "crossent._bench", fake)
+    monkeypatch.setitem(sys.modules, "crossent.cli.bench", fake)
     assert cli.main(["bench", "--quick", "--json", "out.json"]) == 0
     assert seen == [["--quick", "--json", "out.json"]]
 
 
 def test_bench_without_harness_says_so(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "crossent._bench", None)  # import raises ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "crossent.cli.bench", None)  # import raises ModuleNotFoundError
     try:
         code = cli.main(["bench"])
     except ModuleNotFoundError:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import crossent
 
 
-NUMBA = pytest.mark.skipif(not crossent._dispatch.available("numba"), reason="numba not installed")
+NUMBA = pytest.mark.skipif(not crossent._core.dispatch.available("numba"), reason="numba not installed")
 
 
 @pytest.mark.parametrize("impl,reduction", [

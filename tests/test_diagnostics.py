@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import crossent
-from crossent import _diagnostics
-from crossent._diagnostics import ProbabilitiesAsLogitsWarning, check_probabilities_as_logits
+from crossent._core import diagnostics as _diagnostics
+from crossent._core.diagnostics import ProbabilitiesAsLogitsWarning, check_probabilities_as_logits
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import crossent
-from crossent import _reference
+from crossent._core import reference as _reference
 from crossent.distributed import (
     vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
@@ -297,7 +297,7 @@ def test_single_process_without_process_group():
 
 def test_device_side_checks(monkeypatch):
     """The accelerator branch (device asserts, vocabulary size as a tensor), run on CPU."""
-    from crossent import _vocab_parallel
+    from crossent._core import vocab_parallel as _vocab_parallel
 
     monkeypatch.setattr(_vocab_parallel, "_host_readable", lambda t: False)
     fails: list[str] = []

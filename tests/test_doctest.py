@@ -18,8 +18,8 @@ MODULES = [
     "crossent.hf",
     "crossent.stats",
     "crossent.cli",
-    "crossent._diagnostics",
-    "crossent._demo",
+    "crossent._core.diagnostics",
+    "crossent.cli.demo",
 ]
 README = Path(__file__).resolve().parents[1] / "README.md"
 

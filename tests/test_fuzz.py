@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import crossent
-from crossent import _reference
+from crossent._core import reference as _reference
 
 from ._oracle import cpu_backends
 

@@ -1,6 +1,6 @@
 """crossent.linear_cross_entropy vs cross-entropy of the materialised logits ``x @ W.T + b``.
 
-Oracles: the float64 reference (``crossent._reference``) run through autograd on float64 logits,
+Oracles: the float64 reference (``crossent._core.reference``) run through autograd on float64 logits,
 and torch (``F.cross_entropy``, or ``crossent.cross_entropy`` for z_loss/softcap, which torch
 lacks) on logits materialised in the test dtype. Values and gradients of input, weight, bias.
 """
@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import crossent
-from crossent import _linear_autograd, _reference
+from crossent._core import linear_autograd as _linear_autograd
+from crossent._core import reference as _reference
 from crossent.linear import auto_chunk_size, linear_cross_entropy, linear_cross_entropy_with_lse
 
 from ._oracle import assert_close_to_reference

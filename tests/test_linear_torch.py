@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import crossent
-from crossent import _linear_autograd
+from crossent._core import linear_autograd as _linear_autograd
 
 pytestmark = pytest.mark.skipif(
     not hasattr(F, "linear_cross_entropy"), reason="torch without F.linear_cross_entropy (< 2.13)"

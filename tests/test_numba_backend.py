@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import crossent
-from crossent import _reference
-from crossent._params import CEParams
+from crossent._core import reference as _reference
+from crossent._core.params import CEParams
 
 numba = pytest.importorskip("numba")
 from crossent.backends import _numba_math, numba_cpu, torch_fused  # noqa: E402

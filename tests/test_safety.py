@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import crossent
-from crossent._params import CEParams
+from crossent._core.params import CEParams
 from crossent.backends import torch_fused
 
 from ._oracle import cpu_backends

@@ -58,7 +58,7 @@ def test_gpu_check_script_without_cuda():
 
 
 def test_auto_prefers_triton_on_cuda():
-    from crossent import _dispatch
+    from crossent._core import dispatch as _dispatch
 
     assert _dispatch._AUTO["cuda"][0] == "triton"
 

@@ -24,7 +24,7 @@ from .triton_cases import DEVICE, block  # noqa: F401  (block: the fixture, used
 def test_strided_logits(dtype, inplace, block):
     """``wide[:, :C]``: read where it lies (row stride 2C + 3), a fresh gradient contiguous, an
     in-place one written at the logits' stride with the columns past C untouched."""
-    from crossent._params import CEParams
+    from crossent._core.params import CEParams
     from crossent.backends.triton import ce_forward
 
     gen = torch.Generator().manual_seed(12)
@@ -102,7 +102,7 @@ def test_backward_scales_in_place_on_cuda_free_at_one():
     its version bumped; at an upstream of 1 nothing changes."""
     if DEVICE != "cuda":
         pytest.skip("the device path of _times_upstream runs on CUDA only")
-    from crossent._autograd import _times_upstream
+    from crossent._core.autograd import _times_upstream
 
     g = torch.randn(4, 300, device="cuda", dtype=torch.bfloat16)
     ref, version = g.clone(), g._version
@@ -139,7 +139,7 @@ def test_pair_add(dtype):
 def test_linear_padded_rows_and_pair_sum(dtype, monkeypatch):
     """The CUDA linear layout on CPU: chunk rows padded to 16 elements (the kernel reads and
     writes them at that stride) and, for bf16, the weight gradient summed in a (hi, lo) pair."""
-    from crossent import _linear_autograd
+    from crossent._core import linear_autograd as _linear_autograd
 
     monkeypatch.setattr(_linear_autograd, "PAD_ROWS_ON", ("cpu", "cuda"))
     monkeypatch.setattr(_linear_autograd, "PAIR_ACC_ON", ("cpu", "cuda"))
@@ -154,7 +154,7 @@ def test_linear_bf16_chunks_need_mixed_mm(monkeypatch):
     silently upcasts."""
     if DEVICE != "cuda":
         pytest.skip("the check is for CUDA")
-    from crossent import _linear_autograd
+    from crossent._core import linear_autograd as _linear_autograd
 
     monkeypatch.setitem(_linear_autograd._MIXED_MM, "cuda", False)
     data = linear_data(64, 24, 515, torch.bfloat16, 17)
@@ -166,7 +166,7 @@ def test_linear_bf16_chunks_need_mixed_mm(monkeypatch):
 def test_out_of_range_indices_are_never_read(block):
     """The kernel treats an index outside [0, C) as ignored (validation raises before; the
     kernel must not read outside the row whatever reaches it): loss 0 and a zero gradient."""
-    from crossent._params import CEParams
+    from crossent._core.params import CEParams
     from crossent.backends.triton import ce_forward
 
     x = logits((4, 21), torch.float32, torch.Generator().manual_seed(18)).to(DEVICE)

@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._autograd import Kernel
-from .._params import CEParams
+from .._core.autograd import Kernel
+from .._core.params import CEParams
 from .torch_fused import acc_dtype
 
 HAS_CUSTOM_OP = hasattr(torch.library, "custom_op")  # torch >= 2.4

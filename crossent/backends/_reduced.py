@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .._params import CEParams
+from .._core.params import CEParams
 from . import TargetOutOfBounds
 from .torch_fused import acc_dtype
 

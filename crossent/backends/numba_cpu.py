@@ -25,7 +25,7 @@ import torch
 from numba import njit
 from torch import Tensor
 
-from .._params import CEParams
+from .._core.params import CEParams
 from . import TargetOutOfBounds, torch_fused
 from ._reduced import reduced
 from ._cpu_alloc import empty_huge

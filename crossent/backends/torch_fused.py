@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._params import CEParams
+from .._core.params import CEParams
 
 # About 4 MiB of fp32 per temporary on CPU: large enough that per-op overhead is amortised,
 # small enough to stay in cache-friendly territory. Accelerators prefer bigger launches.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..._params import CEParams
+from ..._core.params import CEParams
 from .._opaque import opaque_kernel
 from ..torch_fused import acc_dtype, index_target_sums
 from .._reduced import reduced

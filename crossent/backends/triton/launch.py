@@ -17,7 +17,7 @@ from .kernels import ce_fwd_kernel
 # longer rows loop over LOOP_BLOCK-wide blocks and are read twice (the second pass mostly from
 # L2). Wider blocks spill once weights, smoothing and softcap keep more per-lane values live, and
 # float64 needs half the width. Warps: ELEMS_PER_THREAD elements per thread, 1 to MAX_WARPS.
-# Speed is to be set from `crossent._bench_gpu.sweep_blocks` on a GPU (benchmarks/gpu_check.sh
+# Speed is to be set from the GPU benchmark's block sweep on a GPU (benchmarks/gpu_check.sh
 # measures it; BENCHMARKS.md): these are the register-derived starting values.
 SINGLE_MAX = {torch.float32: 16384, torch.float64: 4096}
 LOOP_BLOCK = {torch.float32: 8192, torch.float64: 4096}

@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _validate
-from ._params import CEParams
-from .backends.torch_fused import _capped, acc_dtype
+from . import validate as _validate
+from .params import CEParams
+from ..backends.torch_fused import _capped, acc_dtype
 
 _META = 4  # int64 fields per rank: shard start, shard size, weight length (-1: none), target checksum
 

@@ -37,8 +37,8 @@ _SAMPLE_ROWS = 8
 _PREFILTER = 4096  # values of the first sampled row checked before the whole sample
 _enabled = os.environ.get("CROSSENT_DIAGNOSTICS", "1").strip().lower() not in ("0", "false", "off", "no")
 _warned_sites: set[tuple[str, int]] = set()
-# Frames inside these directories are not "the caller": crossent itself, and nn.Module.__call__.
-_SKIP_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+# Frames inside these directories are not "the caller": the crossent package, and nn.Module.__call__.
+_SKIP_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
               os.path.dirname(os.path.abspath(torch.nn.modules.module.__file__)) + os.sep)
 
 
@@ -66,7 +66,7 @@ def set_diagnostics(enabled: bool) -> None:
     Examples:
         >>> import crossent
         >>> crossent.set_diagnostics(False)
-        >>> crossent._diagnostics.diagnostics_enabled()
+        >>> crossent._core.diagnostics.diagnostics_enabled()
         False
         >>> crossent.set_diagnostics(True)
     """

@@ -143,7 +143,7 @@ def measure_memory(shape, name: str) -> int:
     # CROSSENT_CPU_CACHE=0: freed huge-page buffers are unmapped, so the warm-up call's buffers
     # do not sit in RSS before the measured call and hide its peak.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", CROSSENT_CPU_CACHE="0")
-    code = (f"from crossent._bench_linear import memory_child; "
+    code = (f"from crossent.cli.bench_linear import memory_child; "
             f"memory_child({tuple(shape)!r}, {name!r})")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True)

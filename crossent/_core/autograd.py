@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._params import CEParams
+from .params import CEParams
 
 Kernel = Callable[..., tuple[Tensor, Tensor, "Tensor | None"]]  # ce_forward
 Call = Callable[..., tuple[Tensor, Tensor, "Tensor | None", "Tensor | float"]]  # cross_entropy
@@ -58,7 +58,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_logits = _times_upstream(grad, grad_loss, in_place=ctx.inplace)
         if ctx.needs_input_grad[1]:
-            from .backends.torch_fused import prob_target_grad
+            from ..backends.torch_fused import prob_target_grad
 
             logits, lse, weight = extra
             g = prob_target_grad(logits, lse, weight, ctx.params) * ctx.scale
@@ -118,7 +118,7 @@ def _per_row(factor: Tensor, grad: Tensor) -> Tensor:
 def _scale_on_device(grad: Tensor, factor: Tensor) -> bool:
     """``grad *= factor`` by the Triton kernel when Triton is importable and the layout fits."""
     try:
-        from .backends.triton.scale import scale_inplace
+        from ..backends.triton.scale import scale_inplace
     except ImportError:
         return False
     return scale_inplace(grad, factor.to(grad.device))

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ._bench_linear import gemm_floor
+from .bench_linear import gemm_floor
 
 SHAPES = [(4096, 4096, 128256), (16384, 4096, 128256)]  # (N, H, V): a Llama-3 head; 1 and 6 chunks
 QUICK_SHAPE = (1024, 1024, 32768)

@@ -8,8 +8,8 @@ import numbers
 import torch
 from torch import Tensor
 
-from . import _validate
-from ._validate import _shape
+from . import validate as _validate
+from .validate import _shape
 
 
 def check_tensors(

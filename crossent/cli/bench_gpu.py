@@ -180,7 +180,7 @@ def sweep_blocks(shapes: list[tuple[int, int]]) -> list[dict]:
     measurements ``crossent/backends/triton/launch.py``'s table is to be set from."""
     from triton.testing import do_bench
 
-    from .backends.triton import launch
+    from ..backends.triton import launch
 
     saved = dict(launch.LOOP_BLOCK), dict(launch.SINGLE_MAX), launch.ELEMS_PER_THREAD
     fn = contenders(inplace=False)["crossent triton"]

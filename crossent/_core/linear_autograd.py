@@ -18,10 +18,10 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from ._autograd import Kernel, _times_upstream
-from ._params import CEParams
-from .backends._cpu_alloc import empty_huge
-from .backends.torch_fused import acc_dtype
+from .autograd import Kernel, _times_upstream
+from .params import CEParams
+from ..backends._cpu_alloc import empty_huge
+from ..backends.torch_fused import acc_dtype
 
 # Devices whose ignored rows are dropped before any matmul (see _row_chunks). On CPU finding them
 # (a host read of the target) costs nothing. On CUDA it is opt-in, CROSSENT_COMPACT_IGNORED=1:
@@ -296,7 +296,7 @@ def chunked_linear_ce(
 
     def pair_add(g_s: Tensor, x_c: Tensor, p: int, q: int, first: bool) -> None:
         """``grad_w[p:q] (+)= g_s^T x_c`` into the (hi, lo) pair, in float32 slabs of ``part``."""
-        from .backends.triton.accumulate import pair_add_
+        from ..backends.triton.accumulate import pair_add_
 
         for a in range(p, q, part.shape[0]):
             b = min(a + part.shape[0], q)

@@ -14,26 +14,26 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ._autograd import Kernel
+from .autograd import Kernel
 
 
 # Loaders use import statements: torch.compile runs those while tracing (importlib it cannot),
 # and optional dependencies are still imported only on first use, never at ``import crossent``.
 # Each returns the backend module (its contract: ``crossent.backends``).
 def _load_torch() -> ModuleType:
-    from .backends import torch_fused
+    from ..backends import torch_fused
 
     return torch_fused
 
 
 def _load_numba() -> ModuleType:
-    from .backends import numba_cpu
+    from ..backends import numba_cpu
 
     return numba_cpu
 
 
 def _load_triton() -> ModuleType:
-    from .backends import triton
+    from ..backends import triton
 
     return triton
 
@@ -102,7 +102,7 @@ def whole_call(backend: ModuleType) -> Callable[..., Any]:
     from the backend's row kernel (``reduced``), which is the one that fills statistics."""
     if torch.compiler.is_compiling() or stats_sink.get() is None:
         return backend.cross_entropy
-    from .backends._reduced import reduced
+    from ..backends._reduced import reduced
 
     return reduced(observed(backend.ce_forward), backend.index_target_sums)
 

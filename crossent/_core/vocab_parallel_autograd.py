@@ -12,10 +12,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _vocab_parallel as vp
-from ._autograd import _times_upstream, refuse_double_backward
-from ._params import CEParams
-from .backends.torch_fused import _rows_per_chunk, acc_dtype, prob_target_grad
+from . import vocab_parallel as vp
+from .autograd import _times_upstream, refuse_double_backward
+from .params import CEParams
+from ..backends.torch_fused import _rows_per_chunk, acc_dtype, prob_target_grad
 
 
 def _keep(rows: slice, g: Tensor) -> None:

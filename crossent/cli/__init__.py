@@ -39,17 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "bench":
         # Forwarded untouched, so the harness owns its flags (--quick, --json PATH, --help).
         try:  # imported lazily: the harness pulls in optional dependencies
-            _bench = importlib.import_module("crossent._bench")
+            _bench = importlib.import_module("crossent.cli.bench")
         except ModuleNotFoundError as exc:
-            if exc.name != "crossent._bench":
+            if exc.name != "crossent.cli.bench":
                 raise
-            print("crossent bench: this installation has no benchmark harness (crossent._bench)",
+            print("crossent bench: this installation has no benchmark harness (crossent.cli.bench)",
                   file=sys.stderr)
             return 2
         return int(_bench.main(argv[1:]) or 0)
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        from . import _demo
+        from . import demo as _demo
 
         return _demo.main(epochs=args.epochs, out=args.out, seed=args.seed, plain=args.plain)
     if args.command == "env":
@@ -80,10 +80,10 @@ def env(plain: bool = False) -> int:
     """Print versions, devices and backends (what a bug report needs)."""
     import torch
 
-    from . import __version__
-    from ._console import Console
-    from ._diagnostics import diagnostics_enabled
-    from ._dispatch import available, backend_name
+    from .. import __version__
+    from .console import Console
+    from .._core.diagnostics import diagnostics_enabled
+    from .._core.dispatch import available, backend_name
 
     console = Console(plain=plain)
     versions = [("python", platform.python_version()), ("platform", platform.platform())]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import crossent
-from ._diagnostics import ProbabilitiesAsLogitsWarning, diagnostics_enabled
+from .._core.diagnostics import ProbabilitiesAsLogitsWarning, diagnostics_enabled
 
 
 class DNN(nn.Module):
@@ -148,7 +148,7 @@ def plot(runs: list[Run], out: Path) -> None:
 
 def main(epochs: int = 10, out: str = "crossent-demo.png", seed: int = 0, plain: bool = False) -> int:
     """Run both trainings, print the table, the warning and the identities, write the PNG."""
-    from ._console import Console
+    from .console import Console
 
     console = Console(plain=plain)
     try:

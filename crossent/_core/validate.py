@@ -11,7 +11,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ._params import REDUCTIONS
+from .params import REDUCTIONS
 
 _INDEX_DTYPES = (torch.int64, torch.uint8)
 _TYPE_NAMES = {torch.uint8: "Byte"}

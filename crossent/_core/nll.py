@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _validate
-from .backends.torch_fused import acc_dtype
+from . import validate as _validate
+from ..backends.torch_fused import acc_dtype
 
 
 def nll_torch(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
@@ -43,7 +43,7 @@ def nll(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
     if name != "numba":
         _validate.check_target_values(target, n_classes, ignore_index)
         return nll_torch(input, target, weight, ignore_index, reduction)
-    from .backends.numba_nll import NLLLoss
+    from ..backends.numba_nll import NLLLoss
 
     if not torch.is_grad_enabled():
         input = input.detach()  # no graph, and no buffers kept for a backward

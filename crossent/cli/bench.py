@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 import crossent
 
-from . import _bench_linear
-from ._bench_report import plot, print_report
+from . import bench_linear as _bench_linear
+from .bench_report import plot, print_report
 
 CASES = {  # name -> (N, C, dtype)
     "8192x32000": (8192, 32000, torch.float32),
@@ -176,7 +176,7 @@ def memory_cases(cases: dict, with_compile: bool,
             # resident before the measured call and hide its peak.
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "THP_MEM_ALLOC_ENABLE": thp,
                    "CROSSENT_CPU_CACHE": "0"}
-            cmd = [sys.executable, "-m", "crossent._bench", "--_memory", case, contender, mode]
+            cmd = [sys.executable, "-m", "crossent.cli.bench", "--_memory", case, contender, mode]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             rows.append({**json.loads(proc.stdout.splitlines()[-1]), "thp": thp == "1"})
             step_done()
@@ -185,7 +185,7 @@ def memory_cases(cases: dict, with_compile: bool,
 
 def alloc_fill_rates(nbytes: int, rounds: int) -> list[dict]:
     """GB/s of allocating and filling a fresh buffer: torch.empty vs crossent's huge-page buffer."""
-    from .backends._cpu_alloc import empty_huge
+    from ..backends._cpu_alloc import empty_huge
 
     makers = {"torch.empty": lambda n: torch.empty(n, dtype=torch.uint8),
               "huge-page mmap (crossent)": lambda n: empty_huge((n,), torch.uint8)}
@@ -231,7 +231,7 @@ def _machine() -> dict:
 def _timing_in_child(args: argparse.Namespace, thp: str) -> list[dict]:
     """Time the same cases in a subprocess whose torch allocator sees THP_MEM_ALLOC_ENABLE=thp."""
     with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-        cmd = [sys.executable, "-m", "crossent._bench", "--cases", *args.cases, "--modes",
+        cmd = [sys.executable, "-m", "crossent.cli.bench", "--cases", *args.cases, "--modes",
                *args.modes, "--repeats", str(args.repeats), "--thp", "here", "--no-memory",
                "--json", tmp.name, "--plain", "--no-gpu"]
         if args.compile:
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     if args._memory:
         print(json.dumps(_memory_child(*args._memory)))
         return 0
-    from ._console import Console
+    from .console import Console
 
     console = Console(plain=args.plain)
     known = QUICK_CASES if args.quick else CASES
@@ -324,13 +324,13 @@ def _progress(console, plain: bool, total: int):
 
 
 def _bench_gpu_shapes(quick: bool) -> list:
-    from . import _bench_gpu
+    from . import bench_gpu as _bench_gpu
 
     return _bench_gpu.QUICK_SHAPES if quick else _bench_gpu.SHAPES
 
 
 def _run_gpu(quick: bool, rounds: int, step: Callable[[], None]) -> dict:
-    from . import _bench_gpu  # imports triton: only when a GPU is there
+    from . import bench_gpu as _bench_gpu  # imports triton: only when a GPU is there
 
     return _bench_gpu.run(quick, rounds, step)
 

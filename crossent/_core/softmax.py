@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from . import _dispatch
+from . import dispatch as _dispatch
 
 
 def softmax_dim(name: str, ndim: int, dim: int | None) -> int:
@@ -81,11 +81,11 @@ def _torch_backward(g: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
 def _kernels(name: str, dtype: torch.dtype):
     """(forward, backward) of backend ``name`` for ``dtype``."""
     if name == "numba" and dtype != torch.float64:
-        from .backends import numba_softmax
+        from ..backends import numba_softmax
 
         return numba_softmax.forward, numba_softmax.backward
     if name == "triton":
-        from .backends.triton import softmax as triton_softmax
+        from ..backends.triton import softmax as triton_softmax
 
         return triton_softmax.forward, triton_softmax.backward
     return _torch_forward, _torch_backward
