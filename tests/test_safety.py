@@ -145,3 +145,27 @@ def test_label_smoothing_nan_is_ignored_like_torch():
     x, t = torch.randn(3, 4), torch.tensor([0, 1, 2])
     torch.testing.assert_close(crossent.cross_entropy(x, t, label_smoothing=math.nan),
                                F.cross_entropy(x, t, label_smoothing=math.nan))
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("w_dtype,x_dtype", [(torch.float64, torch.float32),
+                                             (torch.float32, torch.bfloat16),
+                                             (torch.float32, torch.float64)])
+def test_probability_targets_promote_with_the_weight_like_torch(impl, w_dtype, x_dtype):
+    """Issue 12.5: a weight of another floating dtype is promoted with probability targets (the
+    result has torch's dtype and value); with class indices torch's RuntimeError stands."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 6, generator=gen).to(x_dtype).requires_grad_(True)
+    p = torch.randn(4, 6, generator=gen).softmax(1).to(x_dtype)
+    w = (torch.rand(6, generator=gen) + 0.5).to(w_dtype)
+    ours = crossent.cross_entropy(x, p, weight=w, impl=impl)
+    theirs = F.cross_entropy(x, p, weight=w)
+    assert ours.dtype == theirs.dtype
+    tol = 2**-7 if x_dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
+    (g_ours,) = torch.autograd.grad(ours, x)
+    (g_theirs,) = torch.autograd.grad(theirs, x)
+    assert g_ours.dtype == x_dtype
+    torch.testing.assert_close(g_ours.double(), g_theirs.double(), rtol=tol, atol=tol)
+    with pytest.raises(RuntimeError):
+        crossent.cross_entropy(x, torch.tensor([0, 1, 2, 3]), weight=w, impl=impl)

@@ -230,7 +230,8 @@ def index_target_sums(
 
 
 _EMPTY = np.empty(0, np.float32)
-_PARALLEL_MIN = 1 << 16  # elements below which one thread beats waking others (~10 us of work)
+_PARALLEL_MIN = 1 << 19  # elements below which one thread beats handing rows to another
+# (measured: (256, 1000) fwd+bwd takes 150 us on one thread, 195 us split over two)
 _pool: ThreadPoolExecutor | None = None
 _pool_key = (0, 0)  # (process id, workers): a forked child must not reuse its parent's threads
 _pool_lock = threading.Lock()
@@ -356,7 +357,7 @@ def cross_entropy(
     if params.reduction == "none":
         out = torch.from_numpy(loss)
     else:
-        out = torch.tensor(value, dtype=torch.float32)
+        out = torch.from_numpy(np.array(value, np.float32))  # 0-d; cheaper than torch.tensor
     return out, torch.from_numpy(lse), grad, scale
 
 
