@@ -22,7 +22,7 @@ timeout 240 python -m pytest -q -p no:cacheprovider -W ignore::RuntimeWarning \
     tests/test_triton_backend.py 2>&1 | tail -n 200 > "$out/tests.log" || status=1
 tail -n 3 "$out/tests.log"
 # Benchmarks: CE target shape, linear CE (1 and 6 chunks), the block sweep, the other CE shapes.
-timeout 230 python benchmarks/bench_triton.py --linear --sweep --rounds 2 \
+timeout 230 python -m crossent bench --gpu --linear --sweep --rounds 2 \
     --json "$out/gpu_bench.json" --markdown "$out/gpu_bench.md" > "$out/bench.log" 2>&1 || status=1
 tail -n 5 "$out/bench.log"
 echo "gpu_check: results in $out (status $status)"

@@ -1,6 +1,7 @@
 """Smoke test of the CPU benchmark harness (timings are never asserted, only that it runs)."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from crossent.cli import bench as _bench
+from crossent.cli import bench_sweep as _sweep
 
 
 def test_quick_bench_runs_and_writes_json(tmp_path, capsys):
@@ -60,7 +62,7 @@ def test_cli_bench_linear_plot_json(tmp_path):
 
 def test_gpu_part_runs_and_reports_when_cuda_is_present(monkeypatch, capsys):
     """The GPU part is wired in when CUDA is present (faked here: the Triton benchmark itself
-    needs a GPU and is run by benchmarks/bench_triton.py)."""
+    needs a GPU and is run by ``crossent bench --gpu``, from benchmarks/gpu_check.sh)."""
     from crossent.cli import bench_gpu as _bench_gpu
 
     row = dict(N=4096, V=32768, mode="fwd+bwd", impl="crossent triton", ms=0.1, tb_s=2.5,
@@ -73,3 +75,49 @@ def test_gpu_part_runs_and_reports_when_cuda_is_present(monkeypatch, capsys):
     assert _bench.main(argv) == 0
     out = capsys.readouterr().out
     assert "GPU: FakeGPU" in out and "crossent triton" in out and "2500" in out
+
+
+def test_sweep_quick_end_to_end(tmp_path):
+    """``crossent bench --sweep --quick`` in a subprocess: one table row per case with a target
+    and a verdict, the memory column for the segmentation case, JSON with the same rows.
+    Timings are not asserted (only that they were made)."""
+    out = tmp_path / "sweep.json"
+    cmd = [sys.executable, "-m", "crossent", "bench", "--sweep", "--quick", "--plain",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    names = [c.name for c in _sweep.cases(quick=True)]
+    assert [r["case"] for r in result["rows"]] == names
+    for r in result["rows"]:
+        assert r["ours_ms"] > 0 and r["torch_ms"] > 0 and r["ratio"] > 0 and r["pairs"] >= 3
+    assert [r for r in result["rows"] if "memory_x" in r][0]["case"].startswith("seg ")
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("case "))
+    body = lines[header + 1:header + 1 + len(names)]
+    assert [line.split("  ")[0].strip() for line in body] == names
+    assert all(line.split()[-1] in ("pass", "FAIL") for line in body)
+
+
+@pytest.mark.parametrize("flag, module", sorted(_bench.OTHER_MODES.items()))
+def test_other_modes_get_the_remaining_arguments(monkeypatch, flag, module):
+    """``--gpu``, ``--sweep``, ``--linear-only`` hand every other argument to their benchmark."""
+    seen = []
+    target = importlib.import_module(f"crossent.cli.{module}")
+    monkeypatch.setattr(target, "main", lambda argv: seen.append(argv) or 0)
+    assert _bench.main(["--quick", flag, "--json", "x.json"]) == 0
+    assert seen == [["--quick", "--json", "x.json"]]
+
+
+def test_linear_only_prints_the_markdown_table(capsys):
+    from crossent.cli import bench_linear
+
+    assert bench_linear.main(["--shapes", "16,8,50", "--rounds", "1", "--floor", "--no-memory"]) == 0
+    out = capsys.readouterr().out
+    assert "| N, H, V |" in out and "3 GEMMs s" in out and "| 16, 8, 50 |" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
+def test_gpu_mode_without_cuda_says_so(capsys):
+    assert _bench.main(["--gpu", "--quick"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -12,8 +12,11 @@ Method (DESIGN.md, "Measuring honestly"):
   second set in a child process with it set to 1.
 Targets: class-index targets, reduction "mean", every 7th row ignored.
 Effective bandwidth (GB/s) counts the bytes that must move: fwd+bwd reads the logits and writes
-their gradient, fwd and no-grad read them. ``--linear`` adds crossent/_bench_linear.py's cases;
-with CUDA (and triton) crossent/_bench_gpu.py runs too. Tables and ``--plot``: _bench_report.py.
+their gradient, fwd and no-grad read them. ``--linear`` adds bench_linear.py's cases;
+with CUDA (and triton) bench_gpu.py's CE shapes run too. Tables and ``--plot``: bench_report.py.
+Other modes: ``--sweep`` (issue 11's targets, bench_sweep.py), ``--linear-only`` (the linear CE
+table with ``--shapes``, ``--floor``, ``--chunk-sizes``: bench_linear.py), ``--gpu`` (the full
+GPU benchmark with ``--linear``, ``--sweep``, ``--markdown``: bench_gpu.py).
 """
 from __future__ import annotations
 
@@ -263,8 +266,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# The other benchmarks of ``crossent bench``, one flag each, checked in this order (``--gpu``
+# first: ``--linear`` and ``--sweep`` are also flags of the GPU benchmark).
+OTHER_MODES = {"--gpu": "bench_gpu", "--sweep": "bench_sweep", "--linear-only": "bench_linear"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; prints tables (rich when installed) and optionally writes JSON."""
+    """Run the benchmark; prints tables (rich when installed) and optionally writes JSON.
+
+    ``--gpu``, ``--sweep`` or ``--linear-only`` hands the other arguments to that benchmark."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for flag, module in OTHER_MODES.items():
+        if flag in argv:
+            rest = [a for a in argv if a != flag]
+            return int(importlib.import_module(f"{__package__}.{module}").main(rest) or 0)
     args = _parser().parse_args(argv)
     if args._memory:
         print(json.dumps(_memory_child(*args._memory)))
@@ -312,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-                           command="crossent bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+                           command="crossent bench " + " ".join(argv),
                            machine=machine, timing=timing, memory=memory, jit=jit, alloc=alloc,
                            linear=linear, gpu=gpu), f, indent=1)
     return 0

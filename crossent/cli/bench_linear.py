@@ -1,7 +1,8 @@
 """Fused linear + cross-entropy on CPU: crossent vs torch, fp32 forward + backward.
 
-Used by ``crossent bench --linear`` and ``benchmarks/bench_linear.py``. Contenders, each
-returning the gradients of input, weight and bias:
+Used by ``crossent bench --linear`` (rows in its report) and ``crossent bench --linear-only``
+(:func:`main`: a markdown table, with ``--floor`` and the ``--chunk-sizes`` trade-off).
+Contenders, each returning the gradients of input, weight and bias:
 - ``crossent``: ``crossent.linear.linear_cross_entropy`` (chunked, gradients made in forward);
 - ``torch``: unfused ``F.cross_entropy(x @ W.T + b, t)``;
 - ``torch_chunked``: ``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())``
@@ -17,6 +18,7 @@ dropped, VmHWM is reset (``5`` into ``/proc/self/clear_refs``), one fwd+bwd runs
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -165,3 +167,53 @@ def linear_rows(shapes, rounds: int, memory: bool, step_done: Callable[[], None]
                              extra_x=None if extra is None else extra / logits_bytes))
         step_done()
     return rows
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="crossent bench --linear-only",
+                                description="linear + cross-entropy on CPU as a markdown table")
+    p.add_argument("--shapes", nargs="*", default=None, help=f"N,H,V triples (default {SHAPES})")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds after warm-up")
+    p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory probes")
+    p.add_argument("--no-time", action="store_true", help="memory only")
+    p.add_argument("--chunk-sizes", default="",
+                   help="comma-separated rows: also time crossent with these chunk sizes "
+                        "(ratios to torch unfused; no memory)")
+    p.add_argument("--floor", action="store_true",
+                   help="also time the three bare fp32 products (logits, grad of input, grad of "
+                        "weight) into ready buffers: the floor for any exact method")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``crossent bench --linear-only``: print one markdown row per shape (BENCHMARKS.md's table)."""
+    args = _parser().parse_args(argv)
+    sweep = tuple(int(v) for v in args.chunk_sizes.split(",") if v)
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
+    names = list(contenders())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 fwd+bwd, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
+    head = ["N, H, V"] + [f"{n} s" for n in names] + [f"crossent / {n}" for n in names[1:]]
+    if args.floor:
+        head += ["3 GEMMs s", "crossent / 3 GEMMs", "torch / 3 GEMMs"]
+    head += [f"extra MiB {n}" for n in names]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for shape in shapes:
+        row = [", ".join(str(v) for v in shape)]
+        if not args.no_time:
+            res = time_shape(shape, args.rounds, sweep, {"gemms": gemm_floor()} if args.floor else None)
+            row += [f"{res[n]:.2f}" for n in names]
+            row += [f"{res['ratio_' + n]:.2f}x" for n in names[1:]]
+            if args.floor:
+                row += [f"{res['gemms']:.2f}", f"{res['ratio_gemms']:.2f}x",
+                        f"{1 / res['vs_torch']['gemms']:.2f}x"]
+            for rows in sweep:
+                print(f"  {shape}: chunk_size={rows}: {res[f'crossent r={rows}']:.2f} s, "
+                      f"{res[f'ratio_crossent r={rows}']:.2f}x torch unfused", flush=True)
+        else:
+            row += ["-"] * (2 * len(names) - 1 + 3 * args.floor)
+        row += ([f"{measure_memory(shape, n) / 2**20:.0f}" for n in names] if not args.no_memory
+                else ["-"] * len(names))
+        print("| " + " | ".join(row) + " |", flush=True)
+    return 0
