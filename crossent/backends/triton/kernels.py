@@ -118,12 +118,18 @@ def _block_stats(x, wt, mask, NEED_WT: tl.constexpr):
     r = _finite(m)
     s = tl.sum(tl.exp(x - r), 0)
     mass = tl.zeros_like(s)
-    d = tl.zeros_like(s)
+    d = tl.zeros_like(s).to(tl.float64)
     if NEED_WT:
         # wt * inf is NaN for a -inf logit of zero mass, exactly as torch's -(logp * t).sum().
         # A term at the max is skipped, not wt * 0: with an inf weight that is NaN, where
         # torch's wt * (lse - x) is inf, which mass * log s supplies.
-        d = tl.sum(tl.where(mask & (x != r), wt * (r - x), 0.0), 0)
+        # A zero-mass term at a finite logit is 0, not 0 * an overflowed r - x (logits near
+        # +-3e38); at a -inf logit it stays torch's 0 * inf = NaN.
+        keep = mask & (x != r) & ((wt != 0) | (x == float("-inf")))
+        # float64: r - x overflows float32 for logits near +-3e38 (a few lanes' worth of work
+        # on a memory-bound pass, and only with smoothing or probability targets)
+        d = tl.sum(tl.where(keep, wt.to(tl.float64) * (r.to(tl.float64) - x.to(tl.float64)),
+                            0.0), 0)
         mass = tl.sum(wt, 0)
     return m, s, mass, d
 
@@ -259,32 +265,36 @@ def ce_fwd_kernel(
     # All -inf: lse = -inf (torch.logsumexp's value); the loss is then NaN, as torch's.
     lse = r + log_s
     # sum_c wt_c * (lse - x_c): mass = sum wt (C for plain index targets)
-    wt_nll = d + mass * log_s
+    wt_nll = d + mass.to(tl.float64) * log_s.to(tl.float64)  # float64, as d
 
     # Per-row loss and the factors of the gradient  g = p * coef - (target terms).
     w_target = tl.zeros((), dtype=ACC)  # (1 - eps) * w_y: subtracted at the target class
     smooth_coef = tl.zeros((), dtype=ACC)  # eps / C: times w_c, subtracted everywhere
+    # The row's loss in float64 (a few scalars): with logits near +-3e38, r - x_y and lse**2
+    # overflow float32, and 0 * inf would be a NaN the maths does not have.
+    lse64 = r.to(tl.float64) + log_s.to(tl.float64)
     if PROB_TARGET:
-        loss = wt_nll
+        loss = wt_nll.to(tl.float64)
         coef = mass
         if HAS_Z_LOSS:
-            loss += z_loss * lse * lse
+            loss += z_loss * lse64 * lse64
             coef += 2 * z_loss * lse
     else:
         w_target = (1 - smoothing) * w_y if HAS_SMOOTHING else w_y
-        loss = w_target * ((r - x_y) + log_s)
+        loss = w_target.to(tl.float64) * ((r.to(tl.float64) - x_y.to(tl.float64))
+                                          + log_s.to(tl.float64))
         coef = w_target
         if HAS_SMOOTHING:
             smooth_coef = tl.where(valid, smooth_per_class, 0.0)
             # eps / C * sum_c w_c (lse - x_c), with mass = sum_c w_c (C without weights)
-            loss += smooth_coef * wt_nll
+            loss += smooth_coef.to(tl.float64) * wt_nll.to(tl.float64)
             coef += tl.where(valid, smooth_coef * mass, 0.0)  # ignored: never 0 * inf
         if HAS_Z_LOSS:
-            loss += z_loss * lse * lse
+            loss += z_loss * lse64 * lse64
             coef += tl.where(valid, 2 * z_loss * lse, 0.0)
         # Ignored rows contribute exactly 0, even with non-finite logits.
         loss = tl.where(valid, loss, 0.0)
-    tl.store(loss_ptr + row, loss)
+    tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
     tl.store(lse_ptr + row, lse)
     if STATS and not PROB_TARGET:
         tl.store(stats_ptr + 2 * row, tl.where(valid & (first == y), 1.0, 0.0).to(ACC))
