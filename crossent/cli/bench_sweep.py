@@ -187,16 +187,10 @@ def time_case(case: Case, rounds: int) -> dict:
                 ratio=statistics.median(a / b for a, b in zip(t_ours, t_torch)))
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _memory_child(name: str, quick: bool, which: str) -> dict:
     """In a fresh process: extra peak resident bytes of one call after a warm-up."""
+    from .bench import _status_kib
+
     case = next(c for c in cases(quick) if c.name == name)
     ours, theirs = case.make()
     step = ours if which == "crossent" else theirs
