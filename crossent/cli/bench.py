@@ -245,7 +245,11 @@ def _timing_in_child(args: argparse.Namespace, thp: str) -> list[dict]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="crossent bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="crossent bench", description=__doc__.splitlines()[0],
+        epilog="other benchmarks, each with its own --help: --sweep (issue 11's targets, pass/fail), "
+               "--linear-only (the linear CE table: --shapes, --floor, --chunk-sizes), "
+               "--gpu (Triton kernels, needs CUDA: --linear, --sweep, --markdown)")
     p.add_argument("--quick", action="store_true", help="small shapes (smoke test, CI)")
     p.add_argument("--cases", nargs="+", help=f"cases to run (default: all of {list(CASES)})")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
