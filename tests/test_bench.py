@@ -91,6 +91,7 @@ def test_sweep_quick_end_to_end(tmp_path):
     assert [r["case"] for r in result["rows"]] == names
     for r in result["rows"]:
         assert r["ours_ms"] > 0 and r["torch_ms"] > 0 and r["ratio"] > 0 and r["pairs"] >= 3
+        assert r["pass"] in (True, False)
     assert [r for r in result["rows"] if "memory_x" in r][0]["case"].startswith("seg ")
     lines = proc.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("case "))

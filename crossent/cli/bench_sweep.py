@@ -222,7 +222,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="one tiny case of each kind (smoke test)")
     p.add_argument("--rounds", type=int, default=None,
                    help="paired samples per case (default 9, 3 with --quick; large cases: fewer)")
-    p.add_argument("--only", nargs="+", metavar="PREFIX", help="only cases whose name starts so")
+    p.add_argument("--only", nargs="+", metavar="PREFIX",
+                   help="only cases whose name starts so (e.g. 'ce 64x' seg; one that matches "
+                        "nothing, e.g. none, leaves only the first-call measurement)")
     p.add_argument("--no-memory", action="store_true", help="skip the segmentation memory probes")
     p.add_argument("--no-jit", action="store_true", help="skip the first-call measurement")
     p.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
@@ -257,10 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     jit = [] if args.quick or args.no_jit else first_call_times()
     table = []
     for r in rows:
-        ok = r["ratio"] <= r["target"]
         mem = r.get("memory_x")
-        if mem is not None:
-            ok = ok and mem["crossent"] <= 1.0
+        r["pass"] = ok = r["ratio"] <= r["target"] and (mem is None or mem["crossent"] <= 1.0)
         table.append((r["case"], f"{r['ours_ms']:.3f}", f"{r['torch_ms']:.3f}", f"{r['ratio']:.2f}",
                       f"<= {r['target']:.2f}",
                       "-" if mem is None else f"{mem['crossent']:.2f} / {mem['torch']:.2f}",
