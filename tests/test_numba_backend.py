@@ -193,8 +193,10 @@ def test_loss_only_path_makes_no_gradient():
     torch.testing.assert_close(ours, F.cross_entropy(x, t))
 
 
-def test_result_does_not_depend_on_thread_count():
-    """Rows are split between threads, never a row: any thread count gives identical bits."""
+def test_result_does_not_depend_on_thread_count(monkeypatch):
+    """Rows are split between threads, never a row: any thread count gives identical bits
+    (the size threshold for threads is lowered so that this small input is split)."""
+    monkeypatch.setattr(numba_cpu, "_PARALLEL_MIN", 1)
     gen = _gen("threads")
     x = logits((50, 3000), torch.float32, gen)
     t = index_target((50, 3000), 3000, gen)
@@ -370,3 +372,30 @@ def test_forked_child_gets_its_own_threads():
 
 def _loss_in_child(x, t):
     return crossent.cross_entropy(x, t, impl="numba")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kdim_kernel_matches_rows_and_thread_count(monkeypatch, dtype):
+    """K-dim logits (N, C, S) read in place give the row kernel's results on the class-last
+    copy, bit for bit in the loss up to float32 rounding, with any thread count (blocks of
+    positions, never a position, are split between threads)."""
+    monkeypatch.setattr(numba_cpu, "_PARALLEL_MIN", 1)
+    gen = _gen("kdim")
+    x = logits((3, 7, 150), dtype, gen)  # S = 150: two full blocks of 64 and a ragged one
+    t = index_target((3, 7, 150), 7, gen).reshape(-1)
+    w = torch.rand(7, generator=gen) + 0.1
+    params = CEParams(reduction="none", label_smoothing=0.1, z_loss=1e-3)
+    rows = x.movedim(1, 2).reshape(-1, 7).contiguous()
+    ref_loss, ref_lse, ref_grad, _ = numba_cpu._composed(rows, t, w, True, params)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            loss, lse, grad, _ = numba_cpu.cross_entropy(x, t, w, True, params)
+            torch.testing.assert_close(loss, ref_loss, rtol=2e-6, atol=2e-6)
+            torch.testing.assert_close(lse, ref_lse, rtol=2e-6, atol=2e-6)
+            tol = 2**-7 if dtype == torch.bfloat16 else 2e-6
+            torch.testing.assert_close(grad.float(), ref_grad.view(3, 150, 7).movedim(2, 1).float(),
+                                       rtol=tol, atol=tol)
+    finally:
+        torch.set_num_threads(threads)

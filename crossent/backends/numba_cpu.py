@@ -16,9 +16,6 @@ accumulation. Without ``grad_scale`` (no_grad, ``requires_grad=False``) no gradi
 from __future__ import annotations
 
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -32,6 +29,7 @@ from ._cpu_alloc import empty_huge
 from ._opaque import opaque_kernel
 from ._numba_kdim import kdim_kernel, n_blocks
 from ._numba_math import finite_f32, scaled_difference
+from ._numba_threads import _PARALLEL_MIN, _split_rows
 from ._numba_rows import (
     BF16, F16, FM, cap_factor, equal_before, exp_moment_sum, exp_sum, exp_sum_inplace,
     exp_sum_store, gap_sum, grad_dest, load_row, row_max, scale, scale_sub, scale_sub_targets,
@@ -230,37 +228,6 @@ def index_target_sums(
 
 
 _EMPTY = np.empty(0, np.float32)
-_PARALLEL_MIN = 1 << 19  # elements below which one thread beats handing rows to another
-# (measured: (256, 1000) fwd+bwd takes 150 us on one thread, 195 us split over two)
-_pool: ThreadPoolExecutor | None = None
-_pool_key = (0, 0)  # (process id, workers): a forked child must not reuse its parent's threads
-_pool_lock = threading.Lock()
-
-
-def _split_rows(kernel, args: tuple, n_rows: int, threads: int) -> None:
-    """Run ``kernel(*args, lo, hi)`` on ``threads`` contiguous row blocks at once.
-
-    The kernels release the GIL (``nogil``), so plain Python threads run them in parallel. A
-    pool of sleeping threads rather than numba's OpenMP layer: a second OpenMP runtime next to
-    torch's spins between calls, and on a 2-core machine the two runtimes' spinning threads
-    slowed each other (and torch's own ops) several-fold.
-    """
-    global _pool, _pool_key
-    bounds = [n_rows * i // threads for i in range(threads + 1)]
-    if threads == 1:
-        kernel(*args, 0, n_rows)
-        return
-    with _pool_lock:
-        if _pool is None or _pool_key[0] != os.getpid() or _pool_key[1] < threads - 1:
-            _pool_key = (os.getpid(), threads - 1)
-            _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="crossent-numba")
-        pool = _pool
-    futures = [pool.submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(1, threads)]
-    kernel(*args, bounds[0], bounds[1])  # the calling thread takes the first block
-    for f in futures:
-        f.result()
-
-
 def _as_array(t: Tensor) -> np.ndarray:
     """A numpy view of a contiguous CPU tensor; 16-bit floats as their uint16 bits."""
     t = t.detach()

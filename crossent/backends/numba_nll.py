@@ -12,7 +12,7 @@ import torch
 from numba import njit
 from torch import Tensor
 
-from .numba_cpu import _PARALLEL_MIN, _split_rows
+from ._numba_threads import _PARALLEL_MIN, _split_rows
 from .numba_softmax import as_array, empty, f32, put
 
 

@@ -28,7 +28,7 @@ from ._numba_math import (
     EXACT_FM, bf16_to_f32, exp_f32, f16_to_f32, f32_to_bf16, f32_to_f16, max_f32,
 )
 from ._numba_rows import FM
-from .numba_cpu import _PARALLEL_MIN, _split_rows
+from ._numba_threads import _PARALLEL_MIN, _split_rows
 
 _F32 = np.float32
 _W = 256  # inner positions processed side by side: a (C, 256) float32 slab is C KiB
