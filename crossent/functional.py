@@ -70,7 +70,7 @@ def cross_entropy(
     """
     loss, _ = _cross_entropy(
         input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
-        impl, z_loss, softcap, inplace_backward,
+        impl, z_loss, softcap, inplace_backward, want_lse=False,
     )
     return loss
 
@@ -109,8 +109,9 @@ def cross_entropy_with_lse(
 
 def _cross_entropy(
     input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
-    impl, z_loss, softcap, inplace_backward,
+    impl, z_loss, softcap, inplace_backward, want_lse=True,
 ) -> tuple[Tensor, Tensor]:
+    """The shared body; with ``want_lse=False`` the returned lse may be empty (not stored)."""
     reduction = _validate.resolve_reduction(size_average, reduce, reduction)
     _validate.check_options(label_smoothing, z_loss, softcap)
     _validate.check_input(input)
@@ -123,6 +124,7 @@ def _cross_entropy(
     params = CEParams(
         ignore_index=ignore_index, reduction=reduction, label_smoothing=float(label_smoothing),
         z_loss=float(z_loss), softcap=softcap, inplace_backward=inplace_backward,
+        want_lse=want_lse,
     )
     backend = resolve_backend(impl, input)
     acc = acc_dtype(input.dtype)
@@ -145,7 +147,7 @@ def _cross_entropy(
         out_dtype = torch.promote_types(out_dtype, weight.dtype)  # torch promotes, too
     if reduction == "none":
         loss = loss.reshape(out_shape)
-    return loss.to(out_dtype), lse.reshape(out_shape)
+    return loss.to(out_dtype), (lse.reshape(out_shape) if want_lse else lse)
 
 
 def to_rows(

@@ -21,6 +21,8 @@ class CEParams:
     z_loss: float = 0.0
     softcap: float | None = None
     inplace_backward: bool = False
+    # Whether the caller reads the per-row lse (``*_with_lse``); backends may skip storing it.
+    want_lse: bool = True
 
     @property
     def eps(self) -> float:

@@ -60,12 +60,17 @@ def _from_f32(g, fmt, like):
 @njit(nogil=True, fastmath=FM, cache=True)
 def kdim_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale, finite_scale,
                 want_grad, grad, loss, lse, lo, hi):
-    """Blocks ``lo..hi`` of ``x`` ``(N, C, S)``; ``target``, ``loss``, ``lse`` are ``(N * S,)``
-    in ``(n, s)`` order; ``grad`` is ``x``'s shape and dtype (``x`` itself when in place); ``w``
-    has size 0 when unweighted; ``finite_scale`` as in the row kernel."""
+    """Blocks ``lo..hi`` of ``x`` ``(N, C, S)``; ``target`` is ``(N * S,)`` in ``(n, s)`` order;
+    ``loss`` is ``(N * S,)`` per position, or one float64 sum per block (``n_blocks``) when the
+    caller reduces anyway; ``lse`` is ``(N * S,)``, or empty when nobody reads it (both save
+    memory the size of the labels: 8 bytes a pixel beside ``4 C`` of logits); ``grad`` is ``x``'s
+    shape and dtype (``x`` itself when in place); ``w`` has size 0 when unweighted;
+    ``finite_scale`` as in the row kernel."""
     n_cls, n_in = x.shape[1], x.shape[2]
     per_n = (n_in + _BLOCK - 1) // _BLOCK
     has_w = w.size > 0
+    per_block = loss.size != x.shape[0] * n_in  # block sums (mean / sum) or per position
+    want_lse = lse.size > 0
     keep = _F32(1.0) - eps
     eps_c = eps / _F32(n_cls)
     e = np.empty((n_cls, _BLOCK), np.float32)  # (C, B) exp scratch
@@ -83,6 +88,7 @@ def kdim_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale, finite
         s0 = (blk - i * per_n) * _BLOCK
         width = min(_BLOCK, n_in - s0)
         base = i * n_in + s0  # flat (n, s) index of the block's first position
+        block_loss = 0.0
         for j in range(width):  # 1. before any store: in place, x is the gradient buffer
             y = np.int64(target[base + j])
             valid = y != ignore_index and 0 <= y < n_cls  # out of range: never read
@@ -115,9 +121,12 @@ def kdim_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale, finite
             r = base + j
             s = ssum[j]
             log_s = logs[j]
-            lse[r] = m[j] + log_s
+            lse_r = m[j] + log_s
+            if want_lse:
+                lse[r] = lse_r
             if not ok[j]:
-                loss[r] = 0.0
+                if not per_block:
+                    loss[r] = 0.0
                 k[j] = _F32(0.0) / s  # 0 * p: NaN for an all -inf position, as torch
                 continue
             w_y = w[ys[j]] if has_w else _F32(1.0)
@@ -130,14 +139,19 @@ def kdim_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale, finite
             if z > 0:
                 lse64 = np.float64(m[j]) + log_s
                 row_loss += np.float64(z) * lse64 * lse64
-                coef += _F32(2.0) * z * lse[r]
-            loss[r] = row_loss
+                coef += _F32(2.0) * z * lse_r
+            if per_block:
+                block_loss += row_loss
+            else:
+                loss[r] = row_loss
             p_y = e[ys[j], j] / s
             if finite_scale:
                 g_y[j] = gscale * (coef * p_y - eps_c * w_y - keep * w_y)
             else:
                 g_y[j] = scaled_difference(gscale, coef * p_y, eps_c * w_y + keep * w_y)
             k[j] = gscale * coef / s
+        if per_block:
+            loss[blk] = block_loss
         if not want_grad:
             continue
         for c in range(n_cls):  # 5. the gradient, in the logits' layout

@@ -349,8 +349,12 @@ def _kdim_cross_entropy(
         raise TargetOutOfBounds(bad)
     mean = params.reduction == "mean"
     scale = (math.inf if den == 0 else 1.0 / den) if mean else 1.0
-    loss = np.empty(n * n_in, np.float32)  # (N * S,)
-    lse = np.empty(n * n_in, np.float32)  # (N * S,)
+    blocks = n_blocks(n, n_in)
+    reduced = params.reduction != "none"
+    # Reduced calls keep one float64 sum per block, and a call that drops the lse keeps none:
+    # per-pixel buffers would cost 8 bytes a pixel beside 4 C bytes of logits.
+    loss = np.empty(blocks, np.float64) if reduced else np.empty(n * n_in, np.float32)
+    lse = np.empty(n * n_in if params.want_lse else 0, np.float32)  # (N * S,) or none
     x = _as_array(logits)
     grad = out = None
     if want_grad and params.inplace_backward:
@@ -359,15 +363,15 @@ def _kdim_cross_entropy(
         grad = empty_huge(logits.shape, logits.dtype)  # (N, C, S), fresh: huge pages
         out = _as_array(grad)
     w_total = float(w.sum(dtype=np.float32)) if weight is not None else float(n_cls)
-    blocks = n_blocks(n, n_in)
     threads = 1 if logits.numel() < _PARALLEL_MIN else min(torch.get_num_threads(), blocks)
     args = (x, _FORMATS[logits.dtype], t, w, w_total, np.int64(params.ignore_index),
             _F32(params.eps), _F32(params.z_loss), _F32(scale), scale != math.inf, want_grad,
             x if out is None else out, loss, lse)
     _split_rows(kdim_kernel, args, blocks, threads)
-    out_loss = torch.from_numpy(loss)
-    if params.reduction == "sum":
-        out_loss = out_loss.sum()
-    elif mean:
-        out_loss = out_loss.sum() / den if den else out_loss.sum() / torch.tensor(0.0)
+    if reduced:
+        with np.errstate(divide="ignore", invalid="ignore"):  # x / 0: inf or NaN, as torch
+            total = loss.sum() / np.float64(den) if mean else loss.sum()
+        out_loss = torch.from_numpy(np.array(total, np.float32))
+    else:
+        out_loss = torch.from_numpy(loss)
     return out_loss, torch.from_numpy(lse), grad, scale
