@@ -182,26 +182,6 @@ def to_rows(
     return logits, rows_target, out_shape
 
 
-def _mean_terms(
-    target: Tensor, weight: Tensor | None, params: CEParams, probs: bool, acc: torch.dtype
-) -> tuple[Tensor | None, Tensor]:
-    """Denominator of "mean" and the gradient scale the kernel folds in (1 for "sum"/"none")."""
-    device = target.device
-    if params.reduction != "mean":
-        return None, torch.ones((), dtype=acc, device=device)
-    if probs:
-        denominator = torch.tensor(float(target.shape[0]), dtype=acc, device=device)
-    else:
-        valid = target != params.ignore_index  # (R,)
-        if weight is None:
-            denominator = valid.sum().to(acc)
-        else:
-            denominator = torch.where(valid, weight[torch.where(valid, target, 0)], 0).sum()
-    # 1 / 0 = inf when nothing counts: loss 0/0 = NaN, ignored rows keep a zero gradient and
-    # counted rows of weight sum 0 get torch's inf / NaN (the kernels scale per term).
-    return denominator, 1 / denominator
-
-
 def nll_loss(
     input: Tensor,
     target: Tensor,

@@ -18,8 +18,9 @@ from ._core.dispatch import resolve
 from ._core.linear_autograd import LinearCrossEntropyFunction
 from ._core.linear_checks import check_logit_scale, check_tensors, resolve_options, target_is_probabilities
 from ._core.params import CEParams
+from .backends import torch_fused
+from .backends._reduced import mean_terms
 from .backends.torch_fused import acc_dtype
-from .functional import _mean_terms
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_lse", "auto_chunk_size"]
 
@@ -218,7 +219,8 @@ def _linear_cross_entropy(
     )
     # "mean" divides by the (weighted) count over all N * D positions.
     all_rows = pos_target.reshape(-1, n_classes) if probs else pos_target.reshape(-1)
-    denominator, scale = _mean_terms(all_rows, cw, params, probs, acc)
+    denominator, scale = mean_terms(all_rows, cw, params, n_classes, acc,
+                                    torch_fused.index_target_sums, checked=True)
     kernel = resolve(impl, input)
     if chunk_size is None:
         chunk_size = auto_chunk_size(n_rows, n_features, n_classes, input.device, input.dtype)

@@ -37,20 +37,8 @@ def reduced(ce_forward: Callable, index_target_sums: Callable) -> Call:
             if grad is not None:
                 grad = grad.view(n, n_in, n_classes).movedim(2, 1)  # (N, C, S)
             return loss, lse, grad, scale
-        acc = acc_dtype(logits.dtype)
-        n_rows, n_classes = logits.shape
-        if target.is_floating_point():  # probabilities: "mean" is over rows
-            denominator = torch.tensor(float(n_rows), dtype=acc, device=logits.device)
-        else:
-            denominator, bad = index_target_sums(target, weight, params.ignore_index, n_classes, acc)
-            if bad >= 0:
-                raise TargetOutOfBounds(bad)
-        if params.reduction == "mean":
-            # 1 / 0 = inf when nothing counts: the loss is 0/0 = NaN, ignored rows keep a zero
-            # gradient, counted rows of weight sum 0 get torch's inf / NaN (scaled per term).
-            scale = 1 / denominator
-        else:
-            scale = torch.ones((), dtype=acc, device=logits.device)
+        denominator, scale = mean_terms(target, weight, params, logits.shape[1],
+                                        acc_dtype(logits.dtype), index_target_sums)
         loss, lse, grad = ce_forward(logits, target, weight, scale if want_grad else None, params)
         if params.reduction == "sum":
             loss = loss.sum()
@@ -59,3 +47,28 @@ def reduced(ce_forward: Callable, index_target_sums: Callable) -> Call:
         return loss, lse, grad, scale
 
     return cross_entropy
+
+
+def mean_terms(
+    target: Tensor, weight: Tensor | None, params: CEParams, n_classes: int,
+    acc: torch.dtype, index_target_sums: Callable, checked: bool = False,
+) -> tuple[Tensor | None, Tensor]:
+    """The denominator of "mean" (``None`` otherwise) and the gradient scale the kernels fold
+    in: ``1 / denominator`` for "mean", else 1. Class indices are range-checked on the way
+    (``TargetOutOfBounds``) unless the caller ``checked`` them, in which case "sum" and "none"
+    read no target at all; probability targets average over rows.
+
+    1 / 0 = inf when nothing counts: the loss is 0/0 = NaN, ignored rows keep a zero gradient,
+    and counted rows of weight sum 0 get torch's inf / NaN (the kernels scale per term).
+    """
+    if checked and params.reduction != "mean":
+        return None, torch.ones((), dtype=acc, device=target.device)
+    if target.is_floating_point():
+        denominator = torch.tensor(float(target.shape[0]), dtype=acc, device=target.device)
+    else:
+        denominator, bad = index_target_sums(target, weight, params.ignore_index, n_classes, acc)
+        if bad >= 0:
+            raise TargetOutOfBounds(bad)
+    if params.reduction != "mean":
+        return None, torch.ones((), dtype=acc, device=target.device)
+    return denominator, 1 / denominator
