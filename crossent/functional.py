@@ -5,6 +5,7 @@ call becomes ``R`` rows of ``C`` logits (``R = N * d1 * ... * dk``).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -111,43 +112,61 @@ def _cross_entropy(
     input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
     impl, z_loss, softcap, inplace_backward, want_lse=True,
 ) -> tuple[Tensor, Tensor]:
-    """The shared body; with ``want_lse=False`` the returned lse may be empty (not stored)."""
+    """The shared body; with ``want_lse=False`` the returned lse may be empty (not stored).
+
+    Every step is a few attribute checks or none at all on the common path: a small call pays
+    per Python step and per torch op, so the target range, the mean denominator and the misuse
+    probe are the backend's, made in its pass over the logits (``crossent.backends``)."""
     reduction = _validate.resolve_reduction(size_average, reduce, reduction)
     _validate.check_options(label_smoothing, z_loss, softcap)
     _validate.check_input(input)
-    _diagnostics.check_probabilities_as_logits(input)
     probs = _validate.target_is_probabilities(input, target, ignore_index, reduction)
     _validate.check_weight(weight, input, probs)
     _validate.warn_weight_grad(weight)
     if inplace_backward:
         _validate.check_inplace(input, probs and target.requires_grad)
-    params = CEParams(
-        ignore_index=ignore_index, reduction=reduction, label_smoothing=float(label_smoothing),
-        z_loss=float(z_loss), softcap=softcap, inplace_backward=inplace_backward,
-        want_lse=want_lse,
-    )
+    probe_tol = _diagnostics.probe_tolerance(input)
+    # Cached per distinct set of options (a training loop has one; a dataclass costs about a
+    # microsecond); torch.compile cannot trace the cache and builds one.
+    make = CEParams if torch.compiler.is_compiling() else _params
+    params = make(ignore_index, reduction, float(label_smoothing), float(z_loss), softcap,
+                  inplace_backward, want_lse, probe_tol)
     backend = resolve_backend(impl, input)
-    acc = acc_dtype(input.dtype)
     logits, rows_target, out_shape = to_rows(input, target, probs, keep_kdim=True)
     if not torch.is_grad_enabled():
         # Under no_grad a Function still reports needs_input_grad for inputs that require grad:
         # detach so the kernel computes the loss only, with no gradient buffer.
         logits, rows_target = logits.detach(), rows_target.detach()
-    w = None if weight is None else weight.detach().to(acc)
+    w = None
+    if weight is not None:
+        w = weight.detach().to(acc_dtype(input.dtype))
     if probs:
-        rows_target = rows_target.to(acc)
+        rows_target = rows_target.to(acc_dtype(input.dtype))
     try:
-        loss, lse = CrossEntropyFunction.apply(
+        loss, lse, seen = CrossEntropyFunction.apply(
             logits, rows_target, w, params, whole_call(backend)
         )
     except TargetOutOfBounds as e:  # raised before anything was written
         raise _validate.out_of_bounds(target, e.row, logits.shape[1], ignore_index) from None
-    out_dtype = torch.result_type(input, target) if probs else input.dtype
-    if probs and weight is not None:
-        out_dtype = torch.promote_types(out_dtype, weight.dtype)  # torch promotes, too
+    if probe_tol is not None:
+        if seen is None:  # this backend or path did not probe in its pass
+            seen = _diagnostics.looks_like_probabilities(input)
+        if seen:
+            _diagnostics.warn_probabilities(input)
+    if probs:
+        out_dtype = torch.result_type(input, target)
+        if weight is not None:
+            out_dtype = torch.promote_types(out_dtype, weight.dtype)  # torch promotes, too
+    else:
+        out_dtype = input.dtype
     if reduction == "none":
         loss = loss.reshape(out_shape)
-    return loss.to(out_dtype), (lse.reshape(out_shape) if want_lse else lse)
+    if loss.dtype != out_dtype:
+        loss = loss.to(out_dtype)
+    return loss, (lse.reshape(out_shape) if want_lse else lse)
+
+
+_params = functools.lru_cache(maxsize=64)(CEParams)
 
 
 def to_rows(
@@ -177,6 +196,8 @@ def to_rows(
         logits = input.movedim(1, -1).reshape(-1, n_classes).contiguous()  # (R, C)
     if probs:
         rows_target = target.movedim(1, -1).reshape(-1, n_classes)  # (R, C)
+    elif target.dim() == 1 and target.dtype == torch.int64:
+        rows_target = target  # (R,) already: no op
     else:
         rows_target = target.reshape(-1).long()  # (R,)
     return logits, rows_target, out_shape

@@ -386,12 +386,12 @@ def test_kdim_kernel_matches_rows_and_thread_count(monkeypatch, dtype):
     w = torch.rand(7, generator=gen) + 0.1
     params = CEParams(reduction="none", label_smoothing=0.1, z_loss=1e-3)
     rows = x.movedim(1, 2).reshape(-1, 7).contiguous()
-    ref_loss, ref_lse, ref_grad, _ = numba_cpu._composed(rows, t, w, True, params)
+    ref_loss, ref_lse, ref_grad, *_ = numba_cpu._composed(rows, t, w, True, params)
     threads = torch.get_num_threads()
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            loss, lse, grad, _ = numba_cpu.cross_entropy(x, t, w, True, params)
+            loss, lse, grad, *_ = numba_cpu.cross_entropy(x, t, w, True, params)
             torch.testing.assert_close(loss, ref_loss, rtol=2e-6, atol=2e-6)
             torch.testing.assert_close(lse, ref_lse, rtol=2e-6, atol=2e-6)
             tol = 2**-7 if dtype == torch.bfloat16 else 2e-6
@@ -399,3 +399,93 @@ def test_kdim_kernel_matches_rows_and_thread_count(monkeypatch, dtype):
                                        rtol=tol, atol=tol)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_few_class_rows_match_the_row_kernel(monkeypatch, dtype, reduction, inplace):
+    """Rows of at most ``_FEW_CLASSES`` classes go through the K-dim kernel on the transposed
+    view (rows side by side): the row kernel's loss, lse and gradient (in the rows' own layout,
+    in place too), on 1-3 threads, with ignored rows, weights, smoothing and z-loss."""
+    monkeypatch.setattr(numba_cpu, "_PARALLEL_MIN", 1)
+    for n_cls in (1, 2, 10, numba_cpu._FEW_CLASSES):
+        gen = _gen("few", n_cls, reduction)
+        x = logits((150, n_cls), dtype, gen)  # 150 rows: two full blocks of 64 and a ragged one
+        t = index_target((150, n_cls), n_cls, gen)  # a quarter ignored
+        w = torch.rand(n_cls, generator=gen) + 0.1
+        params = CEParams(reduction=reduction, label_smoothing=0.1, z_loss=1e-3,
+                          inplace_backward=inplace)
+        ref_loss, ref_lse, ref_grad, ref_scale, _ = numba_cpu._composed(
+            x.clone(), t, w, True, CEParams(reduction=reduction, label_smoothing=0.1, z_loss=1e-3))
+        threads = torch.get_num_threads()
+        try:
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                xi = x.clone()
+                loss, lse, grad, scale, probs = numba_cpu.cross_entropy(xi, t, w, True, params)
+                assert probs is None  # not asked
+                assert grad.shape == x.shape and grad.is_contiguous()
+                if inplace:
+                    assert grad.data_ptr() == xi.data_ptr()
+                torch.testing.assert_close(loss, ref_loss, rtol=2e-6, atol=2e-6)
+                torch.testing.assert_close(lse, ref_lse, rtol=2e-6, atol=2e-6)
+                assert float(scale) == pytest.approx(float(ref_scale), rel=1e-6)
+                tol = 2**-7 if dtype == torch.bfloat16 else 2e-6
+                torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=tol, atol=tol)
+        finally:
+            torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (64, 10), (40, 100), (2, 4, 6, 6)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_probe_in_the_kernel_pass_matches_the_python_probe(shape, dtype):
+    """The whole call's own probe gives the Python probe's verdict on softmax output, on
+    logits, on log-probabilities, and on probabilities with one value out of range."""
+    from crossent._core import diagnostics
+
+    gen = _gen("probe", shape)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    t = index_target(shape, shape[1], gen).reshape(-1)
+    tol = diagnostics.probe_tolerance(x)
+    params = CEParams(reduction="mean", probe_tol=tol)
+    nearly = x.float().softmax(1).to(dtype)
+    nearly.reshape(-1)[0] = 1.5
+    cases = [x.softmax(1), x, x.log_softmax(1), nearly]
+    for v in cases:
+        rows = v if v.dim() == 2 else v.reshape(shape[0], shape[1], -1)
+        *_, probs = numba_cpu.cross_entropy(rows, t, None, False, params)
+        assert probs == diagnostics.looks_like_probabilities(v), v
+    assert [numba_cpu.cross_entropy(
+        v if v.dim() == 2 else v.reshape(shape[0], shape[1], -1), t, None, False, params)[-1]
+        for v in cases] == [True, False, False, False]
+
+
+_BACKGROUND_SCRIPT = """
+import torch, torch.nn.functional as F, crossent
+from crossent._core import dispatch
+x = torch.randn(64, 1000, requires_grad=True); t = torch.randint(0, 1000, (64,))
+first = dispatch.resolve_backend("auto", x).__name__.rsplit(".", 1)[1]
+loss = crossent.cross_entropy(x, t); loss.backward()
+torch.testing.assert_close(loss, F.cross_entropy(x, t))
+assert dispatch.ready("numba", wait=True)
+then = dispatch.resolve_backend("auto", x).__name__.rsplit(".", 1)[1]
+print(first, then, crossent.softmax(x, 1).sum(1).sub(1).abs().max().item() < 1e-5)
+"""
+
+
+@pytest.mark.parametrize("background", ["1", "0"])
+def test_numba_loads_in_the_background_while_torch_serves_the_first_calls(background):
+    """A fresh process: with the background load (the default outside tests) the first call
+    runs on the torch backend and "auto" moves to numba once it has loaded; with
+    CROSSENT_BACKGROUND_LOAD=0 numba serves the first call."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CROSSENT_BACKGROUND_LOAD": background}
+    out = subprocess.run([sys.executable, "-c", _BACKGROUND_SCRIPT], env=env, text=True,
+                         capture_output=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    first = "torch_fused" if background == "1" else "numba_cpu"
+    assert out.stdout.split() == [first, "numba_cpu", "True"]

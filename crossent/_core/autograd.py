@@ -15,13 +15,14 @@ from torch import Tensor
 from .params import CEParams
 
 Kernel = Callable[..., tuple[Tensor, Tensor, "Tensor | None"]]  # ce_forward
-Call = Callable[..., tuple[Tensor, Tensor, "Tensor | None", "Tensor | float"]]  # cross_entropy
+Call = Callable[..., tuple[Tensor, Tensor, "Tensor | None", "Tensor | float", "bool | None"]]
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """``(logits (R, C), target, weight) -> (reduced loss, lse (R,))`` through a backend's
-    whole-call ``cross_entropy`` (``crossent.backends``), which folds the reduction's scale
-    into the gradient it makes in forward."""
+    """``(logits (R, C), target, weight) -> (reduced loss, lse (R,), probs)`` through a
+    backend's whole-call ``cross_entropy`` (``crossent.backends``), which folds the reduction's
+    scale into the gradient it makes in forward; ``probs`` is the backend's misuse-probe verdict
+    (a bool, or None when it did not probe), passed through for the public layer."""
 
     @staticmethod
     def forward(
@@ -31,8 +32,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         weight: Tensor | None,
         params: CEParams,
         call: Call,
-    ) -> tuple[Tensor, Tensor]:
-        loss, lse, grad, scale = call(logits, target, weight, ctx.needs_input_grad[0], params)
+    ) -> tuple[Tensor, Tensor, bool | None]:
+        loss, lse, grad, scale, probs = call(logits, target, weight, ctx.needs_input_grad[0],
+                                             params)
         if grad is not None and params.inplace_backward:
             # The logits now hold the gradient: any other autograd node that saved them must
             # fail loudly on backward instead of silently reading the gradient.
@@ -48,10 +50,10 @@ class CrossEntropyFunction(torch.autograd.Function):
         extra = (logits, lse, weight) if ctx.needs_input_grad[1] else ()
         ctx.save_for_backward(grad, *extra)
         ctx.mark_non_differentiable(lse)
-        return loss, lse
+        return loss, lse, probs
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor, _grad_lse: Tensor | None):
+    def backward(ctx, grad_loss: Tensor, _grad_lse: Tensor | None, _grad_probs: None):
         refuse_double_backward("cross_entropy")
         grad_logits = grad_target = None
         grad, *extra = ctx.saved_tensors

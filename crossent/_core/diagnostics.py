@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["ProbabilitiesAsLogitsWarning", "set_diagnostics", "diagnostics_enabled",
-           "check_probabilities_as_logits"]
+           "check_probabilities_as_logits", "probe_tolerance", "looks_like_probabilities",
+           "warn_probabilities"]
 
 try:  # numpy is optional for torch: the probe uses it where present (faster on small inputs)
     import numpy as _np
@@ -81,8 +82,8 @@ def diagnostics_enabled() -> bool:
 
 def _caller() -> tuple[int, tuple[str, int]]:
     """The stacklevel (for ``warnings.warn`` called from here) and location of the user's call."""
-    frame = sys._getframe(2)  # the function that called check_probabilities_as_logits
-    level = 2  # warnings.warn's stacklevel of that frame, seen from check_probabilities_as_logits
+    frame = sys._getframe(2)  # the function that called warn_probabilities
+    level = 2  # warnings.warn's stacklevel of that frame, seen from warn_probabilities
     while frame is not None and frame.f_code.co_filename.startswith(_SKIP_DIRS):
         frame = frame.f_back
         level += 1
@@ -122,19 +123,39 @@ def check_probabilities_as_logits(input: Tensor, class_dim: int | None = None) -
     output) are valid input to cross-entropy and do not warn. ``C == 1`` never warns: the loss
     is identically 0 for any input, probabilities or logits, so the warning would not help.
     """
+    if probe_tolerance(input, class_dim) is not None and looks_like_probabilities(input, class_dim):
+        warn_probabilities(input, class_dim)
+
+
+def probe_tolerance(input: Tensor, class_dim: int | None = None) -> float | None:
+    """The row-sum tolerance of the probe when ``input`` is to be probed, else ``None``
+    (diagnostics off, not a CPU tensor, empty, tracing, or fewer than 2 classes). A backend
+    may run the probe in its own pass (``CEParams.probe_tol``)."""
     if not _enabled or input.device.type != "cpu" or input.numel() == 0:
-        return
+        return None
     if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(input):
-        return
+        return None
     if class_dim is None:
         class_dim = 0 if input.dim() == 1 else 1
     if input.shape[class_dim] < 2:
-        return
+        return None
+    return _tolerance(input.dtype)
+
+
+def looks_like_probabilities(input: Tensor, class_dim: int | None = None) -> bool:
+    """The probe itself, on at most ``_SAMPLE_ROWS`` rows (for inputs ``probe_tolerance`` takes)."""
+    if class_dim is None:
+        class_dim = 0 if input.dim() == 1 else 1
     if _np is not None and input.dtype in _NUMPY_DTYPES and input.dim() <= 2:
-        if not _looks_like_probabilities_np(input.detach().numpy(), class_dim, input.dtype):
-            return
-    elif not _looks_like_probabilities(input, class_dim):
-        return
+        return _looks_like_probabilities_np(input.detach().numpy(), class_dim, input.dtype)
+    return _looks_like_probabilities(input, class_dim)
+
+
+def warn_probabilities(input: Tensor, class_dim: int | None = None) -> None:
+    """The warning for ``input`` that the probe found to look like probabilities, once per
+    call site (the first frame outside crossent and ``nn.Module``)."""
+    if class_dim is None:
+        class_dim = 0 if input.dim() == 1 else 1
     level, site = _caller()
     if site in _warned_sites:
         return

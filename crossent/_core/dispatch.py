@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from contextvars import ContextVar
 from types import ModuleType
 from typing import Any, Callable
@@ -116,15 +117,66 @@ def resolve_backend(impl: str, tensor: Tensor) -> ModuleType:
     """Return the backend module for ``impl`` on ``tensor``'s device, or raise a clear error."""
     if torch.compiler.is_compiling():
         return _resolve(impl, tensor)
-    key = (impl, tensor.device.type, os.environ.get("TRITON_INTERPRET"))
+    # TRITON_INTERPRET decides only whether Triton runs on CPU tensors: tests set it per process.
+    key = (impl, tensor.device.type, os.environ.get("TRITON_INTERPRET") if impl == "triton" else None)
     backend = _RESOLVED.get(key)
     if backend is None:
-        backend = _RESOLVED[key] = _resolve(impl, tensor)
+        backend = _resolve(impl, tensor)
+        if impl != "auto" or tensor.device.type != "cpu" or ready("numba"):
+            # (not the torch stand-in that runs while numba loads)
+            _RESOLVED[key] = backend
     return backend
 
 
+# numba's import and first cache load take about half a second (LLVM's start, and numba
+# importing scipy to look for BLAS), a hundred times torch's first call. ``impl="auto"`` loads
+# it on a background thread and runs the torch backend (the same maths, in torch ops) until it
+# is ready, so the first calls of a process cost what torch's do. CROSSENT_BACKGROUND_LOAD=0
+# loads it in the first call instead (and makes "auto" pick numba from the first call on).
+_BACKGROUND_LOAD = os.environ.get("CROSSENT_BACKGROUND_LOAD", "1").strip().lower() not in (
+    "0", "false", "off", "no")
+_loader: tuple[int, threading.Thread] | None = None  # (process id, thread) of the load
+_loader_lock = threading.Lock()
+
+
+def ready(name: str, wait: bool = False) -> bool:
+    """Whether ``impl="auto"`` may pick backend ``name`` now. For numba this starts the
+    background load on first asking (once per process) and is False until it has finished;
+    ``wait`` waits for it instead."""
+    global _loader
+    if (name != "numba" or not _BACKGROUND_LOAD or not available("numba")
+            or torch.compiler.is_compiling()):
+        return True
+    loader = _loader
+    if loader is not None and loader[0] == os.getpid() and not loader[1].is_alive():
+        return True
+    with _loader_lock:
+        if _loader is None or _loader[0] != os.getpid():  # a forked child loads its own
+            # daemon: a short script exits without waiting for a load it no longer needs (numba
+            # writes its cache files whole, by rename).
+            thread = threading.Thread(target=_load_numba_kernels, name="crossent-numba-load",
+                                      daemon=True)
+            _loader = (os.getpid(), thread)
+            thread.start()
+        thread = _loader[1]
+    if wait:
+        thread.join()
+    return not thread.is_alive()
+
+
+def _load_numba_kernels() -> None:
+    """The background load: numba, the backend, and the kernels' cached machine code. A
+    failure is left for the first call that names numba to raise (it loads again there)."""
+    try:
+        _load_numba().warm_up()
+    except Exception:  # noqa: BLE001 - reported by the foreground load, not lost in a thread
+        pass
+
+
 def backend_name(impl: str, tensor: Tensor) -> str:
-    """The name (``"torch"``, ``"numba"``, ``"triton"``) of the backend ``impl`` resolves to."""
+    """The name (``"torch"``, ``"numba"``, ``"triton"``) of the backend ``impl`` resolves to
+    (once every backend has loaded)."""
+    ready("numba", wait=True)
     backend = resolve_backend(impl, tensor)
     return next(name for name, (loader, _) in _BACKENDS.items() if loader() is backend)
 
@@ -133,7 +185,7 @@ def _resolve(impl: str, tensor: Tensor) -> ModuleType:
     if impl == "auto":
         for name in _AUTO.get(tensor.device.type, ("torch",)):
             loader, why_not = _BACKENDS[name]
-            if available(name) and why_not(tensor) is None:
+            if available(name) and why_not(tensor) is None and ready(name):
                 return loader()
         return _load_torch()
     if impl not in _BACKENDS:

@@ -23,6 +23,9 @@ class CEParams:
     inplace_backward: bool = False
     # Whether the caller reads the per-row lse (``*_with_lse``); backends may skip storing it.
     want_lse: bool = True
+    # The misuse probe (``_core.diagnostics``) asked of the backend's pass: the row-sum
+    # tolerance, or None when no probe is wanted. Backends that cannot probe report None.
+    probe_tol: float | None = None
 
     @property
     def eps(self) -> float:

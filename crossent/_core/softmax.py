@@ -40,14 +40,14 @@ def wrap_dim(dim: int, ndim: int) -> int:
 
 def backend(impl: str, x: Tensor) -> str:
     """The backend name for ``impl`` on ``x`` (``_dispatch``'s rules: auto picks numba on CPU,
-    Triton on CUDA, else torch; an explicit backend that cannot run raises)."""
+    once loaded, Triton on CUDA, else torch; an explicit backend that cannot run raises)."""
     if impl != "auto":
         _dispatch.resolve_backend(impl, x)  # raises the shared, explicit errors
         return impl
     if torch.compiler.is_compiling():
         return "torch"  # the kernels are not traceable; the torch path fuses under the compiler
     device = x.device.type
-    if device == "cpu" and _dispatch.available("numba"):
+    if device == "cpu" and _dispatch.available("numba") and _dispatch.ready("numba"):
         return "numba"
     if device == "cuda" and _dispatch.available("triton"):
         return "triton"

@@ -24,12 +24,15 @@ Kernels never read outside a row whatever validation did: an out-of-range index 
 ignored.
 
 The accumulation dtype is float64 for float64 logits and float32 otherwise.
-``cross_entropy(logits, target, weight, want_grad, params) -> (loss, lse, grad, scale)``
+``cross_entropy(logits, target, weight, want_grad, params) -> (loss, lse, grad, scale, probs)``
 
 - the whole call: the range check of class indices (raising :class:`TargetOutOfBounds` before
   anything is written), the weight sum "mean" divides by, the rows, and the reduction: ``loss``
   is 0-d for "mean"/"sum", ``(R,)`` for "none"; ``grad`` is already multiplied by the
   reduction's factor ``scale`` (``1 / weight_sum`` for "mean", else 1; a float or a 0-d tensor).
+  ``probs``: with ``params.probe_tol`` set, whether the logits look like probabilities (the
+  misuse probe of ``crossent._core.diagnostics``, on the same sampled rows), made in the same
+  pass; ``None`` when the backend did not probe (then the caller probes).
   Backends without a fused one use :func:`crossent.backends._reduced.reduced`.
 
 ``ce_forward``'s optional ``stats``: an ``(R, 2)`` tensor in the accumulation dtype that the kernel fills, in

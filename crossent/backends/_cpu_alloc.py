@@ -18,6 +18,7 @@ import weakref
 import torch
 
 _HUGE_PAGE = 2 << 20
+_HAS_MADVISE = hasattr(mmap, "MADV_HUGEPAGE")
 # Below this the saving is small and the mapping rounds up to a whole huge page.
 _MIN_BYTES = 8 * _HUGE_PAGE
 
@@ -30,8 +31,8 @@ def empty_huge(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch
     so that the next request of a similar size reuses it already faulted in instead of paying
     the page faults again (as torch's CUDA caching allocator does).
     """
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if nbytes < _MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < _MIN_BYTES or not _HAS_MADVISE:
         return torch.empty(shape, dtype=dtype)
     region = _take_free(nbytes)
     if region is None:

@@ -17,7 +17,7 @@ from . import TargetOutOfBounds
 from .torch_fused import acc_dtype
 
 Call = Callable[[Tensor, Tensor, "Tensor | None", bool, CEParams],
-                tuple[Tensor, Tensor, "Tensor | None", "Tensor | float"]]
+                tuple[Tensor, Tensor, "Tensor | None", "Tensor | float", None]]
 
 
 def reduced(ce_forward: Callable, index_target_sums: Callable) -> Call:
@@ -25,7 +25,8 @@ def reduced(ce_forward: Callable, index_target_sums: Callable) -> Call:
 
     def cross_entropy(
         logits: Tensor, target: Tensor, weight: Tensor | None, want_grad: bool, params: CEParams
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, None]:
+        """The composed whole call; it does not probe (the last item is always None)."""
         if logits.dim() == 3:
             # K-dimensional (N, C, S): this backend reads rows, so the class dim goes last (a
             # copy); the gradient is handed back as a view in the caller's layout.
@@ -33,10 +34,10 @@ def reduced(ce_forward: Callable, index_target_sums: Callable) -> Call:
             # detach: where the layouts coincide (S = 1 or C = 1) this is a view of the logits,
             # which an in-place gradient may then overwrite outside autograd's view tracking.
             rows = logits.detach().movedim(1, 2).reshape(-1, n_classes).contiguous()  # (N*S, C)
-            loss, lse, grad, scale = cross_entropy(rows, target, weight, want_grad, params)
+            loss, lse, grad, scale, _ = cross_entropy(rows, target, weight, want_grad, params)
             if grad is not None:
                 grad = grad.view(n, n_in, n_classes).movedim(2, 1)  # (N, C, S)
-            return loss, lse, grad, scale
+            return loss, lse, grad, scale, None
         denominator, scale = mean_terms(target, weight, params, logits.shape[1],
                                         acc_dtype(logits.dtype), index_target_sums)
         loss, lse, grad = ce_forward(logits, target, weight, scale if want_grad else None, params)
@@ -44,7 +45,7 @@ def reduced(ce_forward: Callable, index_target_sums: Callable) -> Call:
             loss = loss.sum()
         elif params.reduction == "mean":
             loss = loss.sum() / denominator
-        return loss, lse, grad, scale
+        return loss, lse, grad, scale, None
 
     return cross_entropy
 

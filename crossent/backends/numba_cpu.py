@@ -29,6 +29,7 @@ from ._cpu_alloc import empty_huge
 from ._opaque import opaque_kernel
 from ._numba_kdim import kdim_kernel, n_blocks
 from ._numba_math import finite_f32, scaled_difference
+from ._numba_probe import probe_positions, probe_rows
 from ._numba_threads import _PARALLEL_MIN, _split_rows
 from ._numba_rows import (
     BF16, F16, FM, cap_factor, equal_before, exp_moment_sum, exp_sum, exp_sum_inplace,
@@ -197,14 +198,16 @@ def _target_pass(target, w, ignore_index, n_cls):
 
 @njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
 def _index_call(x, fmt, target, w, w_total, ignore_index, eps, z, cap, mean, want_grad,
-                inplace, grad, loss, lse):
+                inplace, grad, loss, lse, probe_tol):
     """A whole call on one thread: the target pass, the rows with the gradient scaled for the
     reduction, and the summed loss. Returns ``(loss sum, or its mean for "mean"; the gradient
-    scale; first bad row or -1)``; with a bad row nothing else is written. numpy's error model:
+    scale; first bad row or -1; whether the logits look like probabilities, when
+    ``probe_tol >= 0``)``; with a bad row nothing else is written. numpy's error model:
     x / 0 is inf or NaN (a mean over nothing, or over a zero weight sum), as torch."""
     den, bad = _target_pass(target, w, ignore_index, x.shape[1])
     if bad >= 0:
-        return 0.0, 1.0, bad
+        return 0.0, 1.0, bad, False
+    probs = probe_tol >= 0 and probe_rows(x, fmt, probe_tol)  # before an in-place gradient
     scale = 1.0 / den if mean else 1.0
     _index_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, cap, _F32(scale),
                   not mean or den != 0.0, want_grad, inplace, grad, loss, lse,
@@ -212,7 +215,7 @@ def _index_call(x, fmt, target, w, w_total, ignore_index, eps, z, cap, mean, wan
     total = 0.0
     for r in range(x.shape[0]):
         total += loss[r]
-    return (total / den if mean else total), scale, -1
+    return (total / den if mean else total), scale, -1, probs
 
 
 def index_target_sums(
@@ -230,7 +233,8 @@ def index_target_sums(
 _EMPTY = np.empty(0, np.float32)
 def _as_array(t: Tensor) -> np.ndarray:
     """A numpy view of a contiguous CPU tensor; 16-bit floats as their uint16 bits."""
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if t.dtype in (torch.bfloat16, torch.float16):
         return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()
@@ -288,14 +292,19 @@ _composed = reduced(ce_forward, index_target_sums)
 
 def cross_entropy(
     logits: Tensor, target: Tensor, weight: Tensor | None, want_grad: bool, params: CEParams
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | float]:
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | float, bool | None]:
     """The whole call (``crossent.backends``' contract) in one kernel launch when the work is one
     thread's (class indices, float32/16-bit, eager): small calls pay for few Python steps.
-    Larger, probability-target, float64 and compiled calls take the composed path."""
+    K-dimensional logits, and rows of at most ``_FEW_CLASSES`` classes, take the K-dim kernel
+    (positions side by side). Larger, probability-target, float64 and compiled calls take the
+    composed path (which does not probe)."""
     if logits.dim() == 2 and not logits.is_contiguous():
         logits = logits.contiguous()  # rows at a stride: the row kernels read contiguous rows
     if logits.dim() == 3 and _kdim_fits(logits, target, weight, params):
         return _kdim_cross_entropy(logits, target, weight, want_grad, params)
+    if (logits.dim() == 2 and logits.shape[1] <= _FEW_CLASSES
+            and _kdim_fits(logits, target, weight, params)):
+        return _kdim_cross_entropy(logits, target, weight, want_grad, params, rows=True)
     if (logits.dim() == 3 or target.is_floating_point() or logits.dtype not in _FORMATS
             or logits.numel() >= _PARALLEL_MIN or logits.shape[0] == 0
             or torch.compiler.is_compiling()):
@@ -314,10 +323,11 @@ def cross_entropy(
             grad = grad.view(logits.dtype)  # 16-bit gradients travel as their uint16 bits
     w = _EMPTY if weight is None else _as_array(weight.float().contiguous())
     w_total = float(w.sum(dtype=np.float32)) if weight is not None else float(n_cls)
-    value, scale, bad = _index_call(
+    value, scale, bad, probs = _index_call(
         x, _FORMATS[logits.dtype], target.numpy(), w, w_total, params.ignore_index,
         params.eps, params.z_loss, params.softcap or 0.0, params.reduction == "mean",
         want_grad, params.inplace_backward, x if out is None else out, loss, lse,
+        -1.0 if params.probe_tol is None else params.probe_tol,
     )
     if bad >= 0:
         raise TargetOutOfBounds(bad)
@@ -325,11 +335,31 @@ def cross_entropy(
         out = torch.from_numpy(loss)
     else:
         out = torch.from_numpy(np.array(value, np.float32))  # 0-d; cheaper than torch.tensor
-    return out, torch.from_numpy(lse), grad, scale
+    return out, torch.from_numpy(lse), grad, scale, (None if params.probe_tol is None else probs)
+
+
+def warm_up() -> None:
+    """Load the machine code of the common calls' kernels (numba's cache, or a compile): float32
+    and bfloat16 rows, few-class rows, K-dim logits, the composed path's row kernel. Run on a
+    background thread by ``impl="auto"`` (``crossent._core.dispatch.ready``)."""
+    params = CEParams(reduction="mean", want_lse=False)
+    for dtype in (torch.float32, torch.bfloat16):
+        target = torch.zeros(2, dtype=torch.int64)
+        cross_entropy(torch.zeros(2, 40, dtype=dtype), target, None, True, params)  # one launch
+        cross_entropy(torch.zeros(2, 3, dtype=dtype), target, None, True, params)  # few classes
+        cross_entropy(torch.zeros(1, 3, 2, dtype=dtype), target, None, True, params)  # K-dim
+        _ce_forward(torch.zeros(2, 40, dtype=dtype), target, None, torch.ones(()), params)
+    index_target_sums(target, None, -100, 40, torch.float32)
+
+
+# Rows of at most this many classes run through the K-dim kernel on the transposed view
+# ``(1, C, R)``: 64 rows side by side vectorise where a 10-class row cannot (measured
+# (64, 10): 3.6 us against 7.9 us; break-even near 24 classes).
+_FEW_CLASSES = 16
 
 
 def _kdim_fits(logits: Tensor, target: Tensor, weight: Tensor | None, params: CEParams) -> bool:
-    """K-dim logits the in-place kernel takes (eager, class indices, no softcap, 32/16-bit,
+    """Logits the in-place K-dim kernel takes (eager, class indices, no softcap, 32/16-bit,
     finite class weights with smoothing)."""
     return (logits.dtype in _FORMATS and not target.is_floating_point()
             and params.softcap is None and logits.numel() > 0
@@ -338,40 +368,76 @@ def _kdim_fits(logits: Tensor, target: Tensor, weight: Tensor | None, params: CE
 
 
 def _kdim_cross_entropy(
-    logits: Tensor, target: Tensor, weight: Tensor | None, want_grad: bool, params: CEParams
-) -> tuple[Tensor, Tensor, Tensor | None, float]:
-    """``(N, C, S)`` logits with class indices ``(N * S,)``: read and written in their layout."""
-    n, n_cls, n_in = logits.shape
+    logits: Tensor, target: Tensor, weight: Tensor | None, want_grad: bool, params: CEParams,
+    rows: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None, float, bool | None]:
+    """``(N, C, S)`` logits with class indices ``(N * S,)``: read and written in their layout.
+    With ``rows``, ``(R, C)`` logits read as the ``(1, C, R)`` view (rows side by side)."""
     w = _EMPTY if weight is None else _as_array(weight.float().contiguous())
     t = target.numpy()
-    den, bad = _target_pass(t, w, np.int64(params.ignore_index), n_cls)
-    if bad >= 0:
-        raise TargetOutOfBounds(bad)
-    mean = params.reduction == "mean"
-    scale = (math.inf if den == 0 else 1.0 / den) if mean else 1.0
+    x = _as_array(logits)
+    if rows:
+        x = x.T[None]  # (1, C, R), a view
+    n, n_cls, n_in = x.shape
+    fmt = _FORMATS[logits.dtype]
     blocks = n_blocks(n, n_in)
     reduced = params.reduction != "none"
     # Reduced calls keep one float64 sum per block, and a call that drops the lse keeps none:
     # per-pixel buffers would cost 8 bytes a pixel beside 4 C bytes of logits.
     loss = np.empty(blocks, np.float64) if reduced else np.empty(n * n_in, np.float32)
     lse = np.empty(n * n_in if params.want_lse else 0, np.float32)  # (N * S,) or none
-    x = _as_array(logits)
     grad = out = None
     if want_grad and params.inplace_backward:
         grad, out = logits, x
     elif want_grad:
-        grad = empty_huge(logits.shape, logits.dtype)  # (N, C, S), fresh: huge pages
-        out = _as_array(grad)
+        grad = empty_huge(logits.shape, logits.dtype)  # the logits' shape, fresh: huge pages
+        out = _as_array(grad).T[None] if rows else _as_array(grad)
     w_total = float(w.sum(dtype=np.float32)) if weight is not None else float(n_cls)
     threads = 1 if logits.numel() < _PARALLEL_MIN else min(torch.get_num_threads(), blocks)
-    args = (x, _FORMATS[logits.dtype], t, w, w_total, np.int64(params.ignore_index),
-            _F32(params.eps), _F32(params.z_loss), _F32(scale), scale != math.inf, want_grad,
-            x if out is None else out, loss, lse)
-    _split_rows(kdim_kernel, args, blocks, threads)
-    if reduced:
-        with np.errstate(divide="ignore", invalid="ignore"):  # x / 0: inf or NaN, as torch
-            total = loss.sum() / np.float64(den) if mean else loss.sum()
-        out_loss = torch.from_numpy(np.array(total, np.float32))
-    else:
-        out_loss = torch.from_numpy(loss)
-    return out_loss, torch.from_numpy(lse), grad, scale
+    total, scale, bad, probs = _kdim_call(
+        x, fmt, t, w, w_total, params.ignore_index, params.eps, params.z_loss,
+        params.reduction == "mean", want_grad, x if out is None else out, loss, lse,
+        -1.0 if params.probe_tol is None else params.probe_tol, threads == 1,
+    )
+    if bad >= 0:
+        raise TargetOutOfBounds(bad)
+    if threads > 1:  # the blocks on the threads; _kdim_call checked, probed and scaled
+        args = (x, fmt, t, w, _F32(w_total), np.int64(params.ignore_index), _F32(params.eps),
+                _F32(params.z_loss), _F32(scale), scale != math.inf, want_grad,
+                x if out is None else out, loss, lse)
+        _split_rows(kdim_kernel, args, blocks, threads)
+        total = _kdim_total(loss, reduced, scale if params.reduction == "mean" else 1.0)
+    out_loss = torch.from_numpy(np.array(total, np.float32) if reduced else loss)
+    return out_loss, torch.from_numpy(lse), grad, scale, (None if params.probe_tol is None else probs)
+
+
+@njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
+def _kdim_call(x, fmt, target, w, w_total, ignore_index, eps, z, mean, want_grad, grad, loss,
+               lse, probe_tol, run):
+    """The K-dim whole call's bookkeeping in one launch: the target pass, the probe (when
+    ``probe_tol >= 0``), the gradient scale and, with ``run``, all blocks on this thread and the
+    reduced loss. Returns ``(reduced loss, scale, first bad position or -1, probs)``; nothing
+    is written after a bad position. numpy's error model: x / 0 is inf or NaN, as torch."""
+    den, bad = _target_pass(target, w, ignore_index, x.shape[1])
+    if bad >= 0:
+        return 0.0, 1.0, bad, False
+    probs = probe_tol >= 0 and probe_positions(x, fmt, probe_tol)  # before an in-place grad
+    scale = (np.inf if den == 0.0 else 1.0 / den) if mean else 1.0
+    if not run:
+        return 0.0, scale, -1, probs
+    kdim_kernel(x, fmt, target, w, _F32(w_total), np.int64(ignore_index), _F32(eps), _F32(z),
+                _F32(scale), scale != np.inf, want_grad, grad, loss, lse, 0,
+                n_blocks(x.shape[0], x.shape[2]))
+    return _kdim_total(loss, loss.size != target.size, scale if mean else 1.0), scale, -1, probs
+
+
+@njit(nogil=True, cache=True)
+def _kdim_total(loss, reduced, scale):
+    """The reduced loss from the kernel's per-block float64 sums: sum, or mean (``scale`` is
+    1 / the denominator; 0 * inf when nothing counts gives torch's NaN)."""
+    if not reduced:
+        return 0.0
+    total = 0.0
+    for i in range(loss.size):
+        total += loss[i]
+    return total * scale
