@@ -70,7 +70,7 @@ def target_is_probabilities(
     """
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.device != input.device:
+    if target.is_cpu != input.is_cpu or (not input.is_cpu and target.device != input.device):
         raise RuntimeError(
             f"target is on {target.device} but input is on {input.device}: move both to one device"
         )
@@ -126,6 +126,8 @@ def check_index_target(input: Tensor, target: Tensor, reduction: str = "none") -
             f"to be Long or Byte holding class indices: {hint}, or pass class probabilities of the "
             f"input's shape {_shape(input)}"
         )
+    if input.dim() <= 2 and target.dim() <= 1:
+        return  # the common case: nothing below applies
     empty_reduced = target.numel() == 0 and reduction != "none"  # torch returns before checking
     if input.dim() >= 3 and target.dtype != torch.int64 and not empty_reduced:
         # torch's K-dim kernels (nll_loss2d) take int64 only; uint8 works for (C,) / (N, C).

@@ -20,7 +20,7 @@ import torch
 _HUGE_PAGE = 2 << 20
 _HAS_MADVISE = hasattr(mmap, "MADV_HUGEPAGE")
 # Below this the saving is small and the mapping rounds up to a whole huge page.
-_MIN_BYTES = 8 * _HUGE_PAGE
+HUGE_MIN_BYTES = 8 * _HUGE_PAGE
 
 
 def empty_huge(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -32,7 +32,7 @@ def empty_huge(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch
     the page faults again (as torch's CUDA caching allocator does).
     """
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < _MIN_BYTES or not _HAS_MADVISE:
+    if nbytes < HUGE_MIN_BYTES or not _HAS_MADVISE:
         return torch.empty(shape, dtype=dtype)
     region = _take_free(nbytes)
     if region is None:

@@ -25,7 +25,7 @@ from torch import Tensor
 from .._core.params import CEParams
 from . import TargetOutOfBounds, torch_fused
 from ._reduced import reduced
-from ._cpu_alloc import empty_huge
+from ._cpu_alloc import HUGE_MIN_BYTES, empty_huge
 from ._opaque import opaque_kernel
 from ._numba_kdim import kdim_kernel, n_blocks
 from ._numba_math import finite_f32, scaled_difference
@@ -231,6 +231,22 @@ def index_target_sums(
 
 
 _EMPTY = np.empty(0, np.float32)
+
+
+def _new_grad(logits: Tensor, x: np.ndarray) -> tuple[Tensor, np.ndarray]:
+    """A fresh gradient of ``logits``' shape and dtype (contiguous) and its numpy view (``x``
+    is ``logits``' own view, giving the storage type): numpy-made when small (cheaper than
+    ``torch.empty`` and ``.numpy()``), huge-page backed when large (``empty_huge``)."""
+    if x.nbytes < HUGE_MIN_BYTES:
+        out = np.empty(x.shape, x.dtype)
+        grad = torch.from_numpy(out)
+        if logits.dtype != torch.float32:
+            grad = grad.view(logits.dtype)  # 16-bit gradients travel as their uint16 bits
+        return grad, out
+    grad = empty_huge(logits.shape, logits.dtype)
+    return grad, _as_array(grad)
+
+
 def _as_array(t: Tensor) -> np.ndarray:
     """A numpy view of a contiguous CPU tensor; 16-bit floats as their uint16 bits."""
     if t.requires_grad:
@@ -317,10 +333,7 @@ def cross_entropy(
     if want_grad and params.inplace_backward:
         grad, out = logits, x
     elif want_grad:
-        out = np.empty_like(x)  # (R, C) numpy-made: cheaper than torch.empty + .numpy()
-        grad = torch.from_numpy(out)
-        if logits.dtype != torch.float32:
-            grad = grad.view(logits.dtype)  # 16-bit gradients travel as their uint16 bits
+        grad, out = _new_grad(logits, x)
     w = _EMPTY if weight is None else _as_array(weight.float().contiguous())
     w_total = float(w.sum(dtype=np.float32)) if weight is not None else float(n_cls)
     value, scale, bad, probs = _index_call(
@@ -375,9 +388,8 @@ def _kdim_cross_entropy(
     With ``rows``, ``(R, C)`` logits read as the ``(1, C, R)`` view (rows side by side)."""
     w = _EMPTY if weight is None else _as_array(weight.float().contiguous())
     t = target.numpy()
-    x = _as_array(logits)
-    if rows:
-        x = x.T[None]  # (1, C, R), a view
+    stored = _as_array(logits)
+    x = stored.T[None] if rows else stored  # rows: (1, C, R), a view
     n, n_cls, n_in = x.shape
     fmt = _FORMATS[logits.dtype]
     blocks = n_blocks(n, n_in)
@@ -390,8 +402,9 @@ def _kdim_cross_entropy(
     if want_grad and params.inplace_backward:
         grad, out = logits, x
     elif want_grad:
-        grad = empty_huge(logits.shape, logits.dtype)  # the logits' shape, fresh: huge pages
-        out = _as_array(grad).T[None] if rows else _as_array(grad)
+        grad, out = _new_grad(logits, stored)
+        if rows:
+            out = out.T[None]
     w_total = float(w.sum(dtype=np.float32)) if weight is not None else float(n_cls)
     threads = 1 if logits.numel() < _PARALLEL_MIN else min(torch.get_num_threads(), blocks)
     total, scale, bad, probs = _kdim_call(
