@@ -166,7 +166,6 @@ def kdim_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale, finite
                 grad[i, ys[j], s0 + j] = from_f32(g_y[j], fmt, grad[i, ys[j], s0 + j])
 
 
-@njit(cache=True)
 def n_blocks(n: int, n_in: int) -> int:
     """Blocks of ``(N, C, S)`` logits, the unit the kernel's ``lo..hi`` range counts."""
     return n * ((n_in + _BLOCK - 1) // _BLOCK)

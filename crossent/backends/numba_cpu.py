@@ -410,7 +410,7 @@ def _kdim_cross_entropy(
     total, scale, bad, probs = _kdim_call(
         x, fmt, t, w, w_total, params.ignore_index, params.eps, params.z_loss,
         params.reduction == "mean", want_grad, x if out is None else out, loss, lse,
-        -1.0 if params.probe_tol is None else params.probe_tol, threads == 1,
+        -1.0 if params.probe_tol is None else params.probe_tol, blocks if threads == 1 else 0,
     )
     if bad >= 0:
         raise TargetOutOfBounds(bad)
@@ -426,21 +426,20 @@ def _kdim_cross_entropy(
 
 @njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
 def _kdim_call(x, fmt, target, w, w_total, ignore_index, eps, z, mean, want_grad, grad, loss,
-               lse, probe_tol, run):
+               lse, probe_tol, blocks):
     """The K-dim whole call's bookkeeping in one launch: the target pass, the probe (when
-    ``probe_tol >= 0``), the gradient scale and, with ``run``, all blocks on this thread and the
-    reduced loss. Returns ``(reduced loss, scale, first bad position or -1, probs)``; nothing
+    ``probe_tol >= 0``), the gradient scale and, when ``blocks > 0``, all blocks on this thread
+    and the reduced loss. Returns ``(reduced loss, scale, first bad position or -1, probs)``; nothing
     is written after a bad position. numpy's error model: x / 0 is inf or NaN, as torch."""
     den, bad = _target_pass(target, w, ignore_index, x.shape[1])
     if bad >= 0:
         return 0.0, 1.0, bad, False
     probs = probe_tol >= 0 and probe_positions(x, fmt, probe_tol)  # before an in-place grad
     scale = (np.inf if den == 0.0 else 1.0 / den) if mean else 1.0
-    if not run:
+    if blocks == 0:
         return 0.0, scale, -1, probs
     kdim_kernel(x, fmt, target, w, _F32(w_total), np.int64(ignore_index), _F32(eps), _F32(z),
-                _F32(scale), scale != np.inf, want_grad, grad, loss, lse, 0,
-                n_blocks(x.shape[0], x.shape[2]))
+                _F32(scale), scale != np.inf, want_grad, grad, loss, lse, 0, blocks)
     return _kdim_total(loss, loss.size != target.size, scale if mean else 1.0), scale, -1, probs
 
 

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 import crossent
 
+from .._core.dispatch import ready
 from . import bench_linear as _bench_linear
 from .bench_report import plot, print_report
 
@@ -280,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ``--gpu``, ``--sweep`` or ``--linear-only`` hands the other arguments to that benchmark."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    # Timings and memory are of the steady state: wait for the background load of numba that
+    # impl="auto" starts (the first call of a process is timed on its own, in a fresh one).
+    ready("numba", wait=True)
     for flag, module in OTHER_MODES.items():
         if flag in argv:
             rest = [a for a in argv if a != flag]
