@@ -58,7 +58,8 @@ def _check_family(family, x, dim, impl, up_seed=0):
 
 
 SHAPES = [((7,), 0), ((3, 5), 1), ((3, 5), 0), ((2, 3, 4), -1), ((2, 3, 4), 1), ((2, 3, 4), -3),
-          ((2, 3, 4, 5), 2), ((4, 1), 1), ((2, 1, 6), 1), ((5, 300), 1), ((3, 40, 300), 1)]
+          ((2, 3, 4, 5), 2), ((4, 1), 1), ((2, 1, 6), 1), ((5, 300), 1), ((3, 40, 300), 1),
+          ((2, 17, 4100), 1), ((2, 3, 4200), 1)]  # two runs of W inner positions, one ragged
 
 
 @pytest.mark.parametrize("impl", cpu_backends())
@@ -66,7 +67,8 @@ SHAPES = [((7,), 0), ((3, 5), 1), ((3, 5), 0), ((2, 3, 4), -1), ((2, 3, 4), 1), 
 @pytest.mark.parametrize("shape,dim", SHAPES, ids=str)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_softmax_families_any_dim(family, shape, dim, dtype, impl):
-    """Every dim (negative too), C = 1, inner runs longer than the kernels' 256-wide chunks."""
+    """Every dim (negative too), C = 1, inner runs longer than the kernels' chunks (``W``
+    positions side by side, ``numba_softmax.width``)."""
     x = logits(shape, dtype, torch.Generator().manual_seed(len(shape) + dim))
     _check_family(family, x, dim, impl)
 
