@@ -100,7 +100,7 @@ def _times_upstream(grad: Tensor, upstream: Tensor, in_place: bool) -> Tensor:
             return grad
         return grad.mul_(_per_row(upstream.to(grad.dtype), grad))
     if upstream.dim() == 0:
-        on_host = upstream.device.type == "cpu" and not torch.compiler.is_compiling()
+        on_host = upstream.is_cpu and not torch.compiler.is_compiling()
         if on_host and upstream.item() == 1.0:
             return grad
     factor = _per_row(upstream.to(grad.dtype), grad)

@@ -118,11 +118,12 @@ def resolve_backend(impl: str, tensor: Tensor) -> ModuleType:
     if torch.compiler.is_compiling():
         return _resolve(impl, tensor)
     # TRITON_INTERPRET decides only whether Triton runs on CPU tensors: tests set it per process.
-    key = (impl, tensor.device.type, os.environ.get("TRITON_INTERPRET") if impl == "triton" else None)
+    device = "cpu" if tensor.is_cpu else tensor.device.type  # is_cpu: no device object made
+    key = (impl, device, os.environ.get("TRITON_INTERPRET") if impl == "triton" else None)
     backend = _RESOLVED.get(key)
     if backend is None:
         backend = _resolve(impl, tensor)
-        if impl != "auto" or tensor.device.type != "cpu" or ready("numba"):
+        if impl != "auto" or device != "cpu" or ready("numba"):
             # (not the torch stand-in that runs while numba loads)
             _RESOLVED[key] = backend
     return backend

@@ -101,21 +101,23 @@ def check_index_target(input: Tensor, target: Tensor, reduction: str = "none") -
 
     Exception classes and their order are torch's: batch size (``ValueError``), then dtype and
     rank (``RuntimeError``)."""
-    expected = _index_shape(input)
-    if input.dim() == 1 and target.dim() == 1 and target.shape[0] != 1:
+    in_dim, t_dim = input.dim(), target.dim()
+    if in_dim == 1 and t_dim == 1 and target.shape[0] != 1:
         raise ValueError(
             f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}: "
             f"input {_shape(input)} is one sample of {input.shape[0]} classes, so target must "
             f"be one class index, shape () or (1,)"
         )
-    batch = target.shape[0] if target.dim() else 0
-    if input.dim() >= 2 and batch != input.shape[0]:
+    batch = target.shape[0] if t_dim else 0
+    if in_dim >= 2 and batch != input.shape[0]:
         raise ValueError(
             f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
-            f"({batch}): input {_shape(input)} needs class indices of shape {_shape(expected)}"
-            f"{_probs_hint(input, target)}, got target {_shape(target)}"
+            f"({batch}): input {_shape(input)} needs class indices of shape "
+            f"{_shape(_index_shape(input))}{_probs_hint(input, target)}, got target "
+            f"{_shape(target)}"
         )
     if target.dtype not in _INDEX_DTYPES:
+        expected = _index_shape(input)
         hint = (
             "use target.long()"
             if tuple(target.shape) == expected
@@ -126,8 +128,9 @@ def check_index_target(input: Tensor, target: Tensor, reduction: str = "none") -
             f"to be Long or Byte holding class indices: {hint}, or pass class probabilities of the "
             f"input's shape {_shape(input)}"
         )
-    if input.dim() <= 2 and target.dim() <= 1:
+    if in_dim <= 2 and t_dim <= 1:
         return  # the common case: nothing below applies
+    expected = _index_shape(input)
     empty_reduced = target.numel() == 0 and reduction != "none"  # torch returns before checking
     if input.dim() >= 3 and target.dtype != torch.int64 and not empty_reduced:
         # torch's K-dim kernels (nll_loss2d) take int64 only; uint8 works for (C,) / (N, C).

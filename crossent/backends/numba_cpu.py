@@ -314,16 +314,15 @@ def cross_entropy(
     K-dimensional logits, and rows of at most ``_FEW_CLASSES`` classes, take the K-dim kernel
     (positions side by side). Larger, probability-target, float64 and compiled calls take the
     composed path (which does not probe)."""
-    if logits.dim() == 2 and not logits.is_contiguous():
+    if torch.compiler.is_compiling():
+        return _composed(logits, target, weight, want_grad, params)
+    kdim = logits.dim() == 3
+    if not kdim and not logits.is_contiguous():
         logits = logits.contiguous()  # rows at a stride: the row kernels read contiguous rows
-    if logits.dim() == 3 and _kdim_fits(logits, target, weight, params):
-        return _kdim_cross_entropy(logits, target, weight, want_grad, params)
-    if (logits.dim() == 2 and logits.shape[1] <= _FEW_CLASSES
-            and _kdim_fits(logits, target, weight, params)):
-        return _kdim_cross_entropy(logits, target, weight, want_grad, params, rows=True)
-    if (logits.dim() == 3 or target.is_floating_point() or logits.dtype not in _FORMATS
-            or logits.numel() >= _PARALLEL_MIN or logits.shape[0] == 0
-            or torch.compiler.is_compiling()):
+    if (kdim or logits.shape[1] <= _FEW_CLASSES) and _kdim_fits(logits, target, weight, params):
+        return _kdim_cross_entropy(logits, target, weight, want_grad, params, rows=not kdim)
+    if (kdim or target.is_floating_point() or logits.dtype not in _FORMATS
+            or logits.numel() >= _PARALLEL_MIN or logits.shape[0] == 0):
         return _composed(logits, target, weight, want_grad, params)
     n_rows, n_cls = logits.shape
     loss = np.empty(n_rows, np.float32)  # (R,)
@@ -372,12 +371,11 @@ _FEW_CLASSES = 16
 
 
 def _kdim_fits(logits: Tensor, target: Tensor, weight: Tensor | None, params: CEParams) -> bool:
-    """Logits the in-place K-dim kernel takes (eager, class indices, no softcap, 32/16-bit,
-    finite class weights with smoothing)."""
-    return (logits.dtype in _FORMATS and not target.is_floating_point()
-            and params.softcap is None and logits.numel() > 0
-            and not torch.compiler.is_compiling()
-            and not (params.eps > 0 and weight is not None and not bool(weight.isfinite().all())))
+    """Logits the in-place K-dim kernel takes (class indices, no softcap, 32/16-bit, finite
+    class weights with smoothing; the caller checked that it is not tracing)."""
+    return (params.softcap is None and logits.dtype in _FORMATS and not target.is_floating_point()
+            and logits.numel() > 0
+            and (weight is None or not params.label_smoothing > 0 or bool(weight.isfinite().all())))
 
 
 def _kdim_cross_entropy(
