@@ -138,6 +138,7 @@ _BACKGROUND_LOAD = os.environ.get("CROSSENT_BACKGROUND_LOAD", "1").strip().lower
     "0", "false", "off", "no")
 _loader: tuple[int, threading.Thread] | None = None  # (process id, thread) of the load
 _loader_lock = threading.Lock()
+_loaded = False  # set by the load when it ends; a forked child inherits a finished load
 
 
 def ready(name: str, wait: bool = False) -> bool:
@@ -145,11 +146,8 @@ def ready(name: str, wait: bool = False) -> bool:
     background load on first asking (once per process) and is False until it has finished;
     ``wait`` waits for it instead."""
     global _loader
-    if (name != "numba" or not _BACKGROUND_LOAD or not available("numba")
+    if (_loaded or name != "numba" or not _BACKGROUND_LOAD or not available("numba")
             or torch.compiler.is_compiling()):
-        return True
-    loader = _loader
-    if loader is not None and loader[0] == os.getpid() and not loader[1].is_alive():
         return True
     with _loader_lock:
         if _loader is None or _loader[0] != os.getpid():  # a forked child loads its own
@@ -168,10 +166,12 @@ def ready(name: str, wait: bool = False) -> bool:
 def _load_numba_kernels() -> None:
     """The background load: numba, the backend, and the kernels' cached machine code. A
     failure is left for the first call that names numba to raise (it loads again there)."""
+    global _loaded
     try:
         _load_numba().warm_up()
     except Exception:  # noqa: BLE001 - reported by the foreground load, not lost in a thread
         pass
+    _loaded = True
 
 
 def backend_name(impl: str, tensor: Tensor) -> str:
