@@ -374,14 +374,18 @@ def _loss_in_child(x, t):
     return crossent.cross_entropy(x, t, impl="numba")
 
 
+@pytest.mark.parametrize("width", [None, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kdim_kernel_matches_rows_and_thread_count(monkeypatch, dtype):
+def test_kdim_kernel_matches_rows_and_thread_count(monkeypatch, dtype, width):
     """K-dim logits (N, C, S) read in place give the row kernel's results on the class-last
     copy, bit for bit in the loss up to float32 rounding, with any thread count (blocks of
-    positions, never a position, are split between threads)."""
+    positions, never a position, are split between threads), in one block per sample or (64
+    positions per block) two full blocks and a ragged one."""
     monkeypatch.setattr(numba_cpu, "_PARALLEL_MIN", 1)
+    if width:
+        monkeypatch.setattr(numba_cpu, "block_width", lambda n_cls: width)
     gen = _gen("kdim")
-    x = logits((3, 7, 150), dtype, gen)  # S = 150: two full blocks of 64 and a ragged one
+    x = logits((3, 7, 150), dtype, gen)  # S = 150
     t = index_target((3, 7, 150), 7, gen).reshape(-1)
     w = torch.rand(7, generator=gen) + 0.1
     params = CEParams(reduction="none", label_smoothing=0.1, z_loss=1e-3)
@@ -401,17 +405,21 @@ def test_kdim_kernel_matches_rows_and_thread_count(monkeypatch, dtype):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("width", [None, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_few_class_rows_match_the_row_kernel(monkeypatch, dtype, reduction, inplace):
+def test_few_class_rows_match_the_row_kernel(monkeypatch, dtype, reduction, inplace, width):
     """Rows of at most ``_FEW_CLASSES`` classes go through the K-dim kernel on the transposed
     view (rows side by side): the row kernel's loss, lse and gradient (in the rows' own layout,
-    in place too), on 1-3 threads, with ignored rows, weights, smoothing and z-loss."""
+    in place too), on 1-3 threads, with ignored rows, weights, smoothing and z-loss, in one
+    block or (64 rows per block) several."""
     monkeypatch.setattr(numba_cpu, "_PARALLEL_MIN", 1)
+    if width:
+        monkeypatch.setattr(numba_cpu, "block_width", lambda n_cls: width)
     for n_cls in (1, 2, 10, numba_cpu._FEW_CLASSES):
         gen = _gen("few", n_cls, reduction)
-        x = logits((150, n_cls), dtype, gen)  # 150 rows: two full blocks of 64 and a ragged one
+        x = logits((150, n_cls), dtype, gen)  # 150 rows: blocks of 64 leave a ragged one
         t = index_target((150, n_cls), n_cls, gen)  # a quarter ignored
         w = torch.rand(n_cls, generator=gen) + 0.1
         params = CEParams(reduction=reduction, label_smoothing=0.1, z_loss=1e-3,

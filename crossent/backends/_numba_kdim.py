@@ -2,12 +2,12 @@
 
 Segmentation logits keep the class dim in the middle: a "row" of one pixel is ``C`` values at
 stride ``S``. Moving the class dim last costs a full copy of the logits and another of the
-gradient; instead this kernel walks ``_BLOCK`` neighbouring positions side by side, so every
+gradient; instead this kernel walks ``W`` neighbouring positions side by side, so every
 load and store is a contiguous run along ``S`` and the loops vectorise:
 
   1. per position: target, validity, ``x_y`` (read before any store, for in-place gradients);
-  2. ``m = max_c x_c`` over the block, one pass over ``C`` runs of ``_BLOCK`` values;
-  3. ``e_c = exp(x_c - m)`` into a float32 ``(C, _BLOCK)`` scratch (L1/L2-sized), their sums,
+  2. ``m = max_c x_c`` over the block, one pass over ``C`` runs of ``W`` values;
+  3. ``e_c = exp(x_c - m)`` into a float32 ``(C, W)`` scratch (L2-sized), their sums,
      and the smoothing gaps;
   4. per position: lse, loss, the gradient coefficients;
   5. the gradient, written once in the logits' own layout and dtype.
@@ -28,7 +28,15 @@ from ._numba_math import (
 from ._numba_rows import BF16, FM
 
 _F32 = np.float32
-_BLOCK = 64  # positions per block: 64 float32 lanes = four AVX-512 vectors per class run
+_SLAB = 1 << 15  # values of the (C, W) exp scratch: 128 KiB, in L2 with the block's runs
+
+
+def block_width(n_cls: int) -> int:
+    """Positions per block ``W``: as many as keep the ``(C, W)`` scratch at ``_SLAB`` values, a
+    multiple of 64 (four AVX-512 vectors per class run) in [64, 2048]. Every class run costs a
+    slice and a loop start, so few classes want wide blocks (measured (16, 10, 32, 32): 64
+    positions per block spent more on those than on the maths)."""
+    return max(64, min(2048, _SLAB // max(n_cls, 1) // 64 * 64))
 
 
 def to_f32(v, fmt):
@@ -59,7 +67,7 @@ def _from_f32(g, fmt, like):
 
 @njit(nogil=True, fastmath=FM, cache=True)
 def kdim_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale, finite_scale,
-                want_grad, grad, loss, lse, lo, hi):
+                want_grad, grad, loss, lse, bw, lo, hi):
     """Blocks ``lo..hi`` of ``x`` ``(N, C, S)``; ``target`` is ``(N * S,)`` in ``(n, s)`` order;
     ``loss`` is ``(N * S,)`` per position, or one float64 sum per block (``n_blocks``) when the
     caller reduces anyway; ``lse`` is ``(N * S,)``, or empty when nobody reads it (both save
@@ -67,26 +75,26 @@ def kdim_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale, finite
     shape and dtype (``x`` itself when in place); ``w`` has size 0 when unweighted;
     ``finite_scale`` as in the row kernel."""
     n_cls, n_in = x.shape[1], x.shape[2]
-    per_n = (n_in + _BLOCK - 1) // _BLOCK
+    per_n = (n_in + bw - 1) // bw  # blocks of bw = block_width(C) positions
     has_w = w.size > 0
     per_block = loss.size != x.shape[0] * n_in  # block sums (mean / sum) or per position
     want_lse = lse.size > 0
     keep = _F32(1.0) - eps
     eps_c = eps / _F32(n_cls)
-    e = np.empty((n_cls, _BLOCK), np.float32)  # (C, B) exp scratch
-    m = np.empty(_BLOCK, np.float32)
-    ssum = np.empty(_BLOCK, np.float32)
-    gap = np.empty(_BLOCK, np.float32)
-    logs = np.empty(_BLOCK, np.float32)
-    x_y = np.empty(_BLOCK, np.float32)
-    k = np.empty(_BLOCK, np.float32)  # gradient factor of e_c
-    g_y = np.empty(_BLOCK, np.float32)
-    ys = np.empty(_BLOCK, np.int64)
-    ok = np.empty(_BLOCK, np.bool_)
+    e = np.empty((n_cls, bw), np.float32)  # (C, B) exp scratch
+    m = np.empty(bw, np.float32)
+    ssum = np.empty(bw, np.float32)
+    gap = np.empty(bw, np.float32)
+    logs = np.empty(bw, np.float32)
+    x_y = np.empty(bw, np.float32)
+    k = np.empty(bw, np.float32)  # gradient factor of e_c
+    g_y = np.empty(bw, np.float32)
+    ys = np.empty(bw, np.int64)
+    ok = np.empty(bw, np.bool_)
     for blk in range(lo, hi):
         i = blk // per_n
-        s0 = (blk - i * per_n) * _BLOCK
-        width = min(_BLOCK, n_in - s0)
+        s0 = (blk - i * per_n) * bw
+        width = min(bw, n_in - s0)
         base = i * n_in + s0  # flat (n, s) index of the block's first position
         block_loss = 0.0
         for j in range(width):  # 1. before any store: in place, x is the gradient buffer
@@ -166,6 +174,6 @@ def kdim_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale, finite
                 grad[i, ys[j], s0 + j] = from_f32(g_y[j], fmt, grad[i, ys[j], s0 + j])
 
 
-def n_blocks(n: int, n_in: int) -> int:
+def n_blocks(n: int, n_in: int, bw: int) -> int:
     """Blocks of ``(N, C, S)`` logits, the unit the kernel's ``lo..hi`` range counts."""
-    return n * ((n_in + _BLOCK - 1) // _BLOCK)
+    return n * ((n_in + bw - 1) // bw)

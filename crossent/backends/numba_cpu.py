@@ -27,7 +27,7 @@ from . import TargetOutOfBounds, torch_fused
 from ._reduced import reduced
 from ._cpu_alloc import HUGE_MIN_BYTES, empty_huge
 from ._opaque import opaque_kernel
-from ._numba_kdim import kdim_kernel, n_blocks
+from ._numba_kdim import block_width, kdim_kernel, n_blocks
 from ._numba_math import finite_f32, scaled_difference
 from ._numba_probe import probe_positions, probe_rows
 from ._numba_threads import _PARALLEL_MIN, _split_rows
@@ -390,7 +390,8 @@ def _kdim_cross_entropy(
     x = stored.T[None] if rows else stored  # rows: (1, C, R), a view
     n, n_cls, n_in = x.shape
     fmt = _FORMATS[logits.dtype]
-    blocks = n_blocks(n, n_in)
+    bw = block_width(n_cls)
+    blocks = n_blocks(n, n_in, bw)
     reduced = params.reduction != "none"
     # Reduced calls keep one float64 sum per block, and a call that drops the lse keeps none:
     # per-pixel buffers would cost 8 bytes a pixel beside 4 C bytes of logits.
@@ -408,14 +409,14 @@ def _kdim_cross_entropy(
     total, scale, bad, probs = _kdim_call(
         x, fmt, t, w, w_total, params.ignore_index, params.eps, params.z_loss,
         params.reduction == "mean", want_grad, x if out is None else out, loss, lse,
-        -1.0 if params.probe_tol is None else params.probe_tol, blocks if threads == 1 else 0,
+        -1.0 if params.probe_tol is None else params.probe_tol, bw, blocks if threads == 1 else 0,
     )
     if bad >= 0:
         raise TargetOutOfBounds(bad)
     if threads > 1:  # the blocks on the threads; _kdim_call checked, probed and scaled
         args = (x, fmt, t, w, _F32(w_total), np.int64(params.ignore_index), _F32(params.eps),
                 _F32(params.z_loss), _F32(scale), scale != math.inf, want_grad,
-                x if out is None else out, loss, lse)
+                x if out is None else out, loss, lse, bw)
         _split_rows(kdim_kernel, args, blocks, threads)
         total = _kdim_total(loss, reduced, scale if params.reduction == "mean" else 1.0)
     out_loss = torch.from_numpy(np.array(total, np.float32) if reduced else loss)
@@ -424,7 +425,7 @@ def _kdim_cross_entropy(
 
 @njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
 def _kdim_call(x, fmt, target, w, w_total, ignore_index, eps, z, mean, want_grad, grad, loss,
-               lse, probe_tol, blocks):
+               lse, probe_tol, bw, blocks):
     """The K-dim whole call's bookkeeping in one launch: the target pass, the probe (when
     ``probe_tol >= 0``), the gradient scale and, when ``blocks > 0``, all blocks on this thread
     and the reduced loss. Returns ``(reduced loss, scale, first bad position or -1, probs)``; nothing
@@ -437,7 +438,7 @@ def _kdim_call(x, fmt, target, w, w_total, ignore_index, eps, z, mean, want_grad
     if blocks == 0:
         return 0.0, scale, -1, probs
     kdim_kernel(x, fmt, target, w, _F32(w_total), np.int64(ignore_index), _F32(eps), _F32(z),
-                _F32(scale), scale != np.inf, want_grad, grad, loss, lse, 0, blocks)
+                _F32(scale), scale != np.inf, want_grad, grad, loss, lse, bw, 0, blocks)
     return _kdim_total(loss, loss.size != target.size, scale if mean else 1.0), scale, -1, probs
 
 
