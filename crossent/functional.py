@@ -119,10 +119,14 @@ def _cross_entropy(
     probe are the backend's, made in its pass over the logits (``crossent.backends``)."""
     reduction = _validate.resolve_reduction(size_average, reduce, reduction)
     _validate.check_options(label_smoothing, z_loss, softcap)
-    _validate.check_input(input)
-    probs = _validate.target_is_probabilities(input, target, ignore_index, reduction)
-    _validate.check_weight(weight, input, probs)
-    _validate.warn_weight_grad(weight)
+    plain = weight is None and _validate.plain_rows(input, target)
+    if plain:  # (N, C) logits, (N,) int64 indices, CPU, no weight: the checks below all pass
+        probs = False
+    else:
+        _validate.check_input(input)
+        probs = _validate.target_is_probabilities(input, target, ignore_index, reduction)
+        _validate.check_weight(weight, input, probs)
+        _validate.warn_weight_grad(weight)
     if inplace_backward:
         _validate.check_inplace(input, probs and target.requires_grad)
     probe_tol = _diagnostics.probe_tolerance(input)
@@ -132,7 +136,10 @@ def _cross_entropy(
     params = make(ignore_index, reduction, float(label_smoothing), float(z_loss), softcap,
                   inplace_backward, want_lse, probe_tol)
     backend = resolve_backend(impl, input)
-    logits, rows_target, out_shape = to_rows(input, target, probs, keep_kdim=True)
+    if plain and input.stride(1) == 1:  # rows already, the target too: nothing to reshape
+        logits, rows_target, out_shape = input, target, (input.shape[0],)
+    else:
+        logits, rows_target, out_shape = to_rows(input, target, probs, keep_kdim=True)
     if not torch.is_grad_enabled():
         # Under no_grad a Function still reports needs_input_grad for inputs that require grad:
         # detach so the kernel computes the loss only, with no gradient buffer.

@@ -61,6 +61,16 @@ def check_input(input: Tensor, name: str = "input") -> None:
         )
 
 
+def plain_rows(input: Tensor, target: Tensor) -> bool:
+    """Whether the call is the common one that every check of this module passes: ``(N, C)``
+    floating-point logits and ``(N,)`` int64 class indices, both on the CPU. Attribute reads
+    only (a small call's budget is a few microseconds); callers run the full checks, and their
+    messages, when it is False."""
+    return (type(input) is Tensor and type(target) is Tensor and input.dim() == 2
+            and target.dim() == 1 and target.dtype == torch.int64 and input.is_floating_point()
+            and input.is_cpu and target.is_cpu and target.shape[0] == input.shape[0])
+
+
 def target_is_probabilities(
     input: Tensor, target: Tensor, ignore_index: int, reduction: str = "none"
 ) -> bool:
