@@ -497,3 +497,37 @@ def test_numba_loads_in_the_background_while_torch_serves_the_first_calls(backgr
     assert out.returncode == 0, out.stderr
     first = "torch_fused" if background == "1" else "numba_cpu"
     assert out.stdout.split() == [first, "numba_cpu", "True"]
+
+
+_FORK_SCRIPT = """
+import multiprocessing as mp, torch, crossent
+from crossent._core import dispatch
+
+def child(q):
+    x = torch.randn(8, 100, requires_grad=True); t = torch.randint(0, 100, (8,))
+    crossent.cross_entropy(x, t, impl="numba").backward()
+    q.put(bool(torch.isfinite(x.grad).all()))
+
+if __name__ == "__main__":
+    x = torch.randn(8, 100); t = torch.randint(0, 100, (8,))
+    crossent.cross_entropy(x, t)  # starts the background load
+    ctx = mp.get_context("fork")
+    q = ctx.Queue(); p = ctx.Process(target=child, args=(q,)); p.start()
+    print(q.get(timeout=120)); p.join(timeout=120); print(p.exitcode)
+"""
+
+
+def test_a_fork_during_the_background_load_gives_a_working_child(tmp_path):
+    """A process forked while numba loads in the background (a DataLoader worker started
+    right after the first loss) waits for the load, so the child's numba calls work."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "fork_during_load.py"
+    script.write_text(_FORK_SCRIPT)
+    env = {**os.environ, "CROSSENT_BACKGROUND_LOAD": "1"}
+    out = subprocess.run([sys.executable, str(script)], env=env, text=True, capture_output=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "0"]

@@ -155,12 +155,24 @@ def ready(name: str, wait: bool = False) -> bool:
             # writes its cache files whole, by rename).
             thread = threading.Thread(target=_load_numba_kernels, name="crossent-numba-load",
                                       daemon=True)
+            if _loader is None and hasattr(os, "register_at_fork"):
+                os.register_at_fork(before=_finish_load)
             _loader = (os.getpid(), thread)
             thread.start()
         thread = _loader[1]
     if wait:
         thread.join()
     return not thread.is_alive()
+
+
+def _finish_load() -> None:
+    """Before a fork: let a running load finish. A child forked in the middle of it would
+    inherit a half-imported numba (module locks held by a thread it does not have) and a
+    half-initialised LLVM, and hang or crash on its first numba call (DataLoader workers)."""
+    loader = _loader
+    if (loader is not None and loader[0] == os.getpid() and loader[1].is_alive()
+            and threading.current_thread() is not loader[1]):
+        loader[1].join()
 
 
 def _load_numba_kernels() -> None:
