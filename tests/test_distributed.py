@@ -267,6 +267,7 @@ def _worker(rank: int, port: int) -> None:
                 _check_linear(group_rank, world, case, seed, fails, group)
             _check_low_precision(group_rank, world, fails, group)
             _check_errors(group_rank, world, fails, group)
+        dist.barrier()  # nobody tears the group down while another rank still communicates
     finally:
         dist.destroy_process_group()
     if fails:
