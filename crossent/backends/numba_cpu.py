@@ -252,7 +252,7 @@ def _as_array(t: Tensor) -> np.ndarray:
     if t.requires_grad:
         t = t.detach()
     if t.dtype in (torch.bfloat16, torch.float16):
-        return t.view(torch.int16).numpy().view(np.uint16)
+        return t.view(torch.uint16).numpy()
     return t.numpy()
 
 
