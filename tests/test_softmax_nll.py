@@ -59,7 +59,8 @@ def _check_family(family, x, dim, impl, up_seed=0):
 
 SHAPES = [((7,), 0), ((3, 5), 1), ((3, 5), 0), ((2, 3, 4), -1), ((2, 3, 4), 1), ((2, 3, 4), -3),
           ((2, 3, 4, 5), 2), ((4, 1), 1), ((2, 1, 6), 1), ((5, 300), 1), ((3, 40, 300), 1),
-          ((2, 17, 4100), 1), ((2, 3, 4200), 1)]  # two runs of W inner positions, one ragged
+          ((2, 17, 4100), 1), ((2, 3, 4200), 1),  # two runs of W inner positions, one ragged
+          ((3, 1), 0), ((2, 3, 1), 1)]  # dim not last, but every dim after it of size 1
 
 
 @pytest.mark.parametrize("impl", cpu_backends())

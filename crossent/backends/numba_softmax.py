@@ -271,7 +271,7 @@ def _run(rows_kernel, cols_kernel, inputs: tuple[Tensor, ...], dim: int, log: bo
     n_in = math.prod(shape[dim + 1:])
     n_out = numel // (n_cls * n_in)
     if n_in == 1:
-        if len(shape) != 2:
+        if not (len(shape) == 2 and dim == 1):  # (O, C) already only then (not (C, 1), dim 0)
             arrays = [a.reshape(n_out, n_cls) for a in arrays]  # (O, C) views
         kernel, units = rows_kernel, n_out
     else:
