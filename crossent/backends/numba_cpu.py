@@ -27,7 +27,7 @@ from . import TargetOutOfBounds, torch_fused
 from ._reduced import reduced
 from ._cpu_alloc import HUGE_MIN_BYTES, empty_huge
 from ._opaque import opaque_kernel
-from ._numba_kdim import block_width, kdim_kernel
+from ._numba_kdim import block_width, kdim_kernel, n_blocks
 from ._numba_math import finite_f32, scaled_difference
 from ._numba_probe import probe_positions, probe_rows
 from ._numba_threads import _PARALLEL_MIN, _split_rows
@@ -389,7 +389,7 @@ def _kdim_cross_entropy(
     x = stored.T[None] if rows else stored  # rows: (1, C, R), a view
     n, n_cls, n_in = x.shape
     bw = block_width(n_cls)
-    blocks = n * -(-n_in // bw)  # n_blocks(n, n_in, bw)
+    blocks = n_blocks(n, n_in, bw)
     reduced = params.reduction != "none"
     # Reduced calls keep one float64 sum per block, and a call that drops the lse keeps none:
     # per-pixel buffers would cost 8 bytes a pixel beside 4 C bytes of logits.
