@@ -17,19 +17,26 @@ SAMPLE_ROWS = 8  # as crossent._core.diagnostics._SAMPLE_ROWS
 
 
 @njit(nogil=True, cache=True)
+def _is_distribution(row, fmt, tol):
+    """Every value of the 1-d ``row`` in ``[0, 1]`` (NaN fails) and their float64 sum within
+    ``tol`` of 1; the first value outside ends the look."""
+    total = 0.0
+    for c in range(row.size):
+        v = to_f32(row[c], fmt)
+        if not (v >= 0.0 and v <= 1.0):
+            return False
+        total += np.float64(v)
+    return abs(total - 1.0) <= tol
+
+
+@njit(nogil=True, cache=True)
 def probe_rows(x, fmt, tol):
     """Whether the first rows of ``x`` ``(R, C)`` look like softmax output (``C >= 2``)."""
     n_rows, n_cls = x.shape
     if n_cls < 2 or n_rows == 0:
         return False
     for r in range(min(SAMPLE_ROWS, n_rows)):
-        total = 0.0
-        for c in range(n_cls):
-            v = to_f32(x[r, c], fmt)
-            if not (v >= 0.0 and v <= 1.0):
-                return False
-            total += np.float64(v)
-        if not abs(total - 1.0) <= tol:
+        if not _is_distribution(x[r], fmt, tol):
             return False
     return True
 
@@ -42,12 +49,6 @@ def probe_positions(x, fmt, tol):
     if n_cls < 2 or n * n_in == 0:
         return False
     for s in range(min(SAMPLE_ROWS, n_in)):
-        total = 0.0
-        for c in range(n_cls):
-            v = to_f32(x[0, c, s], fmt)
-            if not (v >= 0.0 and v <= 1.0):
-                return False
-            total += np.float64(v)
-        if not abs(total - 1.0) <= tol:
+        if not _is_distribution(x[0, :, s], fmt, tol):
             return False
     return True
