@@ -113,3 +113,29 @@ def test_ignore_index_value_is_not_an_error():
     x, y = torch.randn(3, 4), torch.tensor([0, 255, 1])
     torch.testing.assert_close(crossent.cross_entropy(x, y, ignore_index=255),
                                F.cross_entropy(x, y, ignore_index=255))
+
+
+def test_the_common_call_shortcut_implies_every_check():
+    """``_validate.plain_rows`` lets the common call skip the detailed checks: wherever it says
+    yes, every one of them passes (and torch accepts the call), over a family of shapes and
+    dtypes of logits and targets, so the shortcut can never hide an error."""
+    from hypothesis import given, settings, strategies as st
+
+    from crossent._core import validate
+
+    dtypes = st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.int64,
+                              torch.uint8, torch.int32, torch.bool])
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(in_shape=st.lists(st.integers(0, 4), min_size=0, max_size=3), in_dtype=dtypes,
+           t_shape=st.lists(st.integers(0, 4), min_size=0, max_size=3), t_dtype=dtypes)
+    def check(in_shape, in_dtype, t_shape, t_dtype):
+        x, t = torch.zeros(in_shape, dtype=in_dtype), torch.zeros(t_shape, dtype=t_dtype)
+        if not validate.plain_rows(x, t):
+            return
+        validate.check_input(x)
+        assert validate.target_is_probabilities(x, t, -100, "mean") is False
+        validate.check_weight(None, x)
+        F.cross_entropy(x.float(), t)  # torch takes it too
+
+    check()
