@@ -155,11 +155,10 @@ def _cross_entropy(
         )
     except TargetOutOfBounds as e:  # raised before anything was written
         raise _validate.out_of_bounds(target, e.row, logits.shape[1], ignore_index) from None
-    if probe_tol is not None:
-        if seen is None:  # this backend or path did not probe in its pass
-            seen = _diagnostics.looks_like_probabilities(input)
-        if seen:
-            _diagnostics.warn_probabilities(input)
+    if seen:  # the backend's own probe found probabilities
+        _diagnostics.warn_probabilities(input)
+    elif seen is None and probe_tol is not None:  # this backend or path did not probe
+        _diagnostics.check_probabilities_as_logits(input)
     if probs:
         out_dtype = torch.result_type(input, target)
         if weight is not None:

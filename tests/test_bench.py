@@ -122,3 +122,17 @@ def test_linear_only_prints_the_markdown_table(capsys):
 def test_gpu_mode_without_cuda_says_so(capsys):
     assert _bench.main(["--gpu", "--quick"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_gpu_bench_correctness_check_runs_and_catches_a_wrong_loss():
+    """``bench_gpu.disagreement`` (the GPU benchmark's check of each contender against float32
+    torch) on CPU tensors: crossent agrees, a loss of doubled logits is named."""
+    import crossent
+    from crossent.cli import bench_gpu
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 300, generator=gen).bfloat16()  # (N, V)
+    y = torch.randint(0, 300, (16,), generator=gen)
+    assert bench_gpu.disagreement(crossent.cross_entropy, x, y) is None
+    wrong = bench_gpu.disagreement(lambda h, t: crossent.cross_entropy(h * 2, t), x, y)
+    assert wrong is not None and wrong.startswith("loss")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import doctest
-import importlib
 import re
 import warnings
 from pathlib import Path

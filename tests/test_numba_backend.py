@@ -19,6 +19,7 @@ from crossent._core import reference as _reference
 from crossent._core.params import CEParams
 
 numba = pytest.importorskip("numba")
+from crossent.backends import _numba_kdim_call as kdim_call  # noqa: E402
 from crossent.backends import _numba_math, numba_cpu, torch_fused  # noqa: E402
 
 from ._oracle import assert_close_to_reference, index_target, logits, prob_target  # noqa: E402
@@ -381,9 +382,9 @@ def test_kdim_kernel_matches_rows_and_thread_count(monkeypatch, dtype, width):
     copy, bit for bit in the loss up to float32 rounding, with any thread count (blocks of
     positions, never a position, are split between threads), in one block per sample or (64
     positions per block) two full blocks and a ragged one."""
-    monkeypatch.setattr(numba_cpu, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(kdim_call, "_PARALLEL_MIN", 1)
     if width:
-        monkeypatch.setattr(numba_cpu, "block_width", lambda n_cls: width)
+        monkeypatch.setattr(kdim_call, "block_width", lambda n_cls: width)
     gen = _gen("kdim")
     x = logits((3, 7, 150), dtype, gen)  # S = 150
     t = index_target((3, 7, 150), 7, gen).reshape(-1)
@@ -410,14 +411,14 @@ def test_kdim_kernel_matches_rows_and_thread_count(monkeypatch, dtype, width):
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("inplace", [False, True])
 def test_few_class_rows_match_the_row_kernel(monkeypatch, dtype, reduction, inplace, width):
-    """Rows of at most ``_FEW_CLASSES`` classes go through the K-dim kernel on the transposed
+    """Rows of at most ``FEW_CLASSES`` classes go through the K-dim kernel on the transposed
     view (rows side by side): the row kernel's loss, lse and gradient (in the rows' own layout,
     in place too), on 1-3 threads, with ignored rows, weights, smoothing and z-loss, in one
     block or (64 rows per block) several."""
-    monkeypatch.setattr(numba_cpu, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(kdim_call, "_PARALLEL_MIN", 1)
     if width:
-        monkeypatch.setattr(numba_cpu, "block_width", lambda n_cls: width)
-    for n_cls in (1, 2, 10, numba_cpu._FEW_CLASSES):
+        monkeypatch.setattr(kdim_call, "block_width", lambda n_cls: width)
+    for n_cls in (1, 2, 10, kdim_call.FEW_CLASSES):
         gen = _gen("few", n_cls, reduction)
         x = logits((150, n_cls), dtype, gen)  # 150 rows: blocks of 64 leave a ragged one
         t = index_target((150, n_cls), n_cls, gen)  # a quarter ignored

@@ -11,9 +11,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .._core.diagnostics import _SAMPLE_ROWS as SAMPLE_ROWS  # the Python probe's row count
 from ._numba_kdim import to_f32
-
-SAMPLE_ROWS = 8  # as crossent._core.diagnostics._SAMPLE_ROWS
 
 
 @njit(nogil=True, cache=True)

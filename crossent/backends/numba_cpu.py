@@ -25,14 +25,15 @@ from torch import Tensor
 from .._core.params import CEParams
 from . import TargetOutOfBounds, torch_fused
 from ._reduced import reduced
-from ._cpu_alloc import HUGE_MIN_BYTES, empty_huge
+from . import _numba_kdim_call as _kdim
+from ._cpu_alloc import empty_huge
 from ._opaque import opaque_kernel
-from ._numba_kdim import block_width, kdim_kernel, n_blocks
+from ._numba_host import EMPTY, FORMATS, as_array, new_grad, target_pass
 from ._numba_math import finite_f32, scaled_difference
-from ._numba_probe import probe_positions, probe_rows
+from ._numba_probe import probe_rows
 from ._numba_threads import _PARALLEL_MIN, _split_rows
 from ._numba_rows import (
-    BF16, F16, FM, cap_factor, equal_before, exp_moment_sum, exp_sum, exp_sum_inplace,
+    FM, cap_factor, equal_before, exp_moment_sum, exp_sum, exp_sum_inplace,
     exp_sum_store, gap_sum, grad_dest, load_row, row_max, scale, scale_sub, scale_sub_targets,
     scale_sub_weighted, soft_target_sums, soft_target_terms, store_row, weighted_gap_sum,
     weighted_smooth_terms,
@@ -40,7 +41,6 @@ from ._numba_rows import (
 
 _F32 = np.float32
 _NO_STATS = np.empty((0, 2), np.float32)  # the kernels' stats argument when none are wanted
-_FORMATS = {torch.float32: 0, torch.bfloat16: BF16, torch.float16: F16}
 
 
 @njit(fastmath=FM, cache=True)
@@ -179,23 +179,6 @@ def _prob_kernel(x, fmt, target, w, eps, z, cap, gscale, want_grad, inplace, gra
             store_row(dest, fmt, grad[r])
 
 
-@njit(nogil=True, cache=True)
-def _target_pass(target, w, ignore_index, n_cls):
-    """The summed class weight of the counted rows (their count when ``w`` is empty), in float64,
-    and the first row whose index is neither in ``[0, C)`` nor ``ignore_index`` (-1 if none).
-    Every comparison is in int64, the type the kernels index with (uint8 never wraps -1)."""
-    den = 0.0
-    has_w = w.size > 0
-    for r in range(target.size):
-        y = np.int64(target[r])
-        if y == ignore_index:
-            continue
-        if y < 0 or y >= n_cls:
-            return den, r
-        den += np.float64(w[y]) if has_w else 1.0
-    return den, -1
-
-
 @njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
 def _index_call(x, fmt, target, w, w_total, ignore_index, eps, z, cap, mean, want_grad,
                 inplace, grad, loss, lse, probe_tol):
@@ -204,7 +187,7 @@ def _index_call(x, fmt, target, w, w_total, ignore_index, eps, z, cap, mean, wan
     scale; first bad row or -1; whether the logits look like probabilities, when
     ``probe_tol >= 0``)``; with a bad row nothing else is written. numpy's error model:
     x / 0 is inf or NaN (a mean over nothing, or over a zero weight sum), as torch."""
-    den, bad = _target_pass(target, w, ignore_index, x.shape[1])
+    den, bad = target_pass(target, w, ignore_index, x.shape[1])
     if bad >= 0:
         return 0.0, 1.0, bad, False
     probs = probe_tol >= 0 and probe_rows(x, fmt, probe_tol)  # before an in-place gradient
@@ -225,35 +208,9 @@ def index_target_sums(
     summed in float64) and the first row out of range, or -1. See ``crossent.backends``."""
     if torch.compiler.is_compiling() or target.dtype not in (torch.int64, torch.uint8):
         return torch_fused.index_target_sums(target, weight, ignore_index, n_classes, dtype)
-    w = _EMPTY if weight is None else _as_array(weight.contiguous())
-    den, bad = _target_pass(_as_array(target), w, np.int64(ignore_index), n_classes)
+    w = EMPTY if weight is None else as_array(weight.contiguous())
+    den, bad = target_pass(as_array(target), w, np.int64(ignore_index), n_classes)
     return torch.tensor(den, dtype=dtype), bad
-
-
-_EMPTY = np.empty(0, np.float32)
-
-
-def _new_grad(logits: Tensor, x: np.ndarray) -> tuple[Tensor, np.ndarray]:
-    """A fresh gradient of ``logits``' shape and dtype (contiguous) and its numpy view (``x``
-    is ``logits``' own view, giving the storage type): numpy-made when small (cheaper than
-    ``torch.empty`` and ``.numpy()``), huge-page backed when large (``empty_huge``)."""
-    if x.nbytes < HUGE_MIN_BYTES:
-        out = np.empty(x.shape, x.dtype)
-        grad = torch.from_numpy(out)
-        if logits.dtype != torch.float32:
-            grad = grad.view(logits.dtype)  # 16-bit gradients travel as their uint16 bits
-        return grad, out
-    grad = empty_huge(logits.shape, logits.dtype)
-    return grad, _as_array(grad)
-
-
-def _as_array(t: Tensor) -> np.ndarray:
-    """A numpy view of a contiguous CPU tensor; 16-bit floats as their uint16 bits."""
-    if t.requires_grad:
-        t = t.detach()
-    if t.dtype in (torch.bfloat16, torch.float16):
-        return t.view(torch.uint16).numpy()
-    return t.numpy()
 
 
 def _ce_forward(
@@ -266,7 +223,7 @@ def _ce_forward(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Per-row loss ``(R,)``, lse ``(R,)`` and, if ``grad_scale`` is given, the gradient ``(R, C)``;
     ``stats`` ``(R, 2)`` float32, when given, is filled as the backend contract says."""
-    if logits.dtype not in _FORMATS:  # float64
+    if logits.dtype not in FORMATS:  # float64
         return torch_fused.ce_forward(logits, target, weight, grad_scale, params, stats=stats)
     n_rows, n_cls = logits.shape
     loss = torch.empty(n_rows, dtype=torch.float32)  # (R,)
@@ -279,21 +236,21 @@ def _ce_forward(
     if n_rows == 0:
         return loss, lse, grad
     threads = 1 if n_rows * n_cls < _PARALLEL_MIN else min(torch.get_num_threads(), n_rows)
-    x = _as_array(logits)
-    out = _as_array(grad) if want_grad else x  # never written without want_grad
-    fmt = _FORMATS[logits.dtype]
+    x = as_array(logits)
+    out = as_array(grad) if want_grad else x  # never written without want_grad
+    fmt = FORMATS[logits.dtype]
     eps = _F32(params.eps)
     cap = _F32(params.softcap if params.softcap is not None else 0.0)
     gscale = _F32(grad_scale.item() if want_grad else 0.0)
     if target.is_floating_point():
-        w = np.ones(n_cls, np.float32) if weight is None else _as_array(weight.float().contiguous())
-        args = (x, fmt, _as_array(target.float().contiguous()), w, eps, _F32(params.z_loss), cap,
+        w = np.ones(n_cls, np.float32) if weight is None else as_array(weight.float().contiguous())
+        args = (x, fmt, as_array(target.float().contiguous()), w, eps, _F32(params.z_loss), cap,
                 gscale, want_grad, params.inplace_backward, out, loss.numpy(), lse.numpy())
         _split_rows(_prob_kernel, args, n_rows, threads)
     else:
-        w = np.empty(0, np.float32) if weight is None else _as_array(weight.float().contiguous())
+        w = np.empty(0, np.float32) if weight is None else as_array(weight.float().contiguous())
         w_total = _F32(w.sum(dtype=np.float32)) if weight is not None else _F32(n_cls)
-        args = (x, fmt, _as_array(target), w, w_total,
+        args = (x, fmt, as_array(target), w, w_total,
                 np.int64(params.ignore_index), eps, _F32(params.z_loss), cap, gscale,
                 bool(np.isfinite(gscale)), want_grad,
                 params.inplace_backward, out, loss.numpy(), lse.numpy(),
@@ -311,7 +268,7 @@ def cross_entropy(
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | float, bool | None]:
     """The whole call (``crossent.backends``' contract) in one kernel launch when the work is one
     thread's (class indices, float32/16-bit, eager): small calls pay for few Python steps.
-    K-dimensional logits, and rows of at most ``_FEW_CLASSES`` classes, take the K-dim kernel
+    K-dimensional logits, and rows of at most ``_numba_kdim_call.FEW_CLASSES`` classes, take the K-dim kernel
     (positions side by side). Larger, probability-target, float64 and compiled calls take the
     composed path (which does not probe)."""
     if torch.compiler.is_compiling():
@@ -319,24 +276,24 @@ def cross_entropy(
     kdim = logits.dim() == 3
     if not kdim and not logits.is_contiguous():
         logits = logits.contiguous()  # rows at a stride: the row kernels read contiguous rows
-    if (kdim or logits.shape[1] <= _FEW_CLASSES) and _kdim_fits(logits, target, weight, params):
-        return _kdim_cross_entropy(logits, target, weight, want_grad, params, not kdim)
-    if (kdim or target.is_floating_point() or logits.dtype not in _FORMATS
+    if (kdim or logits.shape[1] <= _kdim.FEW_CLASSES) and _kdim.fits(logits, target, weight, params):
+        return _kdim.cross_entropy(logits, target, weight, want_grad, params, not kdim)
+    if (kdim or target.is_floating_point() or logits.dtype not in FORMATS
             or logits.numel() >= _PARALLEL_MIN or logits.shape[0] == 0):
         return _composed(logits, target, weight, want_grad, params)
     n_rows, n_cls = logits.shape
     loss = np.empty(n_rows, np.float32)  # (R,)
     lse = np.empty(n_rows, np.float32)  # (R,)
-    x = _as_array(logits)
+    x = as_array(logits)
     grad = out = None
     if want_grad and params.inplace_backward:
         grad, out = logits, x
     elif want_grad:
-        grad, out = _new_grad(logits, x)
-    w = _EMPTY if weight is None else _as_array(weight.float().contiguous())
+        grad, out = new_grad(logits, x)
+    w = EMPTY if weight is None else as_array(weight.float().contiguous())
     w_total = float(w.sum(dtype=np.float32)) if weight is not None else float(n_cls)
     value, scale, bad, probs = _index_call(
-        x, _FORMATS[logits.dtype], target.numpy(), w, w_total, params.ignore_index,
+        x, FORMATS[logits.dtype], target.numpy(), w, w_total, params.ignore_index,
         params.eps, params.z_loss, params.softcap or 0.0, params.reduction == "mean",
         want_grad, params.inplace_backward, x if out is None else out, loss, lse,
         -1.0 if params.probe_tol is None else params.probe_tol,
@@ -364,95 +321,3 @@ def warm_up() -> None:
     index_target_sums(target, None, -100, 40, torch.float32)
 
 
-# Rows of at most this many classes run through the K-dim kernel on the transposed view
-# ``(1, C, R)``: 64 rows side by side vectorise where a 10-class row cannot (measured
-# (64, 10): 3.6 us against 7.9 us; break-even near 24 classes).
-_FEW_CLASSES = 16
-
-
-def _kdim_fits(logits: Tensor, target: Tensor, weight: Tensor | None, params: CEParams) -> bool:
-    """Logits the in-place K-dim kernel takes (class indices, no softcap, 32/16-bit, finite
-    class weights with smoothing; the caller checked that it is not tracing)."""
-    return (params.softcap is None and logits.dtype in _FORMATS and not target.is_floating_point()
-            and logits.numel() > 0
-            and (weight is None or not params.label_smoothing > 0 or bool(weight.isfinite().all())))
-
-
-def _kdim_cross_entropy(
-    logits: Tensor, target: Tensor, weight: Tensor | None, want_grad: bool, params: CEParams,
-    rows: bool = False,
-) -> tuple[Tensor, Tensor, Tensor | None, float, bool | None]:
-    """``(N, C, S)`` logits with class indices ``(N * S,)``: read and written in their layout.
-    With ``rows``, ``(R, C)`` logits read as the ``(1, C, R)`` view (rows side by side).
-    Written as few Python steps as it takes: at (64, 10) this function is half the call."""
-    stored = _as_array(logits)
-    x = stored.T[None] if rows else stored  # rows: (1, C, R), a view
-    n, n_cls, n_in = x.shape
-    bw = block_width(n_cls)
-    blocks = n_blocks(n, n_in, bw)
-    reduced = params.reduction != "none"
-    # Reduced calls keep one float64 sum per block, and a call that drops the lse keeps none:
-    # per-pixel buffers would cost 8 bytes a pixel beside 4 C bytes of logits.
-    loss = np.empty(blocks, np.float64) if reduced else np.empty(n * n_in, np.float32)
-    lse = np.empty(n * n_in if params.want_lse else 0, np.float32)  # (N * S,) or none
-    if not want_grad:
-        grad, out = None, x  # never written
-    elif params.inplace_backward:
-        grad, out = logits, x
-    else:
-        grad, out = _new_grad(logits, stored)
-        if rows:
-            out = out.T[None]
-    if weight is None:
-        w, w_total = _EMPTY, float(n_cls)
-    else:
-        w = _as_array(weight.float().contiguous())
-        w_total = float(w.sum(dtype=np.float32))
-    one = n * n_cls * n_in < _PARALLEL_MIN
-    fmt, t, probe_tol = _FORMATS[logits.dtype], target.numpy(), params.probe_tol
-    total, scale, bad, probs = _kdim_call(
-        x, fmt, t, w, w_total, params.ignore_index, params.eps, params.z_loss, params.reduction
-        == "mean", want_grad, out, loss, lse, -1.0 if probe_tol is None else probe_tol, bw,
-        blocks if one else 0,
-    )
-    if bad >= 0:
-        raise TargetOutOfBounds(bad)
-    if not one:  # the blocks on the threads; _kdim_call checked, probed and scaled
-        args = (x, fmt, t, w, _F32(w_total), np.int64(params.ignore_index), _F32(params.eps),
-                _F32(params.z_loss), _F32(scale), scale != math.inf, want_grad, out, loss, lse,
-                bw)
-        _split_rows(kdim_kernel, args, blocks, min(torch.get_num_threads(), blocks))
-        total = _kdim_total(loss, reduced, scale if params.reduction == "mean" else 1.0)
-    out_loss = torch.from_numpy(np.array(total, np.float32) if reduced else loss)
-    return out_loss, torch.from_numpy(lse), grad, scale, (None if probe_tol is None else probs)
-
-
-@njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
-def _kdim_call(x, fmt, target, w, w_total, ignore_index, eps, z, mean, want_grad, grad, loss,
-               lse, probe_tol, bw, blocks):
-    """The K-dim whole call's bookkeeping in one launch: the target pass, the probe (when
-    ``probe_tol >= 0``), the gradient scale and, when ``blocks > 0``, all blocks on this thread
-    and the reduced loss. Returns ``(reduced loss, scale, first bad position or -1, probs)``; nothing
-    is written after a bad position. numpy's error model: x / 0 is inf or NaN, as torch."""
-    den, bad = _target_pass(target, w, ignore_index, x.shape[1])
-    if bad >= 0:
-        return 0.0, 1.0, bad, False
-    probs = probe_tol >= 0 and probe_positions(x, fmt, probe_tol)  # before an in-place grad
-    scale = (np.inf if den == 0.0 else 1.0 / den) if mean else 1.0
-    if blocks == 0:
-        return 0.0, scale, -1, probs
-    kdim_kernel(x, fmt, target, w, _F32(w_total), np.int64(ignore_index), _F32(eps), _F32(z),
-                _F32(scale), scale != np.inf, want_grad, grad, loss, lse, bw, 0, blocks)
-    return _kdim_total(loss, loss.size != target.size, scale if mean else 1.0), scale, -1, probs
-
-
-@njit(nogil=True, cache=True)
-def _kdim_total(loss, reduced, scale):
-    """The reduced loss from the kernel's per-block float64 sums: sum, or mean (``scale`` is
-    1 / the denominator; 0 * inf when nothing counts gives torch's NaN)."""
-    if not reduced:
-        return 0.0
-    total = 0.0
-    for i in range(loss.size):
-        total += loss[i]
-    return total * scale

@@ -102,7 +102,8 @@ def disagreement(fn: Callable, x: torch.Tensor, y: torch.Tensor) -> str | None:
     (g_ref,) = torch.autograd.grad(ref, leaf)  # (N, V) float32
     del leaf
     h = _logits_of_an_op(x)  # a copy: in-place contenders overwrite it
-    (g,) = torch.autograd.grad(fn(h, y), h)
+    loss = fn(h, y)
+    (g,) = torch.autograd.grad(loss, h)
     loss, ref = float(loss.detach()), float(ref.detach())
     loss_err = abs(loss - ref)
     if not loss_err <= 1e-2 * abs(ref) + 1e-3:

@@ -9,11 +9,10 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._head import IGNORE_INDEX, HeadOptions, check_head, config_value, head_loss, unwrap
+from ._head import IGNORE_INDEX, HeadOptions, check_head, head_loss, unwrap
 
 _STATE = "_crossent_hf"  # attribute of a patched model holding its _State
 

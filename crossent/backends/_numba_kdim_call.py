@@ -1,0 +1,115 @@
+"""The whole call for K-dimensional logits ``(N, C, S)`` on the numba kernel of
+``_numba_kdim``, and for rows of few classes read as the ``(1, C, R)`` view: target pass, misuse
+probe, the blocks (on one thread in the same launch, or split over threads), the reduction."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from numba import njit
+from torch import Tensor
+
+from .._core.params import CEParams
+from . import TargetOutOfBounds
+from ._numba_host import EMPTY, FORMATS, as_array, new_grad, target_pass
+from ._numba_kdim import block_width, kdim_kernel, n_blocks
+from ._numba_probe import probe_positions
+from ._numba_rows import FM
+from ._numba_threads import _PARALLEL_MIN, _split_rows
+
+_F32 = np.float32
+
+
+# Rows of at most this many classes run through the K-dim kernel on the transposed view
+# ``(1, C, R)``: 64 rows side by side vectorise where a 10-class row cannot (measured
+# (64, 10): 3.6 us against 7.9 us; break-even near 24 classes).
+FEW_CLASSES = 16
+
+
+def fits(logits: Tensor, target: Tensor, weight: Tensor | None, params: CEParams) -> bool:
+    """Logits the in-place K-dim kernel takes (class indices, no softcap, 32/16-bit, finite
+    class weights with smoothing; the caller checked that it is not tracing)."""
+    return (params.softcap is None and logits.dtype in FORMATS and not target.is_floating_point()
+            and logits.numel() > 0
+            and (weight is None or not params.label_smoothing > 0 or bool(weight.isfinite().all())))
+
+
+def cross_entropy(
+    logits: Tensor, target: Tensor, weight: Tensor | None, want_grad: bool, params: CEParams,
+    rows: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None, float, bool | None]:
+    """``(N, C, S)`` logits with class indices ``(N * S,)``: read and written in their layout.
+    With ``rows``, ``(R, C)`` logits read as the ``(1, C, R)`` view (rows side by side).
+    Written as few Python steps as it takes: at (64, 10) this function is half the call."""
+    stored = as_array(logits)
+    x = stored.T[None] if rows else stored  # rows: (1, C, R), a view
+    n, n_cls, n_in = x.shape
+    bw = block_width(n_cls)
+    blocks = n_blocks(n, n_in, bw)
+    reduced = params.reduction != "none"
+    # Reduced calls keep one float64 sum per block, and a call that drops the lse keeps none:
+    # per-pixel buffers would cost 8 bytes a pixel beside 4 C bytes of logits.
+    loss = np.empty(blocks, np.float64) if reduced else np.empty(n * n_in, np.float32)
+    lse = np.empty(n * n_in if params.want_lse else 0, np.float32)  # (N * S,) or none
+    if not want_grad:
+        grad, out = None, x  # never written
+    elif params.inplace_backward:
+        grad, out = logits, x
+    else:
+        grad, out = new_grad(logits, stored)
+        if rows:
+            out = out.T[None]
+    if weight is None:
+        w, w_total = EMPTY, float(n_cls)
+    else:
+        w = as_array(weight.float().contiguous())
+        w_total = float(w.sum(dtype=np.float32))
+    one = n * n_cls * n_in < _PARALLEL_MIN
+    fmt, t, probe_tol = FORMATS[logits.dtype], target.numpy(), params.probe_tol
+    total, scale, bad, probs = _kdim_call(
+        x, fmt, t, w, w_total, params.ignore_index, params.eps, params.z_loss, params.reduction
+        == "mean", want_grad, out, loss, lse, -1.0 if probe_tol is None else probe_tol, bw,
+        blocks if one else 0,
+    )
+    if bad >= 0:
+        raise TargetOutOfBounds(bad)
+    if not one:  # the blocks on the threads; _kdim_call checked, probed and scaled
+        args = (x, fmt, t, w, _F32(w_total), np.int64(params.ignore_index), _F32(params.eps),
+                _F32(params.z_loss), _F32(scale), scale != math.inf, want_grad, out, loss, lse,
+                bw)
+        _split_rows(kdim_kernel, args, blocks, min(torch.get_num_threads(), blocks))
+        total = _kdim_total(loss, reduced, scale if params.reduction == "mean" else 1.0)
+    out_loss = torch.from_numpy(np.array(total, np.float32) if reduced else loss)
+    return out_loss, torch.from_numpy(lse), grad, scale, (None if probe_tol is None else probs)
+
+
+@njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
+def _kdim_call(x, fmt, target, w, w_total, ignore_index, eps, z, mean, want_grad, grad, loss,
+               lse, probe_tol, bw, blocks):
+    """The K-dim whole call's bookkeeping in one launch: the target pass, the probe (when
+    ``probe_tol >= 0``), the gradient scale and, when ``blocks > 0``, all blocks on this thread
+    and the reduced loss. Returns ``(reduced loss, scale, first bad position or -1, probs)``; nothing
+    is written after a bad position. numpy's error model: x / 0 is inf or NaN, as torch."""
+    den, bad = target_pass(target, w, ignore_index, x.shape[1])
+    if bad >= 0:
+        return 0.0, 1.0, bad, False
+    probs = probe_tol >= 0 and probe_positions(x, fmt, probe_tol)  # before an in-place grad
+    scale = (np.inf if den == 0.0 else 1.0 / den) if mean else 1.0
+    if blocks == 0:
+        return 0.0, scale, -1, probs
+    kdim_kernel(x, fmt, target, w, _F32(w_total), np.int64(ignore_index), _F32(eps), _F32(z),
+                _F32(scale), scale != np.inf, want_grad, grad, loss, lse, bw, 0, blocks)
+    return _kdim_total(loss, loss.size != target.size, scale if mean else 1.0), scale, -1, probs
+
+
+@njit(nogil=True, cache=True)
+def _kdim_total(loss, reduced, scale):
+    """The reduced loss from the kernel's per-block float64 sums: sum, or mean (``scale`` is
+    1 / the denominator; 0 * inf when nothing counts gives torch's NaN)."""
+    if not reduced:
+        return 0.0
+    total = 0.0
+    for i in range(loss.size):
+        total += loss[i]
+    return total * scale
