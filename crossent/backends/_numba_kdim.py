@@ -26,6 +26,7 @@ from ._numba_math import (
     scaled_difference, scaled_gap,
 )
 from ._numba_rows import BF16, FM
+from ._omp_team import team_launch
 
 _F32 = np.float32
 _SLAB = 1 << 15  # values of the (C, W) exp scratch: 128 KiB, in L2 with the block's runs
@@ -172,6 +173,12 @@ def kdim_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale, finite
         for j in range(width):
             if ok[j]:
                 grad[i, ys[j], s0 + j] = from_f32(g_y[j], fmt, grad[i, ys[j], s0 + j])
+
+
+@njit(nogil=True, cache=True)
+def kdim_team(n_blocks, threads, *args):
+    """``kdim_kernel`` over ``n_blocks`` blocks on torch's OpenMP team (``_omp_team``)."""
+    team_launch(kdim_kernel, args, n_blocks, threads)
 
 
 def n_blocks(n: int, n_in: int, bw: int) -> int:

@@ -13,7 +13,7 @@ from torch import Tensor
 from .._core.params import CEParams
 from . import TargetOutOfBounds
 from ._numba_host import EMPTY, FORMATS, as_array, new_grad, target_pass
-from ._numba_kdim import block_width, kdim_kernel, n_blocks
+from ._numba_kdim import block_width, kdim_kernel, kdim_team, n_blocks
 from ._numba_probe import probe_positions
 from ._numba_rows import FM
 from ._numba_threads import _PARALLEL_MIN, _split_rows
@@ -78,7 +78,7 @@ def cross_entropy(
         args = (x, fmt, t, w, _F32(w_total), np.int64(params.ignore_index), _F32(params.eps),
                 _F32(params.z_loss), _F32(scale), scale != math.inf, want_grad, out, loss, lse,
                 bw)
-        _split_rows(kdim_kernel, args, blocks, min(torch.get_num_threads(), blocks))
+        _split_rows(kdim_kernel, args, blocks, min(torch.get_num_threads(), blocks), kdim_team)
         total = _kdim_total(loss, reduced, scale if params.reduction == "mean" else 1.0)
     out_loss = torch.from_numpy(np.array(total, np.float32) if reduced else loss)
     return out_loss, torch.from_numpy(lse), grad, scale, (None if probe_tol is None else probs)

@@ -1,13 +1,17 @@
-"""Row blocks of a numba kernel on the CPU's threads: a pool of sleeping Python threads.
+"""Row blocks of a numba kernel on the CPU's threads.
 
-Shared by every numba kernel (rows, K-dim blocks, softmax, nll); they release the GIL
-(``nogil``), so plain threads run them in parallel.
+Shared by every numba kernel (rows, K-dim blocks, softmax, nll). Each kernel that is split has
+a launcher compiled with ``_omp_team.team_launch`` that runs the blocks on torch's own OpenMP
+team; without that runtime (or in a forked child) a pool of sleeping Python threads runs them
+(the kernels release the GIL).
 """
 from __future__ import annotations
 
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+
+from . import _omp_team
 
 _PARALLEL_MIN = 1 << 19  # elements below which one thread beats handing rows to another
 # (measured: (256, 1000) fwd+bwd takes 150 us on one thread, 195 us split over two)
@@ -16,19 +20,22 @@ _pool_key = (0, 0)  # (process id, workers): a forked child must not reuse its p
 _pool_lock = threading.Lock()
 
 
-def _split_rows(kernel, args: tuple, n_rows: int, threads: int) -> None:
-    """Run ``kernel(*args, lo, hi)`` on ``threads`` contiguous row blocks at once.
+def _split_rows(kernel, args: tuple, n_rows: int, threads: int, team=None) -> None:
+    """Run ``kernel(*args, lo, hi)`` on ``threads`` contiguous row blocks at once; ``team`` is
+    the kernel's OpenMP launcher, ``team(n_rows, threads, *args)``.
 
-    The kernels release the GIL (``nogil``), so plain Python threads run them in parallel. A
-    pool of sleeping threads rather than numba's OpenMP layer: a second OpenMP runtime next to
-    torch's spins between calls, and on a 2-core machine the two runtimes' spinning threads
-    slowed each other (and torch's own ops) several-fold.
+    Not numba's own OpenMP layer: a second OpenMP runtime next to torch's spins between calls,
+    and on a 2-core machine the two runtimes' spinning threads slowed each other (and torch's own
+    ops) several-fold.
     """
     global _pool, _pool_key
-    bounds = [n_rows * i // threads for i in range(threads + 1)]
     if threads == 1:
         kernel(*args, 0, n_rows)
         return
+    if team is not None and _omp_team.usable():
+        team(n_rows, threads, *args)
+        return
+    bounds = [n_rows * i // threads for i in range(threads + 1)]
     with _pool_lock:
         if _pool is None or _pool_key[0] != os.getpid() or _pool_key[1] < threads - 1:
             _pool_key = (os.getpid(), threads - 1)

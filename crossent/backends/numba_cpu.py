@@ -32,6 +32,7 @@ from ._numba_host import EMPTY, FORMATS, as_array, new_grad, target_pass
 from ._numba_math import finite_f32, scaled_difference
 from ._numba_probe import probe_rows
 from ._numba_threads import _PARALLEL_MIN, _split_rows
+from ._omp_team import team_launch
 from ._numba_rows import (
     FM, cap_factor, equal_before, exp_moment_sum, exp_sum, exp_sum_inplace,
     exp_sum_store, gap_sum, grad_dest, load_row, row_max, scale, scale_sub, scale_sub_targets,
@@ -201,6 +202,17 @@ def _index_call(x, fmt, target, w, w_total, ignore_index, eps, z, cap, mean, wan
     return (total / den if mean else total), scale, -1, probs
 
 
+# Launchers for torch's OpenMP team (``_omp_team``): ``(n_rows, threads, *args)``.
+@njit(nogil=True, cache=True)
+def _index_team(n_rows, threads, *args):
+    team_launch(_index_kernel, args, n_rows, threads)
+
+
+@njit(nogil=True, cache=True)
+def _prob_team(n_rows, threads, *args):
+    team_launch(_prob_kernel, args, n_rows, threads)
+
+
 def index_target_sums(
     target: Tensor, weight: Tensor | None, ignore_index: int, n_classes: int, dtype: torch.dtype
 ) -> tuple[Tensor, int]:
@@ -246,7 +258,7 @@ def _ce_forward(
         w = np.ones(n_cls, np.float32) if weight is None else as_array(weight.float().contiguous())
         args = (x, fmt, as_array(target.float().contiguous()), w, eps, _F32(params.z_loss), cap,
                 gscale, want_grad, params.inplace_backward, out, loss.numpy(), lse.numpy())
-        _split_rows(_prob_kernel, args, n_rows, threads)
+        _split_rows(_prob_kernel, args, n_rows, threads, _prob_team)
     else:
         w = np.empty(0, np.float32) if weight is None else as_array(weight.float().contiguous())
         w_total = _F32(w.sum(dtype=np.float32)) if weight is not None else _F32(n_cls)
@@ -255,7 +267,7 @@ def _ce_forward(
                 bool(np.isfinite(gscale)), want_grad,
                 params.inplace_backward, out, loss.numpy(), lse.numpy(),
                 _NO_STATS if stats is None else stats.numpy())
-        _split_rows(_index_kernel, args, n_rows, threads)
+        _split_rows(_index_kernel, args, n_rows, threads, _index_team)
     return loss, lse, grad
 
 

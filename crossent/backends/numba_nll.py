@@ -13,6 +13,7 @@ from numba import njit
 from torch import Tensor
 
 from ._numba_threads import _PARALLEL_MIN, _split_rows
+from ._omp_team import team_launch
 from .numba_softmax import as_array, empty, f32, put
 
 
@@ -66,6 +67,12 @@ def _nll_backward(t, w, ignore_index, g, g_total, w_sum, mean, grad, lo, hi):
             w_y = w[y] if has_w else 1.0
             scale = f32(g[a, b]) if per_position else k
             put(grad[a, :, b], y, -(w_y * scale))
+
+
+@njit(nogil=True, cache=True)
+def _nll_backward_team(n_rows, threads, *args):
+    """``_nll_backward`` on torch's OpenMP team (``_omp_team``)."""
+    team_launch(_nll_backward, args, n_rows, threads)
 
 
 def _views(input: Tensor, target: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -123,6 +130,6 @@ class NLLLoss(torch.autograd.Function):
         n_rows = g3.shape[0]
         threads = 1 if grad.numel() < _PARALLEL_MIN else min(torch.get_num_threads(), n_rows)
         args = (t2, ctx.w, ctx.ignore_index, per, g_total, ctx.w_sum, ctx.reduction == "mean", g3)
-        _split_rows(_nll_backward, args, n_rows, threads)
+        _split_rows(_nll_backward, args, n_rows, threads, _nll_backward_team)
         return grad, None, None, None, None
 

@@ -29,6 +29,7 @@ from ._numba_math import (
 )
 from ._numba_rows import FM
 from ._numba_threads import _PARALLEL_MIN, _split_rows
+from ._omp_team import team_launch
 
 _F32 = np.float32
 _SLAB = 1 << 16  # values of the (C, W) slab of inner positions processed side by side
@@ -238,6 +239,31 @@ def _bwd_cols(g, out, grad, log, lo, hi):
                 _put_grad(g[o, c, j0:j1], out[o, c, j0:j1], grad[o, c, j0:j1], t)
 
 
+# One launcher per kernel for torch's OpenMP team (``_omp_team``): ``(units, threads, *args)``.
+@njit(nogil=True, cache=True)
+def _fwd_rows_team(n, threads, *args):
+    team_launch(_fwd_rows, args, n, threads)
+
+
+@njit(nogil=True, cache=True)
+def _bwd_rows_team(n, threads, *args):
+    team_launch(_bwd_rows, args, n, threads)
+
+
+@njit(nogil=True, cache=True)
+def _fwd_cols_team(n, threads, *args):
+    team_launch(_fwd_cols, args, n, threads)
+
+
+@njit(nogil=True, cache=True)
+def _bwd_cols_team(n, threads, *args):
+    team_launch(_bwd_cols, args, n, threads)
+
+
+_FORWARD = ((_fwd_rows, _fwd_rows_team), (_fwd_cols, _fwd_cols_team))
+_BACKWARD = ((_bwd_rows, _bwd_rows_team), (_bwd_cols, _bwd_cols_team))
+
+
 # ---- host side -----------------------------------------------------------------------------
 
 
@@ -249,8 +275,9 @@ def as_array(t: Tensor) -> np.ndarray:
     return (t if view is None else t.view(view)).numpy()
 
 
-def _run(rows_kernel, cols_kernel, inputs: tuple[Tensor, ...], dim: int, log: bool) -> Tensor:
-    """Run a kernel over contiguous ``inputs`` (same shape) viewed as ``(O, C, I)`` about
+def _run(kernels: tuple, inputs: tuple[Tensor, ...], dim: int, log: bool) -> Tensor:
+    """Run a kernel of ``kernels`` (``_FORWARD`` or ``_BACKWARD``: the rows kernel and the
+    columns kernel, each with its team launcher) over contiguous ``inputs`` (same shape) viewed as ``(O, C, I)`` about
     ``dim``; returns its output, a fresh contiguous tensor of that shape and dtype. Few Python
     steps: at (64, 10) they cost more than the kernel."""
     arrays = [as_array(t) for t in inputs]
@@ -273,14 +300,14 @@ def _run(rows_kernel, cols_kernel, inputs: tuple[Tensor, ...], dim: int, log: bo
     if n_in == 1:
         if not (len(shape) == 2 and dim == 1):  # (O, C) already only then (not (C, 1), dim 0)
             arrays = [a.reshape(n_out, n_cls) for a in arrays]  # (O, C) views
-        kernel, units = rows_kernel, n_out
+        (kernel, team), units = kernels[0], n_out
     else:
         arrays = [a.reshape(n_out, n_cls, n_in) for a in arrays]  # (O, C, I) views
-        kernel, units = cols_kernel, n_out * -(-n_in // width(n_cls))
+        (kernel, team), units = kernels[1], n_out * -(-n_in // width(n_cls))
     if numel < _PARALLEL_MIN:
         kernel(*arrays, log, 0, units)  # small: no thread hand-off, no bookkeeping
     else:
-        _split_rows(kernel, (*arrays, log), units, min(torch.get_num_threads(), units))
+        _split_rows(kernel, (*arrays, log), units, min(torch.get_num_threads(), units), team)
     return result
 
 
@@ -295,9 +322,9 @@ def empty(shape: torch.Size, dtype: torch.dtype) -> Tensor:
 def forward(x: Tensor, dim: int, log: bool) -> Tensor:
     """log_softmax (``log``) or softmax of a contiguous float32/bfloat16/float16 ``x`` along
     ``dim``; the output is contiguous, as torch's."""
-    return _run(_fwd_rows, _fwd_cols, (x,), dim, log)
+    return _run(_FORWARD, (x,), dim, log)
 
 
 def backward(g: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
     """Gradient of log_softmax / softmax from the upstream ``g`` and the forward output."""
-    return _run(_bwd_rows, _bwd_cols, (g, out), dim, log)
+    return _run(_BACKWARD, (g, out), dim, log)
