@@ -20,7 +20,7 @@ from crossent._core.params import CEParams
 
 numba = pytest.importorskip("numba")
 from crossent.backends import _numba_kdim_call as kdim_call  # noqa: E402
-from crossent.backends import _numba_math, numba_cpu, torch_fused  # noqa: E402
+from crossent.backends import _numba_math, _numba_threads, numba_cpu, torch_fused  # noqa: E402
 
 from ._oracle import assert_close_to_reference, index_target, logits, prob_target  # noqa: E402
 
@@ -197,7 +197,7 @@ def test_loss_only_path_makes_no_gradient():
 def test_result_does_not_depend_on_thread_count(monkeypatch):
     """Rows are split between threads, never a row: any thread count gives identical bits
     (the size threshold for threads is lowered so that this small input is split)."""
-    monkeypatch.setattr(numba_cpu, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(_numba_threads, "PARALLEL_MIN", 1)
     gen = _gen("threads")
     x = logits((50, 3000), torch.float32, gen)
     t = index_target((50, 3000), 3000, gen)
@@ -382,7 +382,7 @@ def test_kdim_kernel_matches_rows_and_thread_count(monkeypatch, dtype, width):
     copy, bit for bit in the loss up to float32 rounding, with any thread count (blocks of
     positions, never a position, are split between threads), in one block per sample or (64
     positions per block) two full blocks and a ragged one."""
-    monkeypatch.setattr(kdim_call, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(_numba_threads, "PARALLEL_MIN", 1)
     if width:
         monkeypatch.setattr(kdim_call, "block_width", lambda n_cls: width)
     gen = _gen("kdim")
@@ -415,7 +415,7 @@ def test_few_class_rows_match_the_row_kernel(monkeypatch, dtype, reduction, inpl
     view (rows side by side): the row kernel's loss, lse and gradient (in the rows' own layout,
     in place too), on 1-3 threads, with ignored rows, weights, smoothing and z-loss, in one
     block or (64 rows per block) several."""
-    monkeypatch.setattr(kdim_call, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(_numba_threads, "PARALLEL_MIN", 1)
     if width:
         monkeypatch.setattr(kdim_call, "block_width", lambda n_cls: width)
     for n_cls in (1, 2, 10, kdim_call.FEW_CLASSES):
@@ -532,3 +532,25 @@ def test_a_fork_during_the_background_load_gives_a_working_child(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "0"]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("shape", [(1, 2), (1, 16), (1, 17), (2, 10), (3, 40), (1, 3, 1),
+                                   (4, 5, 1), (2, 16, 1), (1, 3, 2), (3, 20, 1, 1)])
+def test_one_position_per_block(shape, reduction, weighted):
+    """Calls whose K-dim blocks hold one position each (one row through the few-class path,
+    ``S = 1``) once returned 0 for "mean" and "sum": the reduced total was told apart from the
+    per-position losses by their sizes, which then agree. Loss and gradient against torch."""
+    gen = _gen("one-position", *shape, reduction, weighted)
+    x = logits(shape, torch.float32, gen)
+    t = index_target(shape, shape[1], gen, ignore_fraction=0.0)
+    w = torch.rand(shape[1], generator=gen) + 0.5 if weighted else None
+    ours_x, ref_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = crossent.cross_entropy(ours_x, t, weight=w, reduction=reduction, impl="numba")
+    ref = F.cross_entropy(ref_x, t, weight=w, reduction=reduction)
+    torch.testing.assert_close(ours, ref)
+    up = torch.rand(ref.shape, generator=gen)
+    (ours * up).sum().backward()
+    (ref * up).sum().backward()
+    torch.testing.assert_close(ours_x.grad, ref_x.grad)

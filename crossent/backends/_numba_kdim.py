@@ -26,7 +26,6 @@ from ._numba_math import (
     scaled_difference, scaled_gap,
 )
 from ._numba_rows import BF16, FM
-from ._omp_team import team_launch
 
 _F32 = np.float32
 _SLAB = 1 << 15  # values of the (C, W) exp scratch: 128 KiB, in L2 with the block's runs
@@ -78,7 +77,9 @@ def kdim_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale, finite
     n_cls, n_in = x.shape[1], x.shape[2]
     per_n = (n_in + bw - 1) // bw  # blocks of bw = block_width(C) positions
     has_w = w.size > 0
-    per_block = loss.size != x.shape[0] * n_in  # block sums (mean / sum) or per position
+    # block sums (mean / sum) or per position; where the sizes agree every block is one
+    # position, so both are the same values (the caller knows which it asked for)
+    per_block = loss.size != x.shape[0] * n_in
     want_lse = lse.size > 0
     keep = _F32(1.0) - eps
     eps_c = eps / _F32(n_cls)
@@ -173,12 +174,6 @@ def kdim_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale, finite
         for j in range(width):
             if ok[j]:
                 grad[i, ys[j], s0 + j] = from_f32(g_y[j], fmt, grad[i, ys[j], s0 + j])
-
-
-@njit(nogil=True, cache=True)
-def kdim_team(n_blocks, threads, *args):
-    """``kdim_kernel`` over ``n_blocks`` blocks on torch's OpenMP team (``_omp_team``)."""
-    team_launch(kdim_kernel, args, n_blocks, threads)
 
 
 def n_blocks(n: int, n_in: int, bw: int) -> int:

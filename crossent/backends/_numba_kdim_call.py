@@ -13,10 +13,11 @@ from torch import Tensor
 from .._core.params import CEParams
 from . import TargetOutOfBounds
 from ._numba_host import EMPTY, FORMATS, as_array, new_grad, target_pass
-from ._numba_kdim import block_width, kdim_kernel, kdim_team, n_blocks
+from ._numba_kdim import block_width, kdim_kernel, n_blocks
 from ._numba_probe import probe_positions
 from ._numba_rows import FM
-from ._numba_threads import _PARALLEL_MIN, _split_rows
+from ._numba_threads import _split_rows, parallel_min, team_threads
+from ._omp_team import team_launch
 
 _F32 = np.float32
 
@@ -65,31 +66,33 @@ def cross_entropy(
     else:
         w = as_array(weight.float().contiguous())
         w_total = float(w.sum(dtype=np.float32))
-    one = n * n_cls * n_in < _PARALLEL_MIN
+    work = n * n_cls * n_in
+    threads = team_threads(work, blocks)
+    on_pool = threads == 1 and work >= parallel_min() and blocks > 1  # no OpenMP team here
     fmt, t, probe_tol = FORMATS[logits.dtype], target.numpy(), params.probe_tol
     total, scale, bad, probs = _kdim_call(
         x, fmt, t, w, w_total, params.ignore_index, params.eps, params.z_loss, params.reduction
-        == "mean", want_grad, out, loss, lse, -1.0 if probe_tol is None else probe_tol, bw,
-        blocks if one else 0,
+        == "mean", reduced, want_grad, out, loss, lse, -1.0 if probe_tol is None else probe_tol,
+        bw, 0 if on_pool else blocks, threads,
     )
     if bad >= 0:
         raise TargetOutOfBounds(bad)
-    if not one:  # the blocks on the threads; _kdim_call checked, probed and scaled
+    if on_pool:  # the blocks on Python threads; _kdim_call checked, probed and scaled
         args = (x, fmt, t, w, _F32(w_total), np.int64(params.ignore_index), _F32(params.eps),
                 _F32(params.z_loss), _F32(scale), scale != math.inf, want_grad, out, loss, lse,
                 bw)
-        _split_rows(kdim_kernel, args, blocks, min(torch.get_num_threads(), blocks), kdim_team)
+        _split_rows(kdim_kernel, args, blocks, min(torch.get_num_threads(), blocks))
         total = _kdim_total(loss, reduced, scale if params.reduction == "mean" else 1.0)
     out_loss = torch.from_numpy(np.array(total, np.float32) if reduced else loss)
     return out_loss, torch.from_numpy(lse), grad, scale, (None if probe_tol is None else probs)
 
 
 @njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
-def _kdim_call(x, fmt, target, w, w_total, ignore_index, eps, z, mean, want_grad, grad, loss,
-               lse, probe_tol, bw, blocks):
-    """The K-dim whole call's bookkeeping in one launch: the target pass, the probe (when
-    ``probe_tol >= 0``), the gradient scale and, when ``blocks > 0``, all blocks on this thread
-    and the reduced loss. Returns ``(reduced loss, scale, first bad position or -1, probs)``; nothing
+def _kdim_call(x, fmt, target, w, w_total, ignore_index, eps, z, mean, reduced, want_grad, grad,
+               loss, lse, probe_tol, bw, blocks, threads):
+    """The K-dim whole call in one launch: the target pass, the probe (when
+    ``probe_tol >= 0``), the gradient scale and, when ``blocks > 0``, all blocks (on
+    ``threads`` threads of torch's OpenMP team, ``_omp_team``) and the reduced loss. Returns ``(reduced loss, scale, first bad position or -1, probs)``; nothing
     is written after a bad position. numpy's error model: x / 0 is inf or NaN, as torch."""
     den, bad = target_pass(target, w, ignore_index, x.shape[1])
     if bad >= 0:
@@ -98,9 +101,15 @@ def _kdim_call(x, fmt, target, w, w_total, ignore_index, eps, z, mean, want_grad
     scale = (np.inf if den == 0.0 else 1.0 / den) if mean else 1.0
     if blocks == 0:
         return 0.0, scale, -1, probs
-    kdim_kernel(x, fmt, target, w, _F32(w_total), np.int64(ignore_index), _F32(eps), _F32(z),
-                _F32(scale), scale != np.inf, want_grad, grad, loss, lse, bw, 0, blocks)
-    return _kdim_total(loss, loss.size != target.size, scale if mean else 1.0), scale, -1, probs
+    args = (x, fmt, target, w, _F32(w_total), np.int64(ignore_index), _F32(eps), _F32(z),
+            _F32(scale), scale != np.inf, want_grad, grad, loss, lse, bw)
+    if threads > 1:
+        team_launch(kdim_kernel, args, blocks, threads)
+    else:
+        kdim_kernel(*args, 0, blocks)
+    # ``reduced`` is passed, not read off the sizes: with one position a block (one row, or
+    # S = 1) the block sums and the per-position losses have the same size.
+    return _kdim_total(loss, reduced, scale if mean else 1.0), scale, -1, probs
 
 
 @njit(nogil=True, cache=True)

@@ -11,13 +11,36 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 from . import _omp_team
 
-_PARALLEL_MIN = 1 << 19  # elements below which one thread beats handing rows to another
-# (measured: (256, 1000) fwd+bwd takes 150 us on one thread, 195 us split over two)
+# Elements below which one thread beats splitting. On torch's OpenMP team a split costs a few
+# microseconds (measured fwd+bwd on 2 cores: (64, 1000) 62 -> 48 us, (32, 1000) 47 -> 48 us,
+# (16, 10, 32, 32) 196 -> 130 us); a Python pool's hand-off cost ~45 us, so without the team the
+# split starts at 512K elements ((256, 1000): 150 us on one thread, 195 us over two).
+PARALLEL_MIN = 1 << 14
+POOL_MIN = 1 << 19
 _pool: ThreadPoolExecutor | None = None
 _pool_key = (0, 0)  # (process id, workers): a forked child must not reuse its parent's threads
 _pool_lock = threading.Lock()
+
+
+def parallel_min() -> int:
+    """Elements from which a kernel's rows are split over threads (team or pool)."""
+    return PARALLEL_MIN if _omp_team.usable() else POOL_MIN
+
+
+def threads(work: int, units: int) -> int:
+    """Threads for ``work`` elements in ``units`` blocks: torch's thread count (at most one a
+    block) from ``parallel_min()`` on, else one."""
+    return 1 if work < parallel_min() else min(torch.get_num_threads(), units)
+
+
+def team_threads(work: int, units: int) -> int:
+    """Threads of torch's OpenMP team for a launch that splits its blocks itself: one where
+    the team is not usable (such callers split large work with ``_split_rows`` instead)."""
+    return 1 if work < PARALLEL_MIN or not _omp_team.usable() else min(torch.get_num_threads(), units)
 
 
 def _split_rows(kernel, args: tuple, n_rows: int, threads: int, team=None) -> None:

@@ -13,8 +13,9 @@ code made by numba (``team_launch`` below, called from one cached ``@njit`` laun
 kernel): it stores the kernel's arguments on its stack, and each thread of the team reads them
 back and runs its share of rows. No Python object is touched off the calling thread.
 
-``AVAILABLE`` is false where torch runs on another runtime (macOS, Windows, TBB builds): the
-kernels then run on a pool of Python threads (``_numba_threads``).
+``AVAILABLE`` is false where torch runs on another runtime (Windows, TBB builds): the entry
+points are then serial stand-ins (a team of one), so launchers still compile, and callers pass
+one thread or use a pool of Python threads (``_numba_threads``) instead.
 """
 from __future__ import annotations
 
@@ -45,18 +46,35 @@ def _loaded_libgomp() -> str | None:
     return None
 
 
+_TEAM_ENTRY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_THREAD_QUERY = ctypes.CFUNCTYPE(ctypes.c_int)
+# A team of one, for linking where there is no libgomp: GOMP_parallel runs the entry here.
+_SERIAL = (
+    ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint)(
+        lambda fn, data, threads, flags: _TEAM_ENTRY(fn)(data)),
+    _THREAD_QUERY(lambda: 0),
+    _THREAD_QUERY(lambda: 1),
+)
+
+
 def _register() -> bool:
+    """Give numba's linker the entry points: libgomp's when loaded, else the serial stand-ins.
+    Returns whether they are libgomp's."""
+    addresses = None
     path = _loaded_libgomp()
-    if path is None:
-        return False
-    try:
-        lib = ctypes.CDLL(path)  # the already-loaded copy: dlopen returns its handle
-        addresses = [ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for name in _ENTRY_POINTS]
-    except (OSError, AttributeError):
-        return False
+    if path is not None:
+        try:
+            lib = ctypes.CDLL(path)  # the already-loaded copy: dlopen returns its handle
+            addresses = [ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+                         for name in _ENTRY_POINTS]
+        except (OSError, AttributeError):
+            addresses = None
+    found = addresses is not None
+    if not found:
+        addresses = [ctypes.cast(f, ctypes.c_void_p).value for f in _SERIAL]
     for name, address in zip(_ENTRY_POINTS, addresses):
         llvm.add_symbol(_PREFIX + name, address)
-    return True
+    return found
 
 
 AVAILABLE = _register()

@@ -31,8 +31,8 @@ from ._opaque import opaque_kernel
 from ._numba_host import EMPTY, FORMATS, as_array, new_grad, target_pass
 from ._numba_math import finite_f32, scaled_difference
 from ._numba_probe import probe_rows
-from ._numba_threads import _PARALLEL_MIN, _split_rows
-from ._omp_team import team_launch
+from ._numba_threads import _split_rows, parallel_min, team_threads, threads
+from ._omp_team import team_launch, usable
 from ._numba_rows import (
     FM, cap_factor, equal_before, exp_moment_sum, exp_sum, exp_sum_inplace,
     exp_sum_store, gap_sum, grad_dest, load_row, row_max, scale, scale_sub, scale_sub_targets,
@@ -182,9 +182,10 @@ def _prob_kernel(x, fmt, target, w, eps, z, cap, gscale, want_grad, inplace, gra
 
 @njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
 def _index_call(x, fmt, target, w, w_total, ignore_index, eps, z, cap, mean, want_grad,
-                inplace, grad, loss, lse, probe_tol):
-    """A whole call on one thread: the target pass, the rows with the gradient scaled for the
-    reduction, and the summed loss. Returns ``(loss sum, or its mean for "mean"; the gradient
+                inplace, grad, loss, lse, probe_tol, threads):
+    """A whole call in one launch: the target pass, the rows with the gradient scaled for the
+    reduction (on ``threads`` threads of torch's OpenMP team, ``_omp_team``), and the summed
+    loss. Returns ``(loss sum, or its mean for "mean"; the gradient
     scale; first bad row or -1; whether the logits look like probabilities, when
     ``probe_tol >= 0``)``; with a bad row nothing else is written. numpy's error model:
     x / 0 is inf or NaN (a mean over nothing, or over a zero weight sum), as torch."""
@@ -193,9 +194,13 @@ def _index_call(x, fmt, target, w, w_total, ignore_index, eps, z, cap, mean, wan
         return 0.0, 1.0, bad, False
     probs = probe_tol >= 0 and probe_rows(x, fmt, probe_tol)  # before an in-place gradient
     scale = 1.0 / den if mean else 1.0
-    _index_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, cap, _F32(scale),
-                  not mean or den != 0.0, want_grad, inplace, grad, loss, lse,
-                  np.empty((0, 2), np.float32), 0, x.shape[0])  # no stats (a global is read-only)
+    args = (x, fmt, target, w, w_total, ignore_index, eps, z, cap, _F32(scale),
+            not mean or den != 0.0, want_grad, inplace, grad, loss, lse,
+            np.empty((0, 2), np.float32))  # no stats (a global is read-only)
+    if threads > 1:
+        team_launch(_index_kernel, args, x.shape[0], threads)
+    else:
+        _index_kernel(*args, 0, x.shape[0])
     total = 0.0
     for r in range(x.shape[0]):
         total += loss[r]
@@ -247,7 +252,6 @@ def _ce_forward(
         grad = logits if params.inplace_backward else empty_huge(logits.shape, logits.dtype)
     if n_rows == 0:
         return loss, lse, grad
-    threads = 1 if n_rows * n_cls < _PARALLEL_MIN else min(torch.get_num_threads(), n_rows)
     x = as_array(logits)
     out = as_array(grad) if want_grad else x  # never written without want_grad
     fmt = FORMATS[logits.dtype]
@@ -258,7 +262,7 @@ def _ce_forward(
         w = np.ones(n_cls, np.float32) if weight is None else as_array(weight.float().contiguous())
         args = (x, fmt, as_array(target.float().contiguous()), w, eps, _F32(params.z_loss), cap,
                 gscale, want_grad, params.inplace_backward, out, loss.numpy(), lse.numpy())
-        _split_rows(_prob_kernel, args, n_rows, threads, _prob_team)
+        _split_rows(_prob_kernel, args, n_rows, threads(n_rows * n_cls, n_rows), _prob_team)
     else:
         w = np.empty(0, np.float32) if weight is None else as_array(weight.float().contiguous())
         w_total = _F32(w.sum(dtype=np.float32)) if weight is not None else _F32(n_cls)
@@ -267,7 +271,7 @@ def _ce_forward(
                 bool(np.isfinite(gscale)), want_grad,
                 params.inplace_backward, out, loss.numpy(), lse.numpy(),
                 _NO_STATS if stats is None else stats.numpy())
-        _split_rows(_index_kernel, args, n_rows, threads, _index_team)
+        _split_rows(_index_kernel, args, n_rows, threads(n_rows * n_cls, n_rows), _index_team)
     return loss, lse, grad
 
 
@@ -278,11 +282,12 @@ _composed = reduced(ce_forward, index_target_sums)
 def cross_entropy(
     logits: Tensor, target: Tensor, weight: Tensor | None, want_grad: bool, params: CEParams
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | float, bool | None]:
-    """The whole call (``crossent.backends``' contract) in one kernel launch when the work is one
-    thread's (class indices, float32/16-bit, eager): small calls pay for few Python steps.
-    K-dimensional logits, and rows of at most ``_numba_kdim_call.FEW_CLASSES`` classes, take the K-dim kernel
-    (positions side by side). Larger, probability-target, float64 and compiled calls take the
-    composed path (which does not probe)."""
+    """The whole call (``crossent.backends``' contract) in one kernel launch (class indices,
+    float32/16-bit, eager; large ones split over torch's OpenMP team inside the launch): small
+    calls pay for few Python steps, large ones for no Python thread hand-off.
+    K-dimensional logits, and rows of at most ``_numba_kdim_call.FEW_CLASSES`` classes, take the
+    K-dim kernel (positions side by side). Probability-target, float64 and compiled calls, and
+    large ones where torch has no OpenMP team, take the composed path (which does not probe)."""
     if torch.compiler.is_compiling():
         return _composed(logits, target, weight, want_grad, params)
     kdim = logits.dim() == 3
@@ -290,8 +295,8 @@ def cross_entropy(
         logits = logits.contiguous()  # rows at a stride: the row kernels read contiguous rows
     if (kdim or logits.shape[1] <= _kdim.FEW_CLASSES) and _kdim.fits(logits, target, weight, params):
         return _kdim.cross_entropy(logits, target, weight, want_grad, params, not kdim)
-    if (kdim or target.is_floating_point() or logits.dtype not in FORMATS
-            or logits.numel() >= _PARALLEL_MIN or logits.shape[0] == 0):
+    if (kdim or target.is_floating_point() or logits.dtype not in FORMATS or logits.shape[0] == 0
+            or (logits.numel() >= parallel_min() and not usable())):  # no team: Python threads
         return _composed(logits, target, weight, want_grad, params)
     n_rows, n_cls = logits.shape
     loss = np.empty(n_rows, np.float32)  # (R,)
@@ -309,6 +314,7 @@ def cross_entropy(
         params.eps, params.z_loss, params.softcap or 0.0, params.reduction == "mean",
         want_grad, params.inplace_backward, x if out is None else out, loss, lse,
         -1.0 if params.probe_tol is None else params.probe_tol,
+        team_threads(n_rows * n_cls, n_rows),
     )
     if bad >= 0:
         raise TargetOutOfBounds(bad)

@@ -12,7 +12,7 @@ import torch
 from numba import njit
 from torch import Tensor
 
-from ._numba_threads import _PARALLEL_MIN, _split_rows
+from ._numba_threads import _split_rows, threads
 from ._omp_team import team_launch
 from .numba_softmax import as_array, empty, f32, put
 
@@ -128,8 +128,7 @@ class NLLLoss(torch.autograd.Function):
         else:
             per, g_total = _NO_LOSS[torch.float32], float(g)
         n_rows = g3.shape[0]
-        threads = 1 if grad.numel() < _PARALLEL_MIN else min(torch.get_num_threads(), n_rows)
         args = (t2, ctx.w, ctx.ignore_index, per, g_total, ctx.w_sum, ctx.reduction == "mean", g3)
-        _split_rows(_nll_backward, args, n_rows, threads, _nll_backward_team)
+        _split_rows(_nll_backward, args, n_rows, threads(grad.numel(), n_rows), _nll_backward_team)
         return grad, None, None, None, None
 

@@ -28,7 +28,7 @@ from ._numba_math import (
     EXACT_FM, bf16_to_f32, exp_f32, f16_to_f32, f32_to_bf16, f32_to_f16, max_f32,
 )
 from ._numba_rows import FM
-from ._numba_threads import _PARALLEL_MIN, _split_rows
+from ._numba_threads import PARALLEL_MIN, _split_rows, threads
 from ._omp_team import team_launch
 
 _F32 = np.float32
@@ -304,10 +304,10 @@ def _run(kernels: tuple, inputs: tuple[Tensor, ...], dim: int, log: bool) -> Ten
     else:
         arrays = [a.reshape(n_out, n_cls, n_in) for a in arrays]  # (O, C, I) views
         (kernel, team), units = kernels[1], n_out * -(-n_in // width(n_cls))
-    if numel < _PARALLEL_MIN:
+    if numel < PARALLEL_MIN:
         kernel(*arrays, log, 0, units)  # small: no thread hand-off, no bookkeeping
     else:
-        _split_rows(kernel, (*arrays, log), units, min(torch.get_num_threads(), units), team)
+        _split_rows(kernel, (*arrays, log), units, threads(numel, units), team)
     return result
 
 

@@ -1,0 +1,136 @@
+"""Kernels split over torch's OpenMP team (``crossent.backends._omp_team``).
+
+Every kernel that is split over threads runs its blocks on the team, or on the pool of Python
+threads where the team cannot be used. Blocks hold whole rows (or whole groups of positions),
+so any thread count and either runner must give the same bits as one thread.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("numba")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from numba import njit  # noqa: E402
+
+import crossent  # noqa: E402
+from crossent.backends import _numba_threads, _omp_team  # noqa: E402
+
+from ._oracle import index_target, logits  # noqa: E402
+
+
+@njit(nogil=True, cache=True)
+def _mark(count, who, lo, hi):
+    """Counts each row it is given and records which thread of the team took it."""
+    place = _omp_team._team_place()
+    for r in range(lo, hi):
+        count[r] += 1
+        who[r] = place[0]
+
+
+@njit(nogil=True, cache=True)
+def _mark_team(n_rows, threads, *args):
+    _omp_team.team_launch(_mark, args, n_rows, threads)
+
+
+def test_torch_openmp_runtime_is_found_on_linux():
+    """Where torch's ops run on OpenMP (the Linux wheels), the team is its libgomp: a failed
+    lookup would silently fall back to the slower pool."""
+    if not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch does not run on OpenMP here")
+    assert _omp_team.AVAILABLE and _omp_team.usable()
+
+
+@pytest.mark.parametrize("team", [True, False])
+@pytest.mark.parametrize("n_rows", [1, 2, 7, 100])
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_every_row_runs_exactly_once(monkeypatch, team, n_rows, threads):
+    """Team and pool alike: each row is run once, by one of ``threads`` threads, which split
+    the rows in contiguous blocks (the team: thread i takes the i-th block)."""
+    if not team:
+        monkeypatch.setattr(_omp_team, "usable", lambda: False)
+    count = np.zeros(n_rows, np.int64)
+    who = np.full(n_rows, -1, np.int64)
+    _numba_threads._split_rows(_mark, (count, who), n_rows, min(threads, n_rows), _mark_team)
+    assert (count == 1).all()
+    if team and _omp_team.usable():
+        k = min(threads, n_rows)
+        expected = [i for i in range(k) for _ in range(n_rows * i // k, n_rows * (i + 1) // k)]
+        assert who.tolist() == expected
+
+
+def _child(queue):
+    count = np.zeros(50, np.int64)
+    who = np.zeros(50, np.int64)
+    _numba_threads._split_rows(_mark, (count, who), 50, 2, _mark_team)
+    queue.put((_omp_team.usable(), count.tolist()))
+
+
+def test_forked_child_uses_the_pool():
+    """libgomp's team is not valid in a forked child: the child runs the split on the pool."""
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue,))
+    proc.start()
+    usable, count = queue.get(timeout=120)
+    proc.join(timeout=60)
+    assert proc.exitcode == 0
+    assert not usable and count == [1] * 50
+
+
+def _calls(x, t, p):
+    """Every public call whose kernels split over threads, fwd+bwd; returns all results."""
+    out = []
+    for f in (lambda v: crossent.cross_entropy(v, t, reduction="mean"),
+              lambda v: crossent.cross_entropy(v, t, reduction="none"),
+              lambda v: crossent.cross_entropy(v, p),
+              lambda v: crossent.log_softmax(v, 1),
+              lambda v: crossent.softmax(v, 1),
+              lambda v: crossent.softmax(v, -1),
+              lambda v: crossent.nll_loss(v, t)):
+        v = x.detach().clone().requires_grad_()
+        y = f(v)
+        up = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)
+        (y * up).sum().backward()
+        out += [y.detach(), v.grad]
+    return out
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 40), c=st.sampled_from([1, 3, 16, 17, 200]),
+       inner=st.sampled_from([(), (5,), (3, 7)]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_same_bits_on_any_thread_count_and_runner(monkeypatch, n, c, inner, dtype):
+    """Whole calls (rows, few-class rows, K-dim), probability targets, softmax family and
+    nll_loss: one thread, 2-3 threads of the team, and 2 threads of the pool agree bit for bit
+    (the split threshold is lowered so that these small inputs are split)."""
+    gen = torch.Generator().manual_seed(n * 1000 + c)
+    shape = (n, c, *inner)
+    x = logits(shape, dtype, gen)
+    t = index_target(shape, c, gen)
+    p = torch.rand(shape, generator=gen).to(dtype)  # probabilities up to a factor: any weights do
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(_numba_threads, "PARALLEL_MIN", 1)
+            m.setattr(_numba_threads, "POOL_MIN", 1)
+            for k in (1, 2, 3):
+                torch.set_num_threads(k)
+                results.append(_calls(x, t, p))
+            m.setattr(_omp_team, "usable", lambda: False)
+            torch.set_num_threads(2)
+            results.append(_calls(x, t, p))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    ref = F.cross_entropy(x.double(), t)  # and they are the loss (not, say, all unwritten)
+    torch.testing.assert_close(results[0][0].double(), ref, rtol=2e-2, atol=2e-2, equal_nan=True)
