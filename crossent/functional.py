@@ -149,9 +149,14 @@ def _cross_entropy(
         w = weight.detach().to(acc_dtype(input.dtype))
     if probs:
         rows_target = rows_target.to(acc_dtype(input.dtype))
+        out_dtype = torch.result_type(input, target)
+        if weight is not None:
+            out_dtype = torch.promote_types(out_dtype, weight.dtype)  # torch promotes, too
+    else:
+        out_dtype = input.dtype
     try:
         loss, lse, seen = CrossEntropyFunction.apply(
-            logits, rows_target, w, params, whole_call(backend)
+            logits, rows_target, w, params, whole_call(backend), out_dtype
         )
     except TargetOutOfBounds as e:  # raised before anything was written
         raise _validate.out_of_bounds(target, e.row, logits.shape[1], ignore_index) from None
@@ -159,16 +164,8 @@ def _cross_entropy(
         _diagnostics.warn_probabilities(input)
     elif seen is None and probe_tol is not None:  # this backend or path did not probe
         _diagnostics.check_probabilities_as_logits(input)
-    if probs:
-        out_dtype = torch.result_type(input, target)
-        if weight is not None:
-            out_dtype = torch.promote_types(out_dtype, weight.dtype)  # torch promotes, too
-    else:
-        out_dtype = input.dtype
-    if reduction == "none":
+    if reduction == "none" and loss.shape != out_shape:
         loss = loss.reshape(out_shape)
-    if loss.dtype != out_dtype:
-        loss = loss.to(out_dtype)
     return loss, (lse.reshape(out_shape) if want_lse else lse)
 
 
