@@ -111,8 +111,8 @@ def cross_entropy_with_lse(
 def _cross_entropy(
     input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
     impl, z_loss, softcap, inplace_backward, want_lse=True,
-) -> tuple[Tensor, Tensor]:
-    """The shared body; with ``want_lse=False`` the returned lse may be empty (not stored).
+) -> tuple[Tensor, Tensor | None]:
+    """The shared body; with ``want_lse=False`` the returned lse is None.
 
     Every step is a few attribute checks or none at all on the common path: a small call pays
     per Python step and per torch op, so the target range, the mean denominator and the misuse

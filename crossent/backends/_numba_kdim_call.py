@@ -68,7 +68,7 @@ def cross_entropy(
         w_total = float(w.sum(dtype=np.float32))
     work = n * n_cls * n_in
     threads = team_threads(work, blocks)
-    on_pool = threads == 1 and work >= parallel_min() and blocks > 1  # no OpenMP team here
+    on_pool = threads == 1 and blocks > 1 and work >= parallel_min()  # no OpenMP team here
     fmt, t, probe_tol = FORMATS[logits.dtype], target.numpy(), params.probe_tol
     total, scale, bad, probs = _kdim_call(
         x, fmt, t, w, w_total, params.ignore_index, params.eps, params.z_loss, params.reduction
