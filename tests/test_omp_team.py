@@ -47,6 +47,14 @@ def test_torch_openmp_runtime_is_found_on_linux():
     assert _omp_team.AVAILABLE and _omp_team.usable()
 
 
+def test_torch_copy_of_libgomp_is_preferred():
+    """With the system's libgomp also mapped (another library loaded it), the team is torch's."""
+    ours = "/site/torch/lib/libgomp-a34b3233.so.1"
+    assert _omp_team._prefer_torch({"/usr/lib/libgomp.so.1", ours}, "/site/torch/") == ours
+    assert _omp_team._prefer_torch({"/usr/lib/libgomp.so.1"}, "/site/torch/") == "/usr/lib/libgomp.so.1"
+    assert _omp_team._prefer_torch(set(), "/site/torch/") is None
+
+
 @pytest.mark.parametrize("team", [True, False])
 @pytest.mark.parametrize("n_rows", [1, 2, 7, 100])
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])

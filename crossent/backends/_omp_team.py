@@ -23,7 +23,7 @@ import ctypes
 import os
 
 import llvmlite.binding as llvm
-import torch  # noqa: F401  (torch loads the OpenMP runtime this module looks for)
+import torch  # loads the OpenMP runtime this module looks for
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -34,16 +34,18 @@ _PREFIX = "crossent_"  # the symbols' names in numba's linker: never another lib
 
 
 def _loaded_libgomp() -> str | None:
-    """Path of the libgomp mapped into this process (torch's own copy), if any."""
+    """Path of the libgomp mapped into this process, if any: torch's own copy first (another
+    library may have loaded the system's, whose team torch's ops do not use)."""
     try:
         with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.rsplit(None, 1)[-1]
-                if "/libgomp" in path:
-                    return path
+            paths = {line.rsplit(None, 1)[-1] for line in maps if "/libgomp" in line}
     except OSError:  # not Linux
-        pass
-    return None
+        return None
+    return _prefer_torch(paths, os.path.dirname(torch.__file__) + os.sep)
+
+
+def _prefer_torch(paths: set[str], torch_dir: str) -> str | None:
+    return min(paths, key=lambda p: (not p.startswith(torch_dir), p), default=None)
 
 
 _TEAM_ENTRY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
