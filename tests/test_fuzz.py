@@ -369,6 +369,32 @@ def test_regressions(impl, name):
     check(REGRESSIONS[name], impl)
 
 
+# Known, not yet fixed: (case, backends where it fails). A z_loss term beyond float32's range
+# (|lse| ~ 1e30) overflows the per-row float32 losses of the composed whole call
+# (``_reduced``: torch backend, numba's probability targets) to +-inf, and a reduction over rows
+# of -inf and +inf is NaN where the float64 answer is +-inf. numba's fused call for class
+# indices keeps row losses in float64 and is right. Fixing it means float64 per-row losses in
+# the ``ce_forward`` contract of every backend. Strict: these fail until fixed.
+KNOWN = {
+    "z_loss term beyond float32 with a -inf target logit, index targets": (Case(
+        shape=(2, 2), ignored=0.0, weight="negative", z_loss=1e-3, magnitude=1e30,
+        special="-inf"), {"torch"}),
+    "the same with probability targets": (Case(
+        shape=(2, 2), probs=True, ignored=0.0, weight="negative", z_loss=1e-3, magnitude=1e30,
+        special="-inf"), {"torch", "numba"}),
+}
+
+
+@pytest.mark.parametrize("impl, name", [
+    pytest.param(impl, name, marks=[pytest.mark.xfail(
+        strict=True, reason="float32 per-row losses of the composed call overflow (KNOWN)")]
+        if impl in failing else [])
+    for name, (_, failing) in sorted(KNOWN.items()) for impl in BACKENDS
+])
+def test_known_failures(impl, name):
+    check(KNOWN[name][0], impl)
+
+
 @pytest.mark.parametrize("impl", BACKENDS)
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=not SEARCH,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
