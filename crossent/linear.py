@@ -14,11 +14,11 @@ import torch
 from torch import Tensor
 
 from ._core import validate as _validate
-from ._core.dispatch import resolve
-from ._core.linear_autograd import LinearCrossEntropyFunction
+from ._core.dispatch import observed, resolve_backend
+from ._core.linear_autograd import SKIP_IGNORED_ON, LinearCrossEntropyFunction
 from ._core.linear_checks import check_logit_scale, check_tensors, resolve_options, target_is_probabilities
 from ._core.params import CEParams
-from .backends import torch_fused
+from .backends import TargetOutOfBounds, torch_fused
 from .backends._reduced import mean_terms
 from .backends.torch_fused import acc_dtype
 
@@ -190,7 +190,12 @@ def _linear_cross_entropy(
     n_classes, n_features = linear_weight.shape[0], linear_weight.shape[-1]
     probs = target_is_probabilities(input, target, n_classes, out_features, ignore_index)
     ignore_index = -100 if ignore_index is None else ignore_index
-    if not probs:
+    backend = resolve_backend(impl, input)
+    n_pos = math.prod(out_features)  # D positions per row (1 without out_features)
+    # One position: the backend's pass over the targets both checks them and sums the "mean"
+    # denominator below (numba: one launch, where the torch ops of both cost ~30 us a call).
+    fused_check = not probs and n_pos == 1
+    if not probs and not fused_check:
         _validate.check_target_values(target, n_classes, ignore_index)
     _validate.warn_weight_grad(weight)
     if probs and target.requires_grad and torch.is_grad_enabled():
@@ -202,7 +207,6 @@ def _linear_cross_entropy(
     lead = input.shape[:-1]
     x = input.reshape(-1, n_features)  # (N, H)
     n_rows = x.shape[0]
-    n_pos = math.prod(out_features)  # D positions per row (1 without out_features)
     acc = acc_dtype(input.dtype)
     if n_pos == 0:  # out_features holds a 0: empty logits, nothing to chunk; torch's result
         return _no_positions(input, linear_weight, target, linear_bias, weight, reduction,
@@ -219,9 +223,14 @@ def _linear_cross_entropy(
     )
     # "mean" divides by the (weighted) count over all N * D positions.
     all_rows = pos_target.reshape(-1, n_classes) if probs else pos_target.reshape(-1)
-    denominator, scale = mean_terms(all_rows, cw, params, n_classes, acc,
-                                    torch_fused.index_target_sums, checked=True)
-    kernel = resolve(impl, input)
+    try:
+        denominator, scale = mean_terms(
+            all_rows, cw, params, n_classes, acc,
+            backend.index_target_sums if fused_check else torch_fused.index_target_sums,
+            checked=not fused_check)
+    except TargetOutOfBounds as e:  # raised before any product
+        raise _validate.out_of_bounds(target, e.row, n_classes, ignore_index) from None
+    kernel = observed(backend.ce_forward)
     if chunk_size is None:
         chunk_size = auto_chunk_size(n_rows, n_features, n_classes, input.device, input.dtype)
     scale_f = None if logit_scale is None else float(logit_scale)
@@ -240,14 +249,15 @@ def _linear_cross_entropy(
         )
         for d, (w_d, b_d) in enumerate(zip(weights, biases))
     ]
-    lse = torch.stack([p[1] for p in parts], 1)  # (N, D)
+    lse = parts[0][1] if n_pos == 1 else torch.stack([p[1] for p in parts], 1)  # (N,) | (N, D)
     if reduction == "none":
-        loss = torch.stack([p[0] for p in parts], 1).reshape((*lead, *out_features))
+        loss = (parts[0][0] if n_pos == 1 else torch.stack([p[0] for p in parts], 1)).reshape(
+            (*lead, *out_features))
     else:
         loss = sum((p[0] for p in parts[1:]), parts[0][0])  # each already divided for "mean"
-    if not probs:
-        # Ignored rows: NaN whether or not this device skipped their matmul.
-        lse = torch.where(pos_target.t() == ignore_index, float("nan"), lse)
+    if not probs and input.device.type not in SKIP_IGNORED_ON:
+        # Ignored rows: NaN (where they were skipped, the chunk loop left them NaN already).
+        lse = torch.where(pos_target.t().reshape(lse.shape) == ignore_index, float("nan"), lse)
     out_dtype = torch.result_type(input, target) if probs else input.dtype
     return loss.to(out_dtype), lse.reshape((*lead, *out_features))
 

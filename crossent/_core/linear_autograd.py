@@ -12,6 +12,7 @@ rows of ``x`` (cheaper than scaling the ``(r, V)`` gradient): four matmuls in al
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import replace
 
@@ -145,6 +146,9 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+_in_place = functools.lru_cache(maxsize=64)(lambda params: replace(params, inplace_backward=True))
+
+
 def _row_chunks(target: Tensor, params: CEParams, n_rows: int, chunk_size: int):
     """Yield ``(rows, index)`` per chunk: a slice of rows, or the int64 indices of counted rows.
 
@@ -233,12 +237,10 @@ def chunked_linear_ce(
     dev = x.device
     want_grad = any(needs)
     # The kernel writes the gradient over the logits: the chunk buffer is ours, reused.
-    kparams = replace(params, inplace_backward=True)
+    kparams = _in_place(params)
     grad_scale = None
     if want_grad:
         grad_scale = scale if logit_scale is None else scale * logit_scale
-    loss = torch.zeros(n_rows, dtype=acc, device=dev)  # (N,) ignored rows stay 0
-    lse = torch.full((n_rows,), float("nan"), dtype=acc, device=dev)  # (N,) skipped: NaN
     chunk_size = _pair_chunk_rows(chunk_size, n_rows, n_classes, x.dtype, dev, needs[1])
     width = n_classes
     if dev.type in PAD_ROWS_ON:
@@ -246,6 +248,10 @@ def chunked_linear_ce(
     buf = _empty((min(chunk_size, n_rows), width), x.dtype, dev)[:, :n_classes]  # (r, V)
     chunks = list(_row_chunks(target, params, n_rows, chunk_size))
     skipping = bool(chunks) and chunks[0][1] is not None
+    whole = len(chunks) == 1 and not skipping  # one chunk of all rows: its results are the call's
+    if not whole:
+        loss = torch.zeros(n_rows, dtype=acc, device=dev)  # (N,) ignored rows stay 0
+        lse = torch.full((n_rows,), float("nan"), dtype=acc, device=dev)  # (N,) skipped: NaN
     grad_x = None
     if needs[0]:  # (N, H); rows skipped as ignored must read 0
         grad_x = torch.zeros_like(x) if skipping or not chunks else _empty(x.shape, x.dtype, dev)
@@ -318,8 +324,11 @@ def chunked_linear_ce(
         if t_c.is_floating_point():
             t_c = t_c.to(acc)  # (r, V) probabilities, the kernel's dtype
         loss_c, lse_c, g = kernel(buf[:r], t_c, class_weight, grad_scale, kparams)  # g: (r, V)
-        loss[sel] = loss_c
-        lse[sel] = lse_c
+        if whole:
+            loss, lse = loss_c, lse_c
+        else:
+            loss[sel] = loss_c
+            lse[sel] = lse_c
         x_next = rows_of(chunks[i + 1]) if i + 1 < len(chunks) else None
         u = None
         if want_grad and row_scale is not None:
