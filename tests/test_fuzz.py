@@ -371,17 +371,17 @@ def test_regressions(impl, name):
 
 # Known, not yet fixed: (case, backends where it fails). A z_loss term beyond float32's range
 # (|lse| ~ 1e30) overflows the per-row float32 losses of the composed whole call
-# (``_reduced``: torch backend, numba's probability targets) to +-inf, and a reduction over rows
+# (``_reduced``: torch and Triton backends, numba's probability targets) to +-inf, and a reduction over rows
 # of -inf and +inf is NaN where the float64 answer is +-inf. numba's fused call for class
 # indices keeps row losses in float64 and is right. Fixing it means float64 per-row losses in
 # the ``ce_forward`` contract of every backend. Strict: these fail until fixed.
 KNOWN = {
     "z_loss term beyond float32 with a -inf target logit, index targets": (Case(
         shape=(2, 2), ignored=0.0, weight="negative", z_loss=1e-3, magnitude=1e30,
-        special="-inf"), {"torch"}),
+        special="-inf"), {"torch", "triton"}),
     "the same with probability targets": (Case(
         shape=(2, 2), probs=True, ignored=0.0, weight="negative", z_loss=1e-3, magnitude=1e30,
-        special="-inf"), {"torch", "numba"}),
+        special="-inf"), {"torch", "numba", "triton"}),
 }
 
 

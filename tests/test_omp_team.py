@@ -142,3 +142,51 @@ def test_same_bits_on_any_thread_count_and_runner(monkeypatch, n, c, inner, dtyp
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     ref = F.cross_entropy(x.double(), t)  # and they are the loss (not, say, all unwritten)
     torch.testing.assert_close(results[0][0].double(), ref, rtol=2e-2, atol=2e-2, equal_nan=True)
+
+
+_NO_LIBGOMP = r"""
+import builtins, sys
+real_open = builtins.open
+def no_maps(path, *a, **k):
+    if path == "/proc/self/maps":
+        raise OSError("not Linux")
+    return real_open(path, *a, **k)
+builtins.open = no_maps
+from crossent.backends import _numba_threads, _omp_team
+builtins.open = real_open
+import torch, torch.nn.functional as F, crossent
+assert not _omp_team.AVAILABLE and not _omp_team.usable()
+_numba_threads.PARALLEL_MIN = _numba_threads.POOL_MIN = 1  # split even these small calls
+torch.manual_seed(0)
+for shape in [(50, 300), (50, 7), (3, 5, 40)]:
+    x = torch.randn(shape, requires_grad=True)
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]))
+    ours = crossent.cross_entropy(x, t, impl="numba")
+    ours.backward()
+    g, x.grad = x.grad, None
+    F.cross_entropy(x, t).backward()
+    torch.testing.assert_close(ours, F.cross_entropy(x, t))
+    torch.testing.assert_close(g, x.grad)
+    torch.testing.assert_close(crossent.log_softmax(x, 1), F.log_softmax(x, 1))
+# The serial stand-in for GOMP_parallel runs a launch as a team of one.
+import numpy as np
+from tests.test_omp_team import _mark, _mark_team
+count, who = np.zeros(9, np.int64), np.full(9, -1, np.int64)
+_mark_team(9, 2, count, who)
+assert (count == 1).all() and (who == 0).all()
+print("ok")
+"""
+
+
+def test_without_libgomp_the_entry_points_are_serial_stand_ins():
+    """Where torch runs on no libgomp, every launcher still links (against serial stand-ins),
+    the whole calls run on one thread and the split kernels on the Python pool, with torch's
+    results; a launch forced onto the stand-ins runs every row once."""
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "CROSSENT_BACKGROUND_LOAD": "0", "PYTHONPATH": root}
+    out = subprocess.run([sys.executable, "-c", _NO_LIBGOMP], capture_output=True, text=True,
+                         env=env, timeout=600, cwd=root)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

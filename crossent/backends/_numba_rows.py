@@ -184,6 +184,16 @@ def f32_to_bits(g, fmt, out):
             out[c] = f32_to_f16(g[c])
 
 
+@njit(cache=True)
+def scratch(n):
+    """A ``(n,)`` float32 scratch row starting on a 64-byte boundary. The vectorised sums over a
+    row split it at its first aligned element, so an allocator-dependent start made the same
+    row sum (and the loss's last bit) differ from call to call."""
+    raw = np.empty(n + 16, np.float32)
+    skip = (16 - (raw.ctypes.data // 4) % 16) % 16
+    return raw[skip:skip + n]
+
+
 # The kernels are written once for float32 rows; these three helpers adapt the storage, chosen
 # at compile time by the row's dtype (float32 storage is used directly, 16-bit via scratch rows).
 

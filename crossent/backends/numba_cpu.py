@@ -36,7 +36,7 @@ from ._omp_team import team_launch, usable
 from ._numba_rows import (
     FM, cap_factor, equal_before, exp_moment_sum, exp_sum, exp_sum_inplace,
     exp_sum_store, gap_sum, grad_dest, load_row, row_max, scale, scale_sub, scale_sub_targets,
-    scale_sub_weighted, soft_target_sums, soft_target_terms, store_row, weighted_gap_sum,
+    scale_sub_weighted, scratch, soft_target_sums, soft_target_terms, store_row, weighted_gap_sum,
     weighted_smooth_terms,
 )
 
@@ -69,8 +69,8 @@ def _index_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, cap, gscale,
     # Non-finite class weights: the smoothing term class by class, w_c (m - x_c + log s), as
     # torch's w_c (lse - x_c): inf * 0 only where torch has it (an inf weight at the max).
     exact_smooth = has_w and not finite_f32(_F32(w_total))
-    buf = np.empty(n_cls if (fmt != 0 or cap > 0) else 0, np.float32)  # (C,) scratch
-    gbuf = np.empty(n_cls if fmt != 0 else 0, np.float32)  # (C,) scratch
+    buf = scratch(n_cls if (fmt != 0 or cap > 0) else 0)  # (C,)
+    gbuf = scratch(n_cls if fmt != 0 else 0)  # (C,)
     for r in range(lo, hi):
         xr = load_row(x[r], fmt, cap, inv_cap, buf)
         y = np.int64(target[r])  # uint8 targets compare with ignore_index in int64
@@ -150,8 +150,8 @@ def _prob_kernel(x, fmt, target, w, eps, z, cap, gscale, want_grad, inplace, gra
     b = eps / _F32(n_cls) if eps > 0 else _F32(0.0)
     inv_cap = _F32(1.0) / cap if cap > 0 else _F32(0.0)
     aliased = inplace and fmt == 0 and cap == 0  # the gradient row is the logits row itself
-    buf = np.empty(n_cls if (fmt != 0 or cap > 0) else 0, np.float32)  # (C,) scratch
-    gbuf = np.empty(n_cls if fmt != 0 else 0, np.float32)  # (C,) scratch
+    buf = scratch(n_cls if (fmt != 0 or cap > 0) else 0)  # (C,)
+    gbuf = scratch(n_cls if fmt != 0 else 0)  # (C,)
     for r in range(lo, hi):
         xr = load_row(x[r], fmt, cap, inv_cap, buf)
         m = row_max(xr)
