@@ -43,28 +43,28 @@ def team_threads(work: int, units: int) -> int:
     return 1 if work < PARALLEL_MIN or not _omp_team.usable() else min(torch.get_num_threads(), units)
 
 
-def _split_rows(kernel, args: tuple, n_rows: int, threads: int, team=None) -> None:
-    """Run ``kernel(*args, lo, hi)`` on ``threads`` contiguous row blocks at once; ``team`` is
-    the kernel's OpenMP launcher, ``team(n_rows, threads, *args)``.
+def _split_rows(kernel, args: tuple, n_rows: int, n_threads: int, team=None) -> None:
+    """Run ``kernel(*args, lo, hi)`` on ``n_threads`` contiguous row blocks at once; ``team`` is
+    the kernel's OpenMP launcher, ``team(n_rows, n_threads, *args)``.
 
     Not numba's own OpenMP layer: a second OpenMP runtime next to torch's spins between calls,
     and on a 2-core machine the two runtimes' spinning threads slowed each other (and torch's own
     ops) several-fold.
     """
     global _pool, _pool_key
-    if threads == 1:
+    if n_threads == 1:
         kernel(*args, 0, n_rows)
         return
     if team is not None and _omp_team.usable():
-        team(n_rows, threads, *args)
+        team(n_rows, n_threads, *args)
         return
-    bounds = [n_rows * i // threads for i in range(threads + 1)]
+    bounds = [n_rows * i // n_threads for i in range(n_threads + 1)]
     with _pool_lock:
-        if _pool is None or _pool_key[0] != os.getpid() or _pool_key[1] < threads - 1:
-            _pool_key = (os.getpid(), threads - 1)
-            _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="crossent-numba")
+        if _pool is None or _pool_key[0] != os.getpid() or _pool_key[1] < n_threads - 1:
+            _pool_key = (os.getpid(), n_threads - 1)
+            _pool = ThreadPoolExecutor(n_threads - 1, thread_name_prefix="crossent-numba")
         pool = _pool
-    futures = [pool.submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    futures = [pool.submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(1, n_threads)]
     kernel(*args, bounds[0], bounds[1])  # the calling thread takes the first block
     for f in futures:
         f.result()
