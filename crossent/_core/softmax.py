@@ -7,6 +7,7 @@ moving ``dim`` last.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -46,10 +47,9 @@ def backend(impl: str, x: Tensor) -> str:
         return impl
     if torch.compiler.is_compiling():
         return "torch"  # the kernels are not traceable; the torch path fuses under the compiler
-    device = x.device.type
-    if device == "cpu" and _dispatch.available("numba") and _dispatch.ready("numba"):
-        return "numba"
-    if device == "cuda" and _dispatch.available("triton"):
+    if x.is_cpu:  # no device object made
+        return "numba" if _dispatch.available("numba") and _dispatch.ready("numba") else "torch"
+    if x.is_cuda and _dispatch.available("triton"):
         return "triton"
     return "torch"
 
@@ -78,8 +78,10 @@ def _torch_backward(g: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
     return (oa * (ga - (ga * oa).sum(dim, keepdim=True))).to(g.dtype)
 
 
+@functools.lru_cache(maxsize=None)
 def _kernels(name: str, dtype: torch.dtype):
-    """(forward, backward) of backend ``name`` for ``dtype``."""
+    """(forward, backward) of backend ``name`` for ``dtype`` (cached: an import statement in
+    the call path costs a small call ~0.5 us each way)."""
     if name == "numba" and dtype != torch.float64:
         from ..backends import numba_softmax
 
