@@ -248,9 +248,10 @@ def nll_loss(
             "Expected 1 or more dimensions (got 0): nll_loss needs log-probabilities of shape "
             "(C,), (N, C) or (N, C, d1, ..., dk), e.g. log_softmax(logits, dim) of the logits"
         )
-    _validate.check_input(input)
-    _validate.check_index_target(input, target, reduction)
-    _validate.check_weight(weight, input)
+    if weight is not None or not _validate.plain_rows(input, target):  # else they all pass
+        _validate.check_input(input)
+        _validate.check_index_target(input, target, reduction)
+        _validate.check_weight(weight, input)
     return _nll.nll(input, target, weight, ignore_index, reduction, _softmax.backend(impl, input))
 
 

@@ -136,6 +136,8 @@ def test_the_common_call_shortcut_implies_every_check():
         validate.check_input(x)
         assert validate.target_is_probabilities(x, t, -100, "mean") is False
         validate.check_weight(None, x)
+        validate.check_index_target(x, t, "mean")  # nll_loss's checks too
         F.cross_entropy(x.float(), t)  # torch takes it too
+        F.nll_loss(x.float(), t)
 
     check()

@@ -6,6 +6,8 @@ scatter of ``-w_y * g`` into zeros, torch's layout.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -31,6 +33,15 @@ def nll_torch(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index
     return (total if reduction == "sum" else total / w_y.sum()).to(input.dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _numba_function():
+    """The numba backend's Function, imported on first use (importing crossent loads no numba)
+    and then kept: an import statement in the call path costs a small call ~0.5 us."""
+    from ..backends.numba_nll import NLLLoss
+
+    return NLLLoss
+
+
 def nll(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
         name: str) -> Tensor:
     """nll_loss on backend ``name`` (numba, or the torch gather for every other backend).
@@ -43,8 +54,7 @@ def nll(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
     if name != "numba":
         _validate.check_target_values(target, n_classes, ignore_index)
         return nll_torch(input, target, weight, ignore_index, reduction)
-    from ..backends.numba_nll import NLLLoss
-
+    NLLLoss = _numba_function()
     if not torch.is_grad_enabled():
         input = input.detach()  # no graph, and no buffers kept for a backward
     try:
