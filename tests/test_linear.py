@@ -394,3 +394,16 @@ def test_activation_checkpointing(use_reentrant, reduction):
     F.cross_entropy(F.linear(*leaves_t), t, reduction=reduction).sum().backward()
     for a, r in zip(leaves, leaves_t):
         torch.testing.assert_close(a.grad, r.grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bad", [-5, 40, 10**6])
+def test_out_of_range_index_names_value_and_position(reduction, bad):
+    """The CPU target check is the backend's pass (it also sums the mean's denominator): for
+    every reduction, torch's IndexError naming the offending value and its position."""
+    x, w, _, t, _, _ = _data(9, 8, 40, torch.float32, 61, ignore_fraction=0.0)
+    t[6] = bad
+    with pytest.raises(IndexError):
+        F.linear_cross_entropy(x, w, t, reduction=reduction)
+    with pytest.raises(IndexError, match=rf"Target {bad} is out of bounds.*position 6"):
+        linear_cross_entropy(x, w, t, reduction=reduction)
