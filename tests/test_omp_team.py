@@ -190,3 +190,34 @@ def test_without_libgomp_the_entry_points_are_serial_stand_ins():
     out = subprocess.run([sys.executable, "-c", _NO_LIBGOMP], capture_output=True, text=True,
                          env=env, timeout=600, cwd=root)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_calls_from_several_python_threads_at_once(monkeypatch):
+    """Each calling thread gets its own OpenMP team (libgomp makes one per master thread):
+    concurrent split calls from Python threads give the single-threaded bits."""
+    import threading
+
+    monkeypatch.setattr(_numba_threads, "PARALLEL_MIN", 1)
+    gen = torch.Generator().manual_seed(7)
+    x = logits((300, 500), torch.float32, gen)
+    t = index_target((300, 500), 500, gen)
+    expected = F.cross_entropy(x, t, reduction="none")
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(20):
+                results.append(crossent.cross_entropy(x, t, reduction="none", impl="numba"))
+        except Exception as e:  # noqa: BLE001 -- reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not errors and len(results) == 60
+    first = results[0]
+    torch.testing.assert_close(first, expected)
+    for r in results[1:]:
+        assert torch.equal(r, first)
