@@ -85,11 +85,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if any(needs) and params.reduction == "none":
             ctx.save_for_backward(x, weight, bias, target, class_weight)
         ctx.mark_non_differentiable(lse)
+        # Reduced in the rows' dtype (float64 but on Triton), returned in the accumulation dtype.
         if params.reduction == "sum":
             loss = loss.sum()
         elif params.reduction == "mean":
             loss = loss.sum() / denominator
-        return loss, lse
+        return loss.to(lse.dtype), lse
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_lse: Tensor | None):
@@ -250,7 +251,7 @@ def chunked_linear_ce(
     skipping = bool(chunks) and chunks[0][1] is not None
     whole = len(chunks) == 1 and not skipping  # one chunk of all rows: its results are the call's
     if not whole:
-        loss = torch.zeros(n_rows, dtype=acc, device=dev)  # (N,) ignored rows stay 0
+        loss = torch.zeros(n_rows, dtype=torch.float64, device=dev)  # (N,) ignored rows stay 0
         lse = torch.full((n_rows,), float("nan"), dtype=acc, device=dev)  # (N,) skipped: NaN
     grad_x = None
     if needs[0]:  # (N, H); rows skipped as ignored must read 0
@@ -327,7 +328,7 @@ def chunked_linear_ce(
         if whole:
             loss, lse = loss_c, lse_c
         else:
-            loss[sel] = loss_c
+            loss[sel] = loss_c.to(loss.dtype)  # float64, or Triton's float32 rows
             lse[sel] = lse_c
         x_next = rows_of(chunks[i + 1]) if i + 1 < len(chunks) else None
         u = None

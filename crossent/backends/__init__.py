@@ -8,8 +8,10 @@
 - ``weight``: ``(C,)`` class weights in the accumulation dtype, or ``None``.
 - ``grad_scale``: 0-d tensor in the accumulation dtype multiplying the gradient, or ``None``
   when no gradient is wanted (then ``grad`` is ``None``).
-- returns ``loss`` ``(R,)`` per-row loss (weighted, smoothed, z-loss added, 0 for ignored rows),
-  ``lse`` ``(R,)`` logsumexp of the (soft-capped) logits, both in the accumulation dtype, and
+- returns ``loss`` ``(R,)`` per-row loss (weighted, smoothed, z-loss added, 0 for ignored rows)
+  in float64 (Triton: float32), so that rows beyond the accumulation dtype's range (z-loss
+  near |lse| = 1e19) still reduce to the float64 answer, not inf - inf; ``lse`` ``(R,)``
+  logsumexp of the (soft-capped) logits in the accumulation dtype; and
   ``grad`` ``(R, C)`` in the logits' dtype: ``grad_scale * d loss[r] / d logits[r]``. With
   ``params.inplace_backward`` the gradient is written into ``logits``' storage.
 

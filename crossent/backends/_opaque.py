@@ -25,17 +25,19 @@ from .torch_fused import acc_dtype
 HAS_CUSTOM_OP = hasattr(torch.library, "custom_op")  # torch >= 2.4
 
 
-def _fake(logits: Tensor, grad_scale: Optional[Tensor], inplace: bool):
+def _fake(logits: Tensor, grad_scale: Optional[Tensor], inplace: bool, loss_dtype):
     n_rows, acc = logits.shape[0], acc_dtype(logits.dtype)
     fresh = grad_scale is not None and not inplace
     grad = torch.empty_like(logits) if fresh else logits.new_empty(0)
-    return logits.new_empty(n_rows, dtype=acc), logits.new_empty(n_rows, dtype=acc), grad
+    return (logits.new_empty(n_rows, dtype=loss_dtype or acc), logits.new_empty(n_rows, dtype=acc),
+            grad)
 
 
-def opaque_kernel(name: str, kernel: Kernel) -> Kernel:
+def opaque_kernel(name: str, kernel: Kernel, loss_dtype: torch.dtype | None = None) -> Kernel:
     """``kernel`` (the backend contract of ``crossent.backends``), run through the custom ops
     ``crossent::<name>_ce_forward[_inplace]`` while ``torch.compile`` traces, directly otherwise.
-    Without ``torch.library.custom_op`` (torch < 2.4) ``kernel`` itself, eager only."""
+    ``loss_dtype``: the dtype of its per-row losses (``None``: the accumulation dtype). Without
+    ``torch.library.custom_op`` (torch < 2.4) ``kernel`` itself, eager only."""
     if not HAS_CUSTOM_OP:
         return kernel
 
@@ -62,7 +64,8 @@ def opaque_kernel(name: str, kernel: Kernel) -> Kernel:
             f"crossent::{name}_ce_forward{suffix}", mutates_args=("logits",) if inplace else ()
         )(impl)
         op.register_fake(
-            lambda logits, target, weight, grad_scale, *_: _fake(logits, grad_scale, inplace)
+            lambda logits, target, weight, grad_scale, *_: _fake(logits, grad_scale, inplace,
+                                                                 loss_dtype)
         )
         return op
 

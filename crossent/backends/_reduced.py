@@ -41,11 +41,12 @@ def reduced(ce_forward: Callable, index_target_sums: Callable) -> Call:
         denominator, scale = mean_terms(target, weight, params, logits.shape[1],
                                         acc_dtype(logits.dtype), index_target_sums)
         loss, lse, grad = ce_forward(logits, target, weight, scale if want_grad else None, params)
+        # Reduced in the rows' dtype (float64 but on Triton), returned in the accumulation dtype.
         if params.reduction == "sum":
             loss = loss.sum()
         elif params.reduction == "mean":
             loss = loss.sum() / denominator
-        return loss, lse, grad, scale, None
+        return loss.to(lse.dtype), lse, grad, scale, None
 
     return cross_entropy
 

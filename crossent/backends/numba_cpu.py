@@ -243,7 +243,7 @@ def _ce_forward(
     if logits.dtype not in FORMATS:  # float64
         return torch_fused.ce_forward(logits, target, weight, grad_scale, params, stats=stats)
     n_rows, n_cls = logits.shape
-    loss = torch.empty(n_rows, dtype=torch.float32)  # (R,)
+    loss = torch.empty(n_rows, dtype=torch.float64)  # (R,) float64: see torch_fused.ce_forward
     lse = torch.empty(n_rows, dtype=torch.float32)  # (R,)
     want_grad = grad_scale is not None
     grad = None
@@ -275,7 +275,7 @@ def _ce_forward(
     return loss, lse, grad
 
 
-ce_forward = opaque_kernel("numba", _ce_forward)  # a custom op under torch.compile
+ce_forward = opaque_kernel("numba", _ce_forward, torch.float64)  # a custom op under compile
 _composed = reduced(ce_forward, index_target_sums)
 
 

@@ -47,7 +47,9 @@ def ce_forward(
     ``stats`` ``(R, 2)``, when given, is filled as the backend contract says."""
     n_rows, n_classes = logits.shape
     acc = acc_dtype(logits.dtype)
-    loss = torch.empty(n_rows, dtype=acc, device=logits.device)  # (R,)
+    # float64 rows: a row's loss can exceed float32 (z_loss * lse**2 near |lse| = 1e19) where
+    # the reduced loss does not, and rows rounded to +-inf would sum to NaN.
+    loss = torch.empty(n_rows, dtype=torch.float64, device=logits.device)  # (R,)
     lse = torch.empty(n_rows, dtype=acc, device=logits.device)  # (R,)
     grad = None
     if grad_scale is not None:
@@ -161,7 +163,7 @@ def _index_rows(
         loss = loss + params.z_loss * (m64 + log_s64) ** 2
         coef = coef + 2 * params.z_loss * counted * lse
     # Ignored rows contribute exactly 0, even when their logits are not finite.
-    loss = torch.where(valid, loss, 0).to(x.dtype)
+    loss = torch.where(valid, loss, 0)  # float64: see ce_forward
     if grad_scale is None:
         return loss, lse, None
     # The scale goes in per term, as torch's backward applies it: a mean over a zero weight
@@ -197,7 +199,6 @@ def _prob_rows(
     if params.z_loss > 0:  # never 0 * inf when lse**2 overflows
         loss = loss + params.z_loss * (m.double() + log_s.double()) ** 2
         mass = mass + 2 * params.z_loss * lse
-    loss = loss.to(x.dtype)
     if grad_scale is None:
         return loss, lse, None
     g = p.mul_(mass.unsqueeze(1)).sub_(wt).mul_(grad_scale)
