@@ -13,9 +13,9 @@ code made by numba (``team_launch`` below, called from one cached ``@njit`` laun
 kernel): it stores the kernel's arguments on its stack, and each thread of the team reads them
 back and runs its share of rows. No Python object is touched off the calling thread.
 
-``AVAILABLE`` is false where torch runs on another runtime (Windows, TBB builds): the entry
-points are then serial stand-ins (a team of one), so launchers still compile, and callers pass
-one thread or use a pool of Python threads (``_numba_threads``) instead.
+``AVAILABLE`` is false where no libgomp is found (macOS, Windows, TBB builds of torch): the
+entry points are then serial stand-ins (a team of one), so launchers still compile, and callers
+pass one thread or use a pool of Python threads (``_numba_threads``) instead.
 """
 from __future__ import annotations
 
