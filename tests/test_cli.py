@@ -54,6 +54,16 @@ def test_env_lists_versions_devices_backends():
         assert word in result.stdout, word
     used = result.stdout.split("impl='auto' on CPU uses:")[1].split()[0]
     assert used in ("numba", "torch")  # a backend's name (was once an internal module's)
+    if "numba kernels split over:" in result.stdout:  # where numba is installed
+        assert ("OpenMP team" in result.stdout) == _omp_team_usable()
+
+
+def _omp_team_usable() -> bool:
+    try:
+        from crossent.backends import _omp_team
+    except ImportError:
+        return False
+    return _omp_team.usable()
 
 
 def test_no_command_prints_help_and_fails():

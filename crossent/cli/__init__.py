@@ -113,6 +113,12 @@ def env(plain: bool = False) -> int:
     if torch.cuda.is_available():
         auto_cuda = backend_name("auto", cpu.cuda())
         console.line(f"impl='auto' on CUDA uses: {auto_cuda}")
+    if available("numba"):
+        from ..backends import _omp_team
+
+        split = ("torch's OpenMP team (libgomp)" if _omp_team.usable()
+                 else "a pool of Python threads (no libgomp found)")
+        console.line(f"numba kernels split over: {split}")
     console.line(f"misuse diagnostics: {'on' if diagnostics_enabled() else 'off'} "
                  "(crossent.set_diagnostics, CROSSENT_DIAGNOSTICS=0)")
     return 0
