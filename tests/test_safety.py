@@ -169,3 +169,25 @@ def test_probability_targets_promote_with_the_weight_like_torch(impl, w_dtype, x
     torch.testing.assert_close(g_ours.double(), g_theirs.double(), rtol=tol, atol=tol)
     with pytest.raises(RuntimeError):
         crossent.cross_entropy(x, torch.tensor([0, 1, 2, 3]), weight=w, impl=impl)
+
+
+@pytest.mark.parametrize("impl", cpu_backends())
+@pytest.mark.parametrize("n_classes", [2, 20, 300])  # few-class (K-dim kernel) and row paths
+@pytest.mark.parametrize("probs", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_a_row_beyond_float32_does_not_make_the_reduction_nan(impl, n_classes, probs, reduction):
+    """Row 0 has loss -inf (its target at a -inf logit, a negative class weight), row 1 a
+    z_loss term of ~1e57: finite in float64, +inf in float32. The reduction is -inf (sum) or
+    +inf (mean over a negative weight sum), the float64 answer; per-row float32 losses made it
+    inf - inf = NaN."""
+    from crossent._core import reference
+
+    x = torch.zeros(2, n_classes)
+    x[0, 1], x[0, 0], x[1, 0] = -math.inf, 1e30, 1e30
+    w = -torch.linspace(0.2, 0.9, n_classes)
+    t = torch.eye(n_classes)[[1, 0]] if probs else torch.tensor([1, 0])
+    ours = crossent.cross_entropy(x, t, weight=w, z_loss=1e-3, reduction=reduction, impl=impl)
+    ref = reference.cross_entropy(x.double(), t.double() if probs else t, w.double(),
+                                  ignore_index=-100, reduction=reduction, label_smoothing=0.0,
+                                  z_loss=1e-3, softcap=None)
+    torch.testing.assert_close(ours, ref.float(), equal_nan=False)

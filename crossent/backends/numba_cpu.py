@@ -264,7 +264,7 @@ def _ce_forward(
                 gscale, want_grad, params.inplace_backward, out, loss.numpy(), lse.numpy())
         _split_rows(_prob_kernel, args, n_rows, threads(n_rows * n_cls, n_rows), _prob_team)
     else:
-        w = np.empty(0, np.float32) if weight is None else as_array(weight.float().contiguous())
+        w = EMPTY if weight is None else as_array(weight.float().contiguous())
         w_total = _F32(w.sum(dtype=np.float32)) if weight is not None else _F32(n_cls)
         args = (x, fmt, as_array(target), w, w_total,
                 np.int64(params.ignore_index), eps, _F32(params.z_loss), cap, gscale,
@@ -299,7 +299,7 @@ def cross_entropy(
             or (logits.numel() >= parallel_min() and not usable())):  # no team: Python threads
         return _composed(logits, target, weight, want_grad, params)
     n_rows, n_cls = logits.shape
-    loss = np.empty(n_rows, np.float32)  # (R,)
+    loss = np.empty(n_rows, np.float64)  # (R,) float64: see torch_fused.ce_forward
     lse = np.empty(n_rows, np.float32)  # (R,)
     x = as_array(logits)
     grad = out = None
@@ -319,7 +319,7 @@ def cross_entropy(
     if bad >= 0:
         raise TargetOutOfBounds(bad)
     if params.reduction == "none":
-        out = torch.from_numpy(loss)
+        out = torch.from_numpy(loss.astype(np.float32))  # the contract's accumulation dtype
     else:
         out = torch.from_numpy(np.array(value, np.float32))  # 0-d; cheaper than torch.tensor
     return out, torch.from_numpy(lse), grad, scale, (None if params.probe_tol is None else probs)
