@@ -15,10 +15,9 @@ from ._core import diagnostics as _diagnostics
 from ._core import nll as _nll
 from ._core import softmax as _softmax
 from ._core import validate as _validate
-from ._core.autograd import CrossEntropyFunction
+from ._core.autograd import CrossEntropyFunction, fast_apply
 from ._core.dispatch import resolve_backend, whole_call
-from ._core.params import CEParams
-from ._core.softmax import LogSoftmax, Softmax
+from ._core.params import REDUCTIONS, CEParams
 from .backends import TargetOutOfBounds
 from .backends.torch_fused import acc_dtype
 
@@ -117,8 +116,9 @@ def _cross_entropy(
     Every step is a few attribute checks or none at all on the common path: a small call pays
     per Python step and per torch op, so the target range, the mean denominator and the misuse
     probe are the backend's, made in its pass over the logits (``crossent.backends``)."""
-    reduction = _validate.resolve_reduction(size_average, reduce, reduction)
-    _validate.check_options(label_smoothing, z_loss, softcap)
+    if size_average is not None or reduce is not None or reduction not in REDUCTIONS:
+        # torch's legacy pair (and its warning), or torch's error for an unknown reduction
+        reduction = _validate.resolve_reduction(size_average, reduce, reduction)
     plain = weight is None and _validate.plain_rows(input, target)
     if plain:  # (N, C) logits, (N,) int64 indices, CPU, no weight: the checks below all pass
         probs = False
@@ -130,9 +130,9 @@ def _cross_entropy(
     if inplace_backward:
         _validate.check_inplace(input, probs and target.requires_grad)
     probe_tol = _diagnostics.probe_tolerance(input)
-    # Cached per distinct set of options (a training loop has one; a dataclass costs about a
-    # microsecond); torch.compile cannot trace the cache and builds one.
-    make = CEParams if torch.compiler.is_compiling() else _params
+    # Checked and built once per distinct set of options (a training loop has one; checks and
+    # a dataclass cost a microsecond); torch.compile cannot trace the cache and builds one.
+    make = _options if not torch.compiler.is_compiling() else options
     params = make(ignore_index, reduction, float(label_smoothing), float(z_loss), softcap,
                   inplace_backward, want_lse, probe_tol)
     backend = resolve_backend(impl, input)
@@ -155,7 +155,7 @@ def _cross_entropy(
     else:
         out_dtype = input.dtype
     try:
-        loss, lse, seen = CrossEntropyFunction.apply(
+        loss, lse, seen = _ce_apply(
             logits, rows_target, w, params, whole_call(backend), out_dtype
         )
     except TargetOutOfBounds as e:  # raised before anything was written
@@ -169,7 +169,18 @@ def _cross_entropy(
     return loss, (lse.reshape(out_shape) if want_lse else lse)
 
 
-_params = functools.lru_cache(maxsize=64)(CEParams)
+def options(
+    ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
+    softcap: float | None, inplace_backward: bool, want_lse: bool, probe_tol: float | None,
+) -> CEParams:
+    """The call's options, checked (the errors torch raises for them), as one object."""
+    _validate.check_options(label_smoothing, z_loss, softcap)
+    return CEParams(ignore_index, reduction, label_smoothing, z_loss, softcap, inplace_backward,
+                    want_lse, probe_tol)
+
+
+_options = functools.lru_cache(maxsize=64)(options)  # an error is raised again, never cached
+_ce_apply = fast_apply(CrossEntropyFunction)
 
 
 def to_rows(
@@ -284,7 +295,7 @@ def log_softmax(
         >>> crossent.log_softmax(torch.tensor([0.0, 0.0]), dim=0)
         tensor([-0.6931, -0.6931])
     """
-    return _softmax.apply(LogSoftmax, "log_softmax", input, dim, dtype, impl)
+    return _softmax.apply(_softmax.LOG_SOFTMAX, "log_softmax", input, dim, dtype, impl)
 
 
 def softmax(
@@ -312,4 +323,4 @@ def softmax(
         tensor([[0.5000, 0.5000],
                 [0.0000, 1.0000]])
     """
-    return _softmax.apply(Softmax, "softmax", input, dim, dtype, impl)
+    return _softmax.apply(_softmax.SOFTMAX, "softmax", input, dim, dtype, impl)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import validate as _validate
+from .autograd import fast_apply
 from ..backends.torch_fused import acc_dtype
 
 
@@ -35,11 +36,12 @@ def nll_torch(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index
 
 @functools.lru_cache(maxsize=None)
 def _numba_function():
-    """The numba backend's Function, imported on first use (importing crossent loads no numba)
-    and then kept: an import statement in the call path costs a small call ~0.5 us."""
+    """The numba backend's Function (its ``fast_apply``), imported on first use (importing
+    crossent loads no numba) and then kept: an import statement in the call path costs a small
+    call ~0.5 us."""
     from ..backends.numba_nll import NLLLoss
 
-    return NLLLoss
+    return fast_apply(NLLLoss)
 
 
 def nll(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
@@ -54,11 +56,11 @@ def nll(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
     if name != "numba":
         _validate.check_target_values(target, n_classes, ignore_index)
         return nll_torch(input, target, weight, ignore_index, reduction)
-    NLLLoss = _numba_function()
+    apply = _numba_function()
     if not torch.is_grad_enabled():
         input = input.detach()  # no graph, and no buffers kept for a backward
     try:
-        loss = NLLLoss.apply(input, target, weight, ignore_index, reduction)
+        loss = apply(input, target, weight, ignore_index, reduction)
     except IndexError:
         _validate.check_target_values(target, n_classes, ignore_index)
         raise

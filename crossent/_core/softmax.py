@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from . import dispatch as _dispatch
+from .autograd import fast_apply
 
 
 def softmax_dim(name: str, ndim: int, dim: int | None) -> int:
@@ -104,7 +106,9 @@ def _forward(ctx, x: Tensor, dim: int, name: str, log: bool) -> Tensor:
 
 def _backward(ctx, g: Tensor, log: bool) -> Tensor:
     (out,) = ctx.saved_tensors
-    return _kernels(ctx.name, out.dtype)[1](g.to(out.dtype).contiguous(), out, ctx.dim, log)
+    if g.dtype != out.dtype:
+        g = g.to(out.dtype)
+    return _kernels(ctx.name, out.dtype)[1](g.contiguous(), out, ctx.dim, log)
 
 
 # Static methods (not one class with a flag): Dynamo inlines autograd.Functions written this way.
@@ -132,9 +136,10 @@ class Softmax(torch.autograd.Function):
         return _backward(ctx, g, False), None, None
 
 
-def apply(cls: type[torch.autograd.Function], name: str, input: Tensor, dim: int | None,
+def apply(run: Callable[..., Tensor], name: str, input: Tensor, dim: int | None,
           dtype: torch.dtype | None, impl: str) -> Tensor:
-    """The public ``log_softmax`` / ``softmax``: cast, check, 0-d handling, dispatch."""
+    """The public ``log_softmax`` / ``softmax`` (``run`` is ``LOG_SOFTMAX`` or ``SOFTMAX``):
+    cast, check, 0-d handling, dispatch."""
     if not isinstance(input, Tensor):
         raise TypeError(f"{name}(): input must be a torch.Tensor, got {type(input).__name__}")
     if dtype is not None:
@@ -148,5 +153,9 @@ def apply(cls: type[torch.autograd.Function], name: str, input: Tensor, dim: int
     d = wrap_dim(softmax_dim(name, ndim, dim), ndim)
     if ndim == 0:
         # A single value: torch gives 0 (log_softmax) / 1 (softmax), and NaN for inf or NaN.
-        return cls.apply(input.reshape(1), 0, backend(impl, input)).reshape(())
-    return cls.apply(input, d, backend(impl, input))
+        return run(input.reshape(1), 0, backend(impl, input)).reshape(())
+    return run(input, d, backend(impl, input))
+
+
+# The Functions' apply (``fast_apply``): what the public functions pass to ``apply``.
+LOG_SOFTMAX, SOFTMAX = fast_apply(LogSoftmax), fast_apply(Softmax)

@@ -30,7 +30,9 @@ The accumulation dtype is float64 for float64 logits and float32 otherwise.
 
 - the whole call: the range check of class indices (raising :class:`TargetOutOfBounds` before
   anything is written), the weight sum "mean" divides by, the rows, and the reduction: ``loss``
-  is 0-d for "mean"/"sum", ``(R,)`` for "none"; ``grad`` is already multiplied by the
+  is 0-d for "mean"/"sum" (in the accumulation dtype, or already rounded to 16-bit logits'
+  dtype where the kernel does that for free), ``(R,)`` for "none"; ``lse`` is ``None`` when
+  ``params.want_lse`` is false; ``grad`` is already multiplied by the
   reduction's factor ``scale`` (``1 / weight_sum`` for "mean", else 1; a float or a 0-d tensor).
   ``probs``: with ``params.probe_tol`` set, whether the logits look like probabilities (the
   misuse probe of ``crossent._core.diagnostics``, on the same sampled rows), made in the same

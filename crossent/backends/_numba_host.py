@@ -11,7 +11,8 @@ from ._cpu_alloc import HUGE_MIN_BYTES, empty_huge
 from ._numba_rows import BF16, F16
 
 FORMATS = {torch.float32: 0, torch.bfloat16: BF16, torch.float16: F16}  # storage format codes
-EMPTY = np.empty(0, np.float32)  # "unweighted" (size 0, never written)
+EMPTY = np.empty(0, np.float32)
+_HUGE_MIN_VALUES = HUGE_MIN_BYTES // 4  # no element is wider: empty_huge checks the bytes  # "unweighted" (size 0, never written)
 
 
 @njit(nogil=True, cache=True)
@@ -31,18 +32,20 @@ def target_pass(target, w, ignore_index, n_cls):
     return den, -1
 
 
-def new_grad(logits: Tensor, x: np.ndarray) -> tuple[Tensor, np.ndarray]:
-    """A fresh gradient of ``logits``' shape and dtype (contiguous) and its numpy view (``x``
-    is ``logits``' own view, giving the storage type): numpy-made when small (cheaper than
-    ``torch.empty`` and ``.numpy()``), huge-page backed when large (``empty_huge``)."""
-    if x.nbytes < HUGE_MIN_BYTES:
-        out = np.empty(x.shape, x.dtype)
-        grad = torch.from_numpy(out)
-        if logits.dtype != torch.float32:
-            grad = grad.view(logits.dtype)  # 16-bit gradients travel as their uint16 bits
-        return grad, out
-    grad = empty_huge(logits.shape, logits.dtype)
-    return grad, as_array(grad)
+def new_grad_tensor(logits: Tensor) -> Tensor:
+    """A fresh gradient buffer of ``logits``' shape, dtype and (dense) layout: torch's own
+    allocation when small, huge-page backed when large and contiguous (``empty_huge``)."""
+    if logits.numel() < _HUGE_MIN_VALUES or not logits.is_contiguous():
+        return torch.empty_like(logits)
+    return empty_huge(logits.shape, logits.dtype)
+
+
+def reduced_loss(total: float, bits: int, dtype: torch.dtype) -> Tensor:
+    """The 0-d reduced loss: float32 ``total`` for float32 logits, else the 16-bit ``bits``
+    the kernel rounded it to (a cast here would be one more torch op, ~1.5 us)."""
+    if dtype == torch.float32:
+        return torch.from_numpy(np.array(total, np.float32))
+    return torch.from_numpy(np.array(bits, np.uint16)).view(dtype)
 
 
 def as_array(t: Tensor) -> np.ndarray:

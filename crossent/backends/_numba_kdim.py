@@ -17,6 +17,8 @@ row kernel in ``numba_cpu`` (softcap and probability targets take the row path).
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit
 from numba.extending import overload
@@ -31,6 +33,7 @@ _F32 = np.float32
 _SLAB = 1 << 15  # values of the (C, W) exp scratch: 128 KiB, in L2 with the block's runs
 
 
+@functools.lru_cache(maxsize=None)
 def block_width(n_cls: int) -> int:
     """Positions per block ``W``: as many as keep the ``(C, W)`` scratch at ``_SLAB`` values, a
     multiple of 64 (four AVX-512 vectors per class run) in [64, 2048]. Every class run costs a
@@ -83,16 +86,17 @@ def kdim_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale, finite
     want_lse = lse.size > 0
     keep = _F32(1.0) - eps
     eps_c = eps / _F32(n_cls)
-    e = np.empty((n_cls, bw), np.float32)  # (C, B) exp scratch
-    m = np.empty(bw, np.float32)
-    ssum = np.empty(bw, np.float32)
-    gap = np.empty(bw, np.float32)
-    logs = np.empty(bw, np.float32)
-    x_y = np.empty(bw, np.float32)
-    k = np.empty(bw, np.float32)  # gradient factor of e_c
-    g_y = np.empty(bw, np.float32)
-    ys = np.empty(bw, np.int64)
-    ok = np.empty(bw, np.bool_)
+    wide = min(bw, n_in)  # the widest block: a few rows need a few columns of scratch
+    e = np.empty((n_cls, wide), np.float32)  # (C, B) exp scratch
+    m = np.empty(wide, np.float32)
+    ssum = np.empty(wide, np.float32)
+    gap = np.empty(wide, np.float32)
+    logs = np.empty(wide, np.float32)
+    x_y = np.empty(wide, np.float32)
+    k = np.empty(wide, np.float32)  # gradient factor of e_c
+    g_y = np.empty(wide, np.float32)
+    ys = np.empty(wide, np.int64)
+    ok = np.empty(wide, np.bool_)
     for blk in range(lo, hi):
         i = blk // per_n
         s0 = (blk - i * per_n) * bw

@@ -12,10 +12,11 @@ from torch import Tensor
 
 from .._core.params import CEParams
 from . import TargetOutOfBounds
-from ._numba_host import EMPTY, FORMATS, as_array, new_grad, target_pass
-from ._numba_kdim import block_width, kdim_kernel, n_blocks
+from ._numba_host import EMPTY, FORMATS, as_array, new_grad_tensor, reduced_loss, target_pass
+from ._numba_kdim import block_width, kdim_kernel
 from ._numba_probe import probe_positions
-from ._numba_rows import FM
+from ._numba_rows import FM, f32_bits
+from ._numba_views import LIKE, flat, strided3
 from ._numba_threads import _split_rows, parallel_min, team_threads
 from ._omp_team import team_launch
 
@@ -39,28 +40,29 @@ def fits(logits: Tensor, target: Tensor, weight: Tensor | None, params: CEParams
 def cross_entropy(
     logits: Tensor, target: Tensor, weight: Tensor | None, want_grad: bool, params: CEParams,
     rows: bool = False,
-) -> tuple[Tensor, Tensor, Tensor | None, float, bool | None]:
+) -> tuple[Tensor, Tensor | None, Tensor | None, float, bool | None]:
     """``(N, C, S)`` logits with class indices ``(N * S,)``: read and written in their layout.
     With ``rows``, ``(R, C)`` logits read as the ``(1, C, R)`` view (rows side by side).
-    Written as few Python steps as it takes: at (64, 10) this function is half the call."""
-    stored = as_array(logits)
-    x = stored.T[None] if rows else stored  # rows: (1, C, R), a view
-    n, n_cls, n_in = x.shape
+    Written as few Python steps as it takes: at (8, 10) this function was half the call. The
+    kernel sees the tensors through their addresses (``_numba_views``)."""
+    if rows:
+        n_in, n_cls = logits.shape
+        n, shape, strides = 1, (1, n_cls, n_in), (n_in * n_cls, 1, n_cls)
+    else:
+        n, n_cls, n_in = logits.shape
+        shape, strides = (n, n_cls, n_in), logits.stride()
     bw = block_width(n_cls)
-    blocks = n_blocks(n, n_in, bw)
+    blocks = n * ((n_in + bw - 1) // bw)  # n_blocks
     reduced = params.reduction != "none"
     # Reduced calls keep one float64 sum per block, and a call that drops the lse keeps none:
     # per-pixel buffers would cost 8 bytes a pixel beside 4 C bytes of logits.
     loss = np.empty(blocks, np.float64) if reduced else np.empty(n * n_in, np.float32)
-    lse = np.empty(n * n_in if params.want_lse else 0, np.float32)  # (N * S,) or none
-    if not want_grad:
-        grad, out = None, x  # never written
-    elif params.inplace_backward:
-        grad, out = logits, x
-    else:
-        grad, out = new_grad(logits, stored)
-        if rows:
-            out = out.T[None]
+    lse = np.empty(n * n_in, np.float32) if params.want_lse else EMPTY  # (N * S,) or none
+    dtype, xa = logits.dtype, logits.data_ptr()
+    grad, ga = None, xa  # the gradient and its address (the logits' when none is written)
+    if want_grad:
+        grad = logits if params.inplace_backward else new_grad_tensor(logits)
+        ga = grad.data_ptr()
     if weight is None:
         w, w_total = EMPTY, float(n_cls)
     else:
@@ -69,47 +71,63 @@ def cross_entropy(
     work = n * n_cls * n_in
     threads = team_threads(work, blocks)
     on_pool = threads == 1 and blocks > 1 and work >= parallel_min()  # no OpenMP team here
-    fmt, t, probe_tol = FORMATS[logits.dtype], target.numpy(), params.probe_tol
-    total, scale, bad, probs = _kdim_call(
-        x, fmt, t, w, w_total, params.ignore_index, params.eps, params.z_loss, params.reduction
-        == "mean", reduced, want_grad, out, loss, lse, -1.0 if probe_tol is None else probe_tol,
-        bw, 0 if on_pool else blocks, threads,
+    probe_tol = params.probe_tol
+    if not target.is_contiguous():
+        target = target.contiguous()
+    total, scale, bad, probs, out16 = _kdim_call(
+        xa, LIKE[dtype], shape, strides, FORMATS[dtype], target.data_ptr(), LIKE[target.dtype],
+        w, w_total, params.ignore_index, params.eps, params.z_loss, params.reduction == "mean",
+        reduced, want_grad, ga, loss, lse, -1.0 if probe_tol is None else probe_tol, bw,
+        0 if on_pool else blocks, threads,
     )
     if bad >= 0:
         raise TargetOutOfBounds(bad)
     if on_pool:  # the blocks on Python threads; _kdim_call checked, probed and scaled
-        args = (x, fmt, t, w, _F32(w_total), np.int64(params.ignore_index), _F32(params.eps),
-                _F32(params.z_loss), _F32(scale), scale != math.inf, want_grad, out, loss, lse,
-                bw)
+        x = as_array(logits)
+        x = x.T[None] if rows else x
+        out = x if grad is None else (as_array(grad).T[None] if rows else as_array(grad))
+        args = (x, FORMATS[logits.dtype], target.numpy(), w, _F32(w_total),
+                np.int64(params.ignore_index), _F32(params.eps), _F32(params.z_loss),
+                _F32(scale), scale != math.inf, want_grad, out, loss, lse, bw)
         _split_rows(kdim_kernel, args, blocks, min(torch.get_num_threads(), blocks))
         total = _kdim_total(loss, reduced, scale if params.reduction == "mean" else 1.0)
-    out_loss = torch.from_numpy(np.array(total, np.float32) if reduced else loss)
-    return out_loss, torch.from_numpy(lse), grad, scale, (None if probe_tol is None else probs)
+        out16 = f32_bits(np.float32(total), FORMATS[logits.dtype])
+    out_loss = reduced_loss(total, out16, logits.dtype) if reduced else torch.from_numpy(loss)
+    return (out_loss, torch.from_numpy(lse) if params.want_lse else None, grad, scale,
+            None if probe_tol is None else probs)
 
 
 @njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
-def _kdim_call(x, fmt, target, w, w_total, ignore_index, eps, z, mean, reduced, want_grad, grad,
-               loss, lse, probe_tol, bw, blocks, threads):
-    """The K-dim whole call in one launch: the target pass, the probe (when
+def _kdim_call(xa, like, shape, strides, fmt, ta, tlike, w, w_total, ignore_index, eps, z, mean,
+               reduced, want_grad, ga, loss, lse, probe_tol, bw, blocks, threads):
+    """The K-dim whole call in one launch, on the logits at address ``xa`` (``shape``,
+    ``strides`` in elements, element type ``like``'s), the ``(N * S,)`` contiguous targets at
+    ``ta`` and the gradient at ``ga`` (the logits' strides): the target pass, the probe (when
     ``probe_tol >= 0``), the gradient scale and, when ``blocks > 0``, all blocks (on
-    ``threads`` threads of torch's OpenMP team, ``_omp_team``) and the reduced loss. Returns ``(reduced loss, scale, first bad position or -1, probs)``; nothing
-    is written after a bad position. numpy's error model: x / 0 is inf or NaN, as torch."""
-    den, bad = target_pass(target, w, ignore_index, x.shape[1])
+    ``threads`` threads of torch's OpenMP team, ``_omp_team``) and the reduced loss. Returns
+    ``(reduced loss, scale, first bad position or -1, probs, the loss's 16-bit bits)``;
+    nothing is written after a bad position. numpy's error model: x / 0 is inf or NaN, as
+    torch."""
+    x = strided3(xa, like, shape, strides)
+    target = flat(ta, tlike, shape[0] * shape[2])
+    den, bad = target_pass(target, w, ignore_index, shape[1])
     if bad >= 0:
-        return 0.0, 1.0, bad, False
+        return 0.0, 1.0, bad, False, np.uint16(0)
     probs = probe_tol >= 0 and probe_positions(x, fmt, probe_tol)  # before an in-place grad
     scale = (np.inf if den == 0.0 else 1.0 / den) if mean else 1.0
     if blocks == 0:
-        return 0.0, scale, -1, probs
+        return 0.0, scale, -1, probs, np.uint16(0)
     args = (x, fmt, target, w, _F32(w_total), np.int64(ignore_index), _F32(eps), _F32(z),
-            _F32(scale), scale != np.inf, want_grad, grad, loss, lse, bw)
+            _F32(scale), scale != np.inf, want_grad, strided3(ga, like, shape, strides), loss,
+            lse, bw)
     if threads > 1:
         team_launch(kdim_kernel, args, blocks, threads)
     else:
         kdim_kernel(*args, 0, blocks)
     # ``reduced`` is passed, not read off the sizes: with one position a block (one row, or
     # S = 1) the block sums and the per-position losses have the same size.
-    return _kdim_total(loss, reduced, scale if mean else 1.0), scale, -1, probs
+    total = _kdim_total(loss, reduced, scale if mean else 1.0)
+    return total, scale, -1, probs, f32_bits(_F32(total), fmt)
 
 
 @njit(nogil=True, cache=True)

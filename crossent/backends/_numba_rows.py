@@ -184,6 +184,15 @@ def f32_to_bits(g, fmt, out):
             out[c] = f32_to_f16(g[c])
 
 
+@njit(fastmath=FM, cache=True)
+def f32_bits(v, fmt):
+    """One float32 value's bits in 16-bit storage format ``fmt``, rounded as torch; 0 for
+    float32 storage (``fmt == 0``, whose callers keep the value itself)."""
+    if fmt == BF16:
+        return f32_to_bf16(v)
+    return f32_to_f16(v) if fmt == F16 else np.uint16(0)
+
+
 @njit(cache=True)
 def scratch(n):
     """A ``(n,)`` float32 scratch row starting on a 64-byte boundary. The vectorised sums over a

@@ -28,14 +28,16 @@ from ._reduced import reduced
 from . import _numba_kdim_call as _kdim
 from ._cpu_alloc import empty_huge
 from ._opaque import opaque_kernel
-from ._numba_host import EMPTY, FORMATS, as_array, new_grad, target_pass
+from ._numba_host import EMPTY, FORMATS, as_array, new_grad_tensor, reduced_loss, target_pass
+from ._numba_views import LIKE, flat, rows
 from ._numba_math import finite_f32, scaled_difference
 from ._numba_probe import probe_rows
 from ._numba_threads import _split_rows, parallel_min, team_threads, threads
-from ._omp_team import team_launch, usable
+from . import _omp_team
+from ._omp_team import team_launch
 from ._numba_rows import (
     FM, cap_factor, equal_before, exp_moment_sum, exp_sum, exp_sum_inplace,
-    exp_sum_store, gap_sum, grad_dest, load_row, row_max, scale, scale_sub, scale_sub_targets,
+    exp_sum_store, f32_bits, gap_sum, grad_dest, load_row, row_max, scale, scale_sub, scale_sub_targets,
     scale_sub_weighted, scratch, soft_target_sums, soft_target_terms, store_row, weighted_gap_sum,
     weighted_smooth_terms,
 )
@@ -181,30 +183,38 @@ def _prob_kernel(x, fmt, target, w, eps, z, cap, gscale, want_grad, inplace, gra
 
 
 @njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
-def _index_call(x, fmt, target, w, w_total, ignore_index, eps, z, cap, mean, want_grad,
-                inplace, grad, loss, lse, probe_tol, threads):
-    """A whole call in one launch: the target pass, the rows with the gradient scaled for the
+def _index_call(xa, like, n_rows, n_cls, fmt, ta, tlike, w, w_total, ignore_index, eps, z, cap,
+                mean, want_grad, inplace, ga, loss, lse, probe_tol, threads):
+    """A whole call in one launch, on the ``(R, C)`` contiguous logits at address ``xa``
+    (element type ``like``'s), the ``(R,)`` contiguous targets at ``ta`` and the gradient at
+    ``ga`` (``_numba_views``): the target pass, the rows with the gradient scaled for the
     reduction (on ``threads`` threads of torch's OpenMP team, ``_omp_team``), and the summed
-    loss. Returns ``(loss sum, or its mean for "mean"; the gradient
-    scale; first bad row or -1; whether the logits look like probabilities, when
-    ``probe_tol >= 0``)``; with a bad row nothing else is written. numpy's error model:
-    x / 0 is inf or NaN (a mean over nothing, or over a zero weight sum), as torch."""
-    den, bad = target_pass(target, w, ignore_index, x.shape[1])
+    loss. Returns ``(loss sum, or its mean for "mean"; the gradient scale; first bad row or
+    -1; whether the logits look like probabilities, when ``probe_tol >= 0``; the loss's 16-bit
+    bits)``; with a bad row nothing else is written. numpy's error model: x / 0 is inf or NaN
+    (a mean over nothing, or over a zero weight sum), as torch."""
+    x = rows(xa, like, n_rows, n_cls)
+    target = flat(ta, tlike, n_rows)
+    den, bad = target_pass(target, w, ignore_index, n_cls)
     if bad >= 0:
-        return 0.0, 1.0, bad, False
+        return 0.0, 1.0, bad, False, np.uint16(0)
     probs = probe_tol >= 0 and probe_rows(x, fmt, probe_tol)  # before an in-place gradient
     scale = 1.0 / den if mean else 1.0
-    args = (x, fmt, target, w, w_total, ignore_index, eps, z, cap, _F32(scale),
-            not mean or den != 0.0, want_grad, inplace, grad, loss, lse,
+    # float32 options, as the composed path passes them: float64 ones would make the
+    # gradient's coefficients float64 here and the two paths differ in the last bit
+    args = (x, fmt, target, w, _F32(w_total), ignore_index, _F32(eps), _F32(z), _F32(cap),
+            _F32(scale),
+            not mean or den != 0.0, want_grad, inplace, rows(ga, like, n_rows, n_cls), loss, lse,
             np.empty((0, 2), np.float32))  # no stats (a global is read-only)
     if threads > 1:
-        team_launch(_index_kernel, args, x.shape[0], threads)
+        team_launch(_index_kernel, args, n_rows, threads)
     else:
-        _index_kernel(*args, 0, x.shape[0])
+        _index_kernel(*args, 0, n_rows)
     total = 0.0
-    for r in range(x.shape[0]):
+    for r in range(n_rows):
         total += loss[r]
-    return (total / den if mean else total), scale, -1, probs
+    total = total / den if mean else total
+    return total, scale, -1, probs, f32_bits(_F32(total), fmt)
 
 
 # Launchers for torch's OpenMP team (``_omp_team``): ``(n_rows, threads, *args)``.
@@ -296,23 +306,24 @@ def cross_entropy(
     if (kdim or logits.shape[1] <= _kdim.FEW_CLASSES) and _kdim.fits(logits, target, weight, params):
         return _kdim.cross_entropy(logits, target, weight, want_grad, params, not kdim)
     if (kdim or target.is_floating_point() or logits.dtype not in FORMATS or logits.shape[0] == 0
-            or (logits.numel() >= parallel_min() and not usable())):  # no team: Python threads
+            or (logits.numel() >= parallel_min() and not _omp_team.usable())):  # no team: Python threads
         return _composed(logits, target, weight, want_grad, params)
     n_rows, n_cls = logits.shape
     loss = np.empty(n_rows, np.float64)  # (R,) float64: see torch_fused.ce_forward
-    lse = np.empty(n_rows, np.float32)  # (R,)
-    x = as_array(logits)
-    grad = out = None
-    if want_grad and params.inplace_backward:
-        grad, out = logits, x
-    elif want_grad:
-        grad, out = new_grad(logits, x)
+    lse = np.empty(n_rows, np.float32)  # (R,): the row kernel writes it in any case
+    grad = None
+    if want_grad:
+        grad = logits if params.inplace_backward else new_grad_tensor(logits)
     w = EMPTY if weight is None else as_array(weight.float().contiguous())
     w_total = float(w.sum(dtype=np.float32)) if weight is not None else float(n_cls)
-    value, scale, bad, probs = _index_call(
-        x, FORMATS[logits.dtype], target.numpy(), w, w_total, params.ignore_index,
-        params.eps, params.z_loss, params.softcap or 0.0, params.reduction == "mean",
-        want_grad, params.inplace_backward, x if out is None else out, loss, lse,
+    if not target.is_contiguous():
+        target = target.contiguous()
+    xa, fmt = logits.data_ptr(), FORMATS[logits.dtype]
+    value, scale, bad, probs, bits = _index_call(
+        xa, LIKE[logits.dtype], n_rows, n_cls, fmt, target.data_ptr(), LIKE[target.dtype], w,
+        w_total, params.ignore_index, params.eps, params.z_loss, params.softcap or 0.0,
+        params.reduction == "mean", want_grad, params.inplace_backward,
+        xa if grad is None else grad.data_ptr(), loss, lse,
         -1.0 if params.probe_tol is None else params.probe_tol,
         team_threads(n_rows * n_cls, n_rows),
     )
@@ -321,8 +332,9 @@ def cross_entropy(
     if params.reduction == "none":
         out = torch.from_numpy(loss.astype(np.float32))  # the contract's accumulation dtype
     else:
-        out = torch.from_numpy(np.array(value, np.float32))  # 0-d; cheaper than torch.tensor
-    return out, torch.from_numpy(lse), grad, scale, (None if params.probe_tol is None else probs)
+        out = reduced_loss(value, bits, logits.dtype)
+    return (out, torch.from_numpy(lse) if params.want_lse else None, grad, scale,
+            None if params.probe_tol is None else probs)
 
 
 def warm_up() -> None:

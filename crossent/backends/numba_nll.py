@@ -12,9 +12,11 @@ import torch
 from numba import njit
 from torch import Tensor
 
-from ._numba_threads import _split_rows, threads
+from . import _omp_team
+from ._numba_threads import _split_rows, parallel_min
+from ._numba_views import cube, rows, strided3
 from ._omp_team import team_launch
-from .numba_softmax import as_array, empty, f32, put
+from .numba_softmax import LIKE, as_array, empty, f32, put
 
 
 # error_model="numpy": a zero weight sum divides to inf/NaN as in torch, instead of raising.
@@ -69,25 +71,54 @@ def _nll_backward(t, w, ignore_index, g, g_total, w_sum, mean, grad, lo, hi):
             put(grad[a, :, b], y, -(w_y * scale))
 
 
-@njit(nogil=True, cache=True)
-def _nll_backward_team(n_rows, threads, *args):
-    """``_nll_backward`` on torch's OpenMP team (``_omp_team``)."""
-    team_launch(_nll_backward, args, n_rows, threads)
+# One launch per call over arrays made from the tensors' addresses (``_numba_views``): the
+# input ``(N, C, I)`` at its own strides, the target ``(N, I)`` and the outputs contiguous.
+@njit(nogil=True, cache=True, error_model="numpy")
+def _forward_call(xa, like, dims, strides, ta, tlike, w, ignore_index, la, lacc, store):
+    x = strided3(xa, like, dims, strides)
+    t = rows(ta, tlike, dims[0], dims[2])
+    loss = rows(la, lacc, dims[0] if store else 0, dims[2] if store else 0)
+    return _nll_forward(x, t, w, ignore_index, loss)
 
 
-def _views(input: Tensor, target: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """``input`` as an ``(N, C, I)`` array (a view whenever strides allow) and ``target`` as
-    ``(N, I)``; numpy reshapes, which cost a fraction of torch's on small calls."""
-    x, t = as_array(input), as_array(target)
-    if x.ndim == 1:
-        return x.reshape(1, -1, 1), t.reshape(1, 1)
-    return x.reshape(x.shape[0], x.shape[1], -1), t.reshape(x.shape[0], -1)
+@njit(nogil=True, cache=True, error_model="numpy")
+def _backward_call(ta, tlike, w, ignore_index, pa, plike, per_position, g_total, w_sum, mean, da,
+                   like, dims, threads):
+    n, n_cls, n_in = dims
+    t = rows(ta, tlike, n, n_in)
+    per = rows(pa, plike, n if per_position else 0, n_in if per_position else 0)
+    args = (t, w, ignore_index, per, g_total, w_sum, mean, cube(da, like, n, n_cls, n_in))
+    if threads > 1:
+        team_launch(_nll_backward, args, n, min(threads, n))
+    else:
+        _nll_backward(*args, 0, n)
 
 
-# Stand-ins for "unweighted" and "not stored" (size 0, never written), made once: per-call
-# allocations are a visible share of a small call's time.
+def _layout(t: Tensor) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
+    """``t`` ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` as ``(N, C, I)`` with element
+    strides, without a copy; ``None`` when the extra dims do not merge into one stride (then
+    the caller copies)."""
+    shape, st = t.shape, t.stride()
+    if len(shape) == 1:
+        return (1, shape[0], 1), (0, st[0], 0)
+    if len(shape) == 2:
+        return (shape[0], shape[1], 1), (st[0], st[1], 0)
+    n_in, step = 1, 0
+    for d, s in zip(reversed(shape[2:]), reversed(st[2:])):  # innermost first
+        if d == 1:
+            continue  # a size-1 dim is never stepped over
+        if n_in == 1:
+            n_in, step = d, s
+        elif s == n_in * step:
+            n_in *= d
+        else:
+            return None
+    return (shape[0], shape[1], n_in), (st[0], st[1], step)
+
+
+# Stand-ins for "unweighted" (size 0, never read), made once: per-call allocations are a
+# visible share of a small call's time.
 _NONE = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
-_NO_LOSS = {acc: a.reshape(0, 0) for acc, a in _NONE.items()}
 
 
 def _weights(weight: Tensor | None, acc: torch.dtype) -> np.ndarray:
@@ -104,16 +135,24 @@ class NLLLoss(torch.autograd.Function):
     def forward(ctx, input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
                 reduction: str) -> Tensor:
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-        x3, t2 = _views(input, target)  # (N, C, I), (N, I)
+        layout = _layout(input)
+        if layout is None:  # extra dims that no single stride walks: read a dense copy
+            input = input.contiguous()
+            layout = _layout(input)
+        dims, strides = layout
+        if not target.is_contiguous():
+            target = target.contiguous()
         w = _weights(weight, acc)
-        loss = torch.empty(t2.shape, dtype=acc) if reduction == "none" else None  # (N, I)
-        total, w_sum, mean = _nll_forward(x3, t2, w, ignore_index,
-                                          _NO_LOSS[acc] if loss is None else loss.numpy())
+        loss = torch.empty(target.shape, dtype=acc) if reduction == "none" else None  # (N, ...)
+        total, w_sum, mean = _forward_call(
+            input.data_ptr(), LIKE[input.dtype], dims, strides, target.data_ptr(),
+            LIKE[target.dtype], w, ignore_index, 0 if loss is None else loss.data_ptr(),
+            LIKE[acc], loss is not None)
         ctx.save_for_backward(target)
         ctx.w, ctx.w_sum, ctx.ignore_index, ctx.reduction = w, w_sum, ignore_index, reduction
-        ctx.shape, ctx.dtype = input.shape, input.dtype
+        ctx.shape, ctx.dtype, ctx.dims = input.shape, input.dtype, dims
         if reduction == "none":
-            return loss.reshape(target.shape).to(input.dtype)
+            return loss.to(input.dtype)
         value = total if reduction == "sum" else mean
         if input.dtype == torch.float32:  # numpy-made 0-d: a third of torch.full's cost
             return torch.from_numpy(np.array(value, np.float32))
@@ -125,13 +164,24 @@ class NLLLoss(torch.autograd.Function):
         # torch's layout: dense, zeros off-target, zeroed by the kernel (large buffers huge-page
         # backed: cheaper page faults)
         grad = empty(ctx.shape, ctx.dtype)
-        g3, t2 = _views(grad, target)  # (N, C, I), (N, I)
-        if ctx.reduction == "none":
-            per, g_total = as_array(g).reshape(t2.shape), 0.0
+        per_position = ctx.reduction == "none"
+        if per_position:
+            g = g.contiguous()
+            g_total = 0.0
         else:
-            per, g_total = _NO_LOSS[torch.float32], float(g)
-        n_rows = g3.shape[0]
-        args = (t2, ctx.w, ctx.ignore_index, per, g_total, ctx.w_sum, ctx.reduction == "mean", g3)
-        _split_rows(_nll_backward, args, n_rows, threads(grad.numel(), n_rows), _nll_backward_team)
+            g_total = float(g)
+        numel = grad.numel()
+        threads = 1 if numel < parallel_min() else (
+            torch.get_num_threads() if _omp_team.usable() else 0)
+        mean = ctx.reduction == "mean"
+        if threads:
+            _backward_call(target.data_ptr(), LIKE[target.dtype], ctx.w, ctx.ignore_index,
+                           g.data_ptr(), LIKE[g.dtype], per_position, g_total, ctx.w_sum, mean,
+                           grad.data_ptr(), LIKE[ctx.dtype], ctx.dims, threads)
+        else:  # no OpenMP team (no libgomp, a forked child): the Python pool, numpy views
+            n, n_cls, n_in = ctx.dims
+            per = as_array(g).reshape(n, n_in) if per_position else _NONE[torch.float32].reshape(0, 0)
+            args = (as_array(target).reshape(n, n_in), ctx.w, ctx.ignore_index, per, g_total,
+                    ctx.w_sum, mean, as_array(grad).reshape(n, n_cls, n_in))
+            _split_rows(_nll_backward, args, n, min(torch.get_num_threads(), n))
         return grad, None, None, None, None
-

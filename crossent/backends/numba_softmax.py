@@ -28,7 +28,9 @@ from ._numba_math import (
     EXACT_FM, bf16_to_f32, exp_f32, f16_to_f32, f32_to_bf16, f32_to_f16, max_f32,
 )
 from ._numba_rows import FM
-from ._numba_threads import PARALLEL_MIN, _split_rows, threads
+from ._numba_threads import _split_rows, parallel_min
+from ._numba_views import cube, rows
+from . import _omp_team
 from ._omp_team import team_launch
 
 _F32 = np.float32
@@ -42,8 +44,8 @@ def width(n_cls: int) -> int:
     run of ``W`` costs a slice and a loop start (measured (8, 21, 128, 128): 4096 positions
     made forward 12 % and backward 27 % faster than 256)."""
     return max(64, min(4096, _SLAB // max(n_cls, 1) // 64 * 64))
-# Elements below which outputs are numpy-made without asking empty_huge (which falls back to
-# torch.empty below 16 MiB itself, after more per-call work).
+# Elements below which outputs are torch.empty_like without asking empty_huge (which falls
+# back to torch.empty below 16 MiB itself, after more per-call work).
 _HUGE_MIN = 1 << 22
 _VIEWS = {torch.bfloat16: torch.uint16, torch.float16: torch.int16}
 
@@ -239,32 +241,52 @@ def _bwd_cols(g, out, grad, log, lo, hi):
                 _put_grad(g[o, c, j0:j1], out[o, c, j0:j1], grad[o, c, j0:j1], t)
 
 
-# One launcher per kernel for torch's OpenMP team (``_omp_team``): ``(units, threads, *args)``.
+# One launch per call: the kernel for the layout, on ``threads`` threads of torch's OpenMP team
+# (``_omp_team``) when more than one, over arrays made from the tensors' addresses
+# (``_numba_views``; contiguous, ``(O, C, I)`` about ``dim``).
 @njit(nogil=True, cache=True)
-def _fwd_rows_team(n, threads, *args):
-    team_launch(_fwd_rows, args, n, threads)
+def _forward_call(xa, oa, like, n_out, n_cls, n_in, log, threads):
+    if n_in == 1:
+        x, out = rows(xa, like, n_out, n_cls), rows(oa, like, n_out, n_cls)
+        if threads > 1:
+            team_launch(_fwd_rows, (x, out, log), n_out, min(threads, n_out))
+        else:
+            _fwd_rows(x, out, log, 0, n_out)
+        return
+    x, out = cube(xa, like, n_out, n_cls, n_in), cube(oa, like, n_out, n_cls, n_in)
+    units = n_out * -(-n_in // width(n_cls))
+    if threads > 1:
+        team_launch(_fwd_cols, (x, out, log), units, min(threads, units))
+    else:
+        _fwd_cols(x, out, log, 0, units)
 
 
 @njit(nogil=True, cache=True)
-def _bwd_rows_team(n, threads, *args):
-    team_launch(_bwd_rows, args, n, threads)
-
-
-@njit(nogil=True, cache=True)
-def _fwd_cols_team(n, threads, *args):
-    team_launch(_fwd_cols, args, n, threads)
-
-
-@njit(nogil=True, cache=True)
-def _bwd_cols_team(n, threads, *args):
-    team_launch(_bwd_cols, args, n, threads)
-
-
-_FORWARD = ((_fwd_rows, _fwd_rows_team), (_fwd_cols, _fwd_cols_team))
-_BACKWARD = ((_bwd_rows, _bwd_rows_team), (_bwd_cols, _bwd_cols_team))
+def _backward_call(ga, oa, da, like, n_out, n_cls, n_in, log, threads):
+    if n_in == 1:
+        g, out = rows(ga, like, n_out, n_cls), rows(oa, like, n_out, n_cls)
+        grad = rows(da, like, n_out, n_cls)
+        if threads > 1:
+            team_launch(_bwd_rows, (g, out, grad, log), n_out, min(threads, n_out))
+        else:
+            _bwd_rows(g, out, grad, log, 0, n_out)
+        return
+    g, out = cube(ga, like, n_out, n_cls, n_in), cube(oa, like, n_out, n_cls, n_in)
+    grad = cube(da, like, n_out, n_cls, n_in)
+    units = n_out * -(-n_in // width(n_cls))
+    if threads > 1:
+        team_launch(_bwd_cols, (g, out, grad, log), units, min(threads, units))
+    else:
+        _bwd_cols(g, out, grad, log, 0, units)
 
 
 # ---- host side -----------------------------------------------------------------------------
+
+# Storage element types as these kernels see them (``f32`` / ``put`` above pick the conversion
+# by it): bfloat16 as uint16 bits, float16 as int16 bits; float64 (nll_loss) and index types.
+LIKE = {torch.float32: np.empty(0, np.float32), torch.bfloat16: np.empty(0, np.uint16),
+        torch.float16: np.empty(0, np.int16), torch.float64: np.empty(0, np.float64),
+        torch.int64: np.empty(0, np.int64), torch.uint8: np.empty(0, np.uint8)}
 
 
 def as_array(t: Tensor) -> np.ndarray:
@@ -275,40 +297,31 @@ def as_array(t: Tensor) -> np.ndarray:
     return (t if view is None else t.view(view)).numpy()
 
 
-def _run(kernels: tuple, inputs: tuple[Tensor, ...], dim: int, log: bool) -> Tensor:
-    """Run a kernel of ``kernels`` (``_FORWARD`` or ``_BACKWARD``: the rows kernel and the
-    columns kernel, each with its team launcher) over contiguous ``inputs`` (same shape) viewed as ``(O, C, I)`` about
-    ``dim``; returns its output, a fresh contiguous tensor of that shape and dtype. Few Python
-    steps: at (64, 10) they cost more than the kernel."""
-    arrays = [as_array(t) for t in inputs]
-    shape, dtype = inputs[0].shape, inputs[0].dtype
-    numel = arrays[0].size
-    if numel < _HUGE_MIN:  # numpy-made: cheaper than torch.empty and another .numpy()
-        res = np.empty(arrays[0].shape, arrays[0].dtype)
-        result = torch.from_numpy(res)
-        if dtype in _VIEWS:
-            result = result.view(dtype)  # 16-bit values travel as their bits
-    else:  # large: huge-page backed and reused (4x cheaper page faults, see _cpu_alloc)
-        result = empty_huge(shape, dtype)
-        res = as_array(result)
-    if numel == 0:
-        return result
-    arrays.append(res)
+def _dims(shape: torch.Size, dim: int) -> tuple[int, int, int]:
+    """``(O, C, I)`` of a contiguous tensor of ``shape`` about ``dim``."""
     n_cls = shape[dim]
     n_in = math.prod(shape[dim + 1:])
-    n_out = numel // (n_cls * n_in)
+    return math.prod(shape[:dim]), n_cls, n_in
+
+
+def _on_pool(kernels: tuple, arrays: list, dims: tuple[int, int, int], log: bool) -> None:
+    """Where torch has no OpenMP team (no libgomp, a forked child), large work runs on the
+    pool of Python threads (``_split_rows``), over numpy views."""
+    n_out, n_cls, n_in = dims
     if n_in == 1:
-        if not (len(shape) == 2 and dim == 1):  # (O, C) already only then (not (C, 1), dim 0)
-            arrays = [a.reshape(n_out, n_cls) for a in arrays]  # (O, C) views
-        (kernel, team), units = kernels[0], n_out
+        arrays = [a.reshape(n_out, n_cls) for a in arrays]  # (O, C) views
+        kernel, units = kernels[0], n_out
     else:
         arrays = [a.reshape(n_out, n_cls, n_in) for a in arrays]  # (O, C, I) views
-        (kernel, team), units = kernels[1], n_out * -(-n_in // width(n_cls))
-    if numel < PARALLEL_MIN:
-        kernel(*arrays, log, 0, units)  # small: no thread hand-off, no bookkeeping
-    else:
-        _split_rows(kernel, (*arrays, log), units, threads(numel, units), team)
-    return result
+        kernel, units = kernels[1], n_out * -(-n_in // width(n_cls))
+    _split_rows(kernel, (*arrays, log), units, min(torch.get_num_threads(), units))
+
+
+def _threads(numel: int) -> int:
+    """Threads of torch's team for a call of ``numel`` elements; 0: run on the Python pool."""
+    if numel < parallel_min():
+        return 1
+    return torch.get_num_threads() if _omp_team.usable() else 0
 
 
 def empty(shape: torch.Size, dtype: torch.dtype) -> Tensor:
@@ -321,10 +334,34 @@ def empty(shape: torch.Size, dtype: torch.dtype) -> Tensor:
 
 def forward(x: Tensor, dim: int, log: bool) -> Tensor:
     """log_softmax (``log``) or softmax of a contiguous float32/bfloat16/float16 ``x`` along
-    ``dim``; the output is contiguous, as torch's."""
-    return _run(_FORWARD, (x,), dim, log)
+    ``dim``; the output is contiguous, as torch's. Few Python steps: at (64, 10) they cost
+    more than the kernel."""
+    numel = x.numel()
+    out = torch.empty_like(x) if numel < _HUGE_MIN else empty_huge(x.shape, x.dtype)
+    if numel == 0:
+        return out
+    dims = _dims(x.shape, dim)
+    threads = _threads(numel)
+    if threads:
+        _forward_call(x.data_ptr(), out.data_ptr(), LIKE[x.dtype], *dims, log, threads)
+    else:
+        _on_pool((_fwd_rows, _fwd_cols), [as_array(x), as_array(out)], dims, log)
+    return out
 
 
 def backward(g: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
-    """Gradient of log_softmax / softmax from the upstream ``g`` and the forward output."""
-    return _run(_BACKWARD, (g, out), dim, log)
+    """Gradient of log_softmax / softmax from the upstream ``g`` and the forward output (both
+    contiguous, of one shape and dtype)."""
+    numel = out.numel()
+    grad = torch.empty_like(out) if numel < _HUGE_MIN else empty_huge(out.shape, out.dtype)
+    if numel == 0:
+        return grad
+    dims = _dims(out.shape, dim)
+    threads = _threads(numel)
+    if threads:
+        _backward_call(g.data_ptr(), out.data_ptr(), grad.data_ptr(), LIKE[out.dtype], *dims,
+                       log, threads)
+    else:
+        _on_pool((_bwd_rows, _bwd_cols), [as_array(g), as_array(out), as_array(grad)], dims,
+                 log)
+    return grad
