@@ -227,6 +227,35 @@ def test_nll_loss_matches_torch(shape, reduction, dtype, impl):
         _check_nll(strided, t, None, reduction, impl)
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 4), c=st.integers(1, 5), extra=st.lists(st.integers(1, 4), max_size=3),
+       layout=st.sampled_from(["channels_last", "permuted", "expanded", "sliced"]),
+       reduction=st.sampled_from(["none", "mean", "sum"]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_nll_loss_reads_any_layout(n, c, extra, layout, reduction, dtype):
+    """The input is read at its own strides (extra dims merged into one stride where they
+    allow it, a dense copy where not): every layout gives torch's loss and gradient."""
+    gen = torch.Generator().manual_seed(n * 100 + c)
+    shape = (n, c, *extra)
+    base = F.log_softmax(logits(shape, torch.float32, gen), 1).to(dtype).requires_grad_()
+    if layout == "channels_last":  # the class dim innermost in memory
+        view = base.movedim(1, -1).contiguous().movedim(-1, 1)
+    elif layout == "permuted":  # extra dims reversed: no single stride walks them
+        view = base.permute(0, 1, *reversed(range(2, len(shape))))
+    elif layout == "expanded":  # a batch of one, broadcast: stride 0
+        view = base[:1].expand(shape)
+    else:
+        view = base[:, :, *(slice(None, None, 2) for _ in extra)]
+    t = index_target(view.shape, c, gen)
+    ya = crossent.nll_loss(view, t, reduction=reduction, impl="numba")
+    yb = F.nll_loss(view.contiguous(), t, reduction=reduction)
+    tol = {} if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(ya, yb, equal_nan=True, **tol)  # NaN: every target ignored
+    up = torch.randn(yb.shape, generator=gen).to(dtype)
+    (ga,), (gb,) = torch.autograd.grad(ya, base, up), torch.autograd.grad(yb, base, up)
+    torch.testing.assert_close(ga, gb, equal_nan=True, **tol)
+
+
 @pytest.mark.parametrize("impl", cpu_backends())
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_nll_loss_weights_ignore_and_uint8(reduction, impl):
