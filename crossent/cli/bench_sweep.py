@@ -173,7 +173,10 @@ def time_case(case: Case, rounds: int) -> dict:
     for _ in range(3):  # warm-up: numba dispatch, allocator pools, page faults
         ours(), theirs()
     gc.collect()
-    one = max(_sample(ours, 1), _sample(theirs, 1))
+    # The batch size from the best of three short batches each: one call right after
+    # gc.collect() runs on cold caches (10x a warm small call), which made k ten times too
+    # small and the samples ~0.3 ms instead of MIN_SAMPLE_S.
+    one = max(min(_sample(step, 3) for _ in range(3)) for step in (ours, theirs))
     k = max(1, math.ceil(MIN_SAMPLE_S / one))
     pairs = max(3, min(rounds, int(CASE_BUDGET_S / (2 * k * one))))
     t_ours, t_torch = [], []
