@@ -1,6 +1,7 @@
 """Options of one cross-entropy call, passed as one frozen object through every layer."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -31,3 +32,11 @@ class CEParams:
     def eps(self) -> float:
         """Label smoothing as applied: torch ignores values <= 0, and NaN (which compares false)."""
         return self.label_smoothing if self.label_smoothing > 0 else 0.0
+
+    @functools.cached_property
+    def whole_call(self) -> tuple[int, float, float, bool, bool, float]:
+        """The scalars a numba whole call takes, made once per options object (a small call
+        pays per Python step): ``(ignore_index, eps, z_loss, mean, reduced, probe_tol)``
+        with ``probe_tol`` -1 when no probe is wanted."""
+        return (self.ignore_index, self.eps, self.z_loss, self.reduction == "mean",
+                self.reduction != "none", -1.0 if self.probe_tol is None else self.probe_tol)

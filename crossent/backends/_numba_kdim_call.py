@@ -53,10 +53,10 @@ def cross_entropy(
         shape, strides = (n, n_cls, n_in), logits.stride()
     bw = block_width(n_cls)
     blocks = n * ((n_in + bw - 1) // bw)  # n_blocks
-    reduced = params.reduction != "none"
+    opts = params.whole_call
     # Reduced calls keep one float64 sum per block, and a call that drops the lse keeps none:
     # per-pixel buffers would cost 8 bytes a pixel beside 4 C bytes of logits.
-    loss = np.empty(blocks, np.float64) if reduced else np.empty(n * n_in, np.float32)
+    loss = np.empty(blocks, np.float64) if opts[4] else np.empty(n * n_in, np.float32)
     lse = np.empty(n * n_in, np.float32) if params.want_lse else EMPTY  # (N * S,) or none
     dtype, xa = logits.dtype, logits.data_ptr()
     grad, ga = None, xa  # the gradient and its address (the logits' when none is written)
@@ -71,14 +71,11 @@ def cross_entropy(
     work = n * n_cls * n_in
     threads = team_threads(work, blocks)
     on_pool = threads == 1 and blocks > 1 and work >= parallel_min()  # no OpenMP team here
-    probe_tol = params.probe_tol
     if not target.is_contiguous():
         target = target.contiguous()
     total, scale, bad, probs, out16 = _kdim_call(
         xa, LIKE[dtype], shape, strides, FORMATS[dtype], target.data_ptr(), LIKE[target.dtype],
-        w, w_total, params.ignore_index, params.eps, params.z_loss, params.reduction == "mean",
-        reduced, want_grad, ga, loss, lse, -1.0 if probe_tol is None else probe_tol, bw,
-        0 if on_pool else blocks, threads,
+        w, w_total, opts, want_grad, ga, loss, lse, bw, 0 if on_pool else blocks, threads,
     )
     if bad >= 0:
         raise TargetOutOfBounds(bad)
@@ -90,24 +87,25 @@ def cross_entropy(
                 np.int64(params.ignore_index), _F32(params.eps), _F32(params.z_loss),
                 _F32(scale), scale != math.inf, want_grad, out, loss, lse, bw)
         _split_rows(kdim_kernel, args, blocks, min(torch.get_num_threads(), blocks))
-        total = _kdim_total(loss, reduced, scale if params.reduction == "mean" else 1.0)
+        total = _kdim_total(loss, opts[4], scale if opts[3] else 1.0)
         out16 = f32_bits(np.float32(total), FORMATS[logits.dtype])
-    out_loss = reduced_loss(total, out16, logits.dtype) if reduced else torch.from_numpy(loss)
+    out_loss = reduced_loss(total, out16, dtype) if opts[4] else torch.from_numpy(loss)
     return (out_loss, torch.from_numpy(lse) if params.want_lse else None, grad, scale,
-            None if probe_tol is None else probs)
+            None if params.probe_tol is None else probs)
 
 
 @njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
-def _kdim_call(xa, like, shape, strides, fmt, ta, tlike, w, w_total, ignore_index, eps, z, mean,
-               reduced, want_grad, ga, loss, lse, probe_tol, bw, blocks, threads):
+def _kdim_call(xa, like, shape, strides, fmt, ta, tlike, w, w_total, opts, want_grad, ga, loss,
+               lse, bw, blocks, threads):
     """The K-dim whole call in one launch, on the logits at address ``xa`` (``shape``,
     ``strides`` in elements, element type ``like``'s), the ``(N * S,)`` contiguous targets at
     ``ta`` and the gradient at ``ga`` (the logits' strides): the target pass, the probe (when
     ``probe_tol >= 0``), the gradient scale and, when ``blocks > 0``, all blocks (on
-    ``threads`` threads of torch's OpenMP team, ``_omp_team``) and the reduced loss. Returns
-    ``(reduced loss, scale, first bad position or -1, probs, the loss's 16-bit bits)``;
-    nothing is written after a bad position. numpy's error model: x / 0 is inf or NaN, as
-    torch."""
+    ``threads`` threads of torch's OpenMP team, ``_omp_team``) and the reduced loss. ``opts``
+    is ``CEParams.whole_call``. Returns ``(reduced loss, scale, first bad position or -1,
+    probs, the loss's 16-bit bits)``; nothing is written after a bad position. numpy's error
+    model: x / 0 is inf or NaN, as torch."""
+    ignore_index, eps, z, mean, reduced, probe_tol = opts
     x = strided3(xa, like, shape, strides)
     target = flat(ta, tlike, shape[0] * shape[2])
     den, bad = target_pass(target, w, ignore_index, shape[1])

@@ -183,16 +183,18 @@ def _prob_kernel(x, fmt, target, w, eps, z, cap, gscale, want_grad, inplace, gra
 
 
 @njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
-def _index_call(xa, like, n_rows, n_cls, fmt, ta, tlike, w, w_total, ignore_index, eps, z, cap,
-                mean, want_grad, inplace, ga, loss, lse, probe_tol, threads):
+def _index_call(xa, like, n_rows, n_cls, fmt, ta, tlike, w, w_total, opts, cap, want_grad,
+                inplace, ga, loss, lse, threads):
     """A whole call in one launch, on the ``(R, C)`` contiguous logits at address ``xa``
     (element type ``like``'s), the ``(R,)`` contiguous targets at ``ta`` and the gradient at
     ``ga`` (``_numba_views``): the target pass, the rows with the gradient scaled for the
     reduction (on ``threads`` threads of torch's OpenMP team, ``_omp_team``), and the summed
     loss. Returns ``(loss sum, or its mean for "mean"; the gradient scale; first bad row or
     -1; whether the logits look like probabilities, when ``probe_tol >= 0``; the loss's 16-bit
-    bits)``; with a bad row nothing else is written. numpy's error model: x / 0 is inf or NaN
-    (a mean over nothing, or over a zero weight sum), as torch."""
+    bits)``; with a bad row nothing else is written. ``opts`` is ``CEParams.whole_call``.
+    numpy's error model: x / 0 is inf or NaN (a mean over nothing, or over a zero weight sum),
+    as torch."""
+    ignore_index, eps, z, mean, _, probe_tol = opts
     x = rows(xa, like, n_rows, n_cls)
     target = flat(ta, tlike, n_rows)
     den, bad = target_pass(target, w, ignore_index, n_cls)
@@ -202,9 +204,9 @@ def _index_call(xa, like, n_rows, n_cls, fmt, ta, tlike, w, w_total, ignore_inde
     scale = 1.0 / den if mean else 1.0
     # float32 options, as the composed path passes them: float64 ones would make the
     # gradient's coefficients float64 here and the two paths differ in the last bit
-    args = (x, fmt, target, w, _F32(w_total), ignore_index, _F32(eps), _F32(z), _F32(cap),
-            _F32(scale),
-            not mean or den != 0.0, want_grad, inplace, rows(ga, like, n_rows, n_cls), loss, lse,
+    args = (x, fmt, target, w, _F32(w_total), np.int64(ignore_index), _F32(eps), _F32(z),
+            _F32(cap), _F32(scale), not mean or den != 0.0, want_grad, inplace,
+            rows(ga, like, n_rows, n_cls), loss, lse,
             np.empty((0, 2), np.float32))  # no stats (a global is read-only)
     if threads > 1:
         team_launch(_index_kernel, args, n_rows, threads)
@@ -321,11 +323,8 @@ def cross_entropy(
     xa, fmt = logits.data_ptr(), FORMATS[logits.dtype]
     value, scale, bad, probs, bits = _index_call(
         xa, LIKE[logits.dtype], n_rows, n_cls, fmt, target.data_ptr(), LIKE[target.dtype], w,
-        w_total, params.ignore_index, params.eps, params.z_loss, params.softcap or 0.0,
-        params.reduction == "mean", want_grad, params.inplace_backward,
-        xa if grad is None else grad.data_ptr(), loss, lse,
-        -1.0 if params.probe_tol is None else params.probe_tol,
-        team_threads(n_rows * n_cls, n_rows),
+        w_total, params.whole_call, params.softcap or 0.0, want_grad, params.inplace_backward,
+        xa if grad is None else grad.data_ptr(), loss, lse, team_threads(n_rows * n_cls, n_rows),
     )
     if bad >= 0:
         raise TargetOutOfBounds(bad)
