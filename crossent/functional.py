@@ -16,7 +16,7 @@ from ._core import nll as _nll
 from ._core import softmax as _softmax
 from ._core import validate as _validate
 from ._core.autograd import CrossEntropyFunction, fast_apply
-from ._core.dispatch import resolve_backend, whole_call
+from ._core.dispatch import whole_call
 from ._core.params import REDUCTIONS, CEParams
 from .backends import TargetOutOfBounds
 from .backends.torch_fused import acc_dtype
@@ -135,7 +135,7 @@ def _cross_entropy(
     make = _options if not torch.compiler.is_compiling() else options
     params = make(ignore_index, reduction, float(label_smoothing), float(z_loss), softcap,
                   inplace_backward, want_lse, probe_tol)
-    backend = resolve_backend(impl, input)
+    call = whole_call(impl, input)
     if plain and input.stride(1) == 1:  # rows already, the target too: nothing to reshape
         logits, rows_target, out_shape = input, target, (input.shape[0],)
     else:
@@ -156,7 +156,7 @@ def _cross_entropy(
         out_dtype = input.dtype
     try:
         loss, lse, seen = _ce_apply(
-            logits, rows_target, w, params, whole_call(backend), out_dtype
+            logits, rows_target, w, params, call, out_dtype
         )
     except TargetOutOfBounds as e:  # raised before anything was written
         raise _validate.out_of_bounds(target, e.row, logits.shape[1], ignore_index) from None

@@ -98,10 +98,12 @@ def observed(kernel: Kernel) -> Kernel:
     return kernel if sink is None else sink.wrap(kernel)
 
 
-def whole_call(backend: ModuleType) -> Callable[..., Any]:
-    """``backend.cross_entropy``, or inside a ``*_with_stats`` call the same contract composed
-    from the backend's row kernel (``reduced``), which is the one that fills statistics."""
-    if torch.compiler.is_compiling() or stats_sink.get() is None:
+def whole_call(impl: str, tensor: Tensor) -> Callable[..., Any]:
+    """The whole-call ``cross_entropy`` of the backend ``impl`` resolves to on ``tensor``
+    (``resolve_backend``), or inside a ``*_with_stats`` call the same contract composed from
+    that backend's row kernel (``reduced``), which is the one that fills statistics."""
+    backend = resolve_backend(impl, tensor)
+    if stats_sink.get() is None or torch.compiler.is_compiling():
         return backend.cross_entropy
     from ..backends._reduced import reduced
 

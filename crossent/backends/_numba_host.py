@@ -11,8 +11,8 @@ from ._cpu_alloc import HUGE_MIN_BYTES, empty_huge
 from ._numba_rows import BF16, F16
 
 FORMATS = {torch.float32: 0, torch.bfloat16: BF16, torch.float16: F16}  # storage format codes
-EMPTY = np.empty(0, np.float32)
-_HUGE_MIN_VALUES = HUGE_MIN_BYTES // 4  # no element is wider: empty_huge checks the bytes  # "unweighted" (size 0, never written)
+EMPTY = np.empty(0, np.float32)  # "unweighted" (size 0, never written)
+SMALL = HUGE_MIN_BYTES // 4  # elements below which a buffer is never huge-page backed
 
 
 @njit(nogil=True, cache=True)
@@ -35,7 +35,7 @@ def target_pass(target, w, ignore_index, n_cls):
 def new_grad_tensor(logits: Tensor) -> Tensor:
     """A fresh gradient buffer of ``logits``' shape, dtype and (dense) layout: torch's own
     allocation when small, huge-page backed when large and contiguous (``empty_huge``)."""
-    if logits.numel() < _HUGE_MIN_VALUES or not logits.is_contiguous():
+    if logits.numel() < SMALL or not logits.is_contiguous():
         return torch.empty_like(logits)
     return empty_huge(logits.shape, logits.dtype)
 

@@ -12,7 +12,9 @@ from torch import Tensor
 
 from .._core.params import CEParams
 from . import TargetOutOfBounds
-from ._numba_host import EMPTY, FORMATS, as_array, new_grad_tensor, reduced_loss, target_pass
+from ._numba_host import (
+    EMPTY, FORMATS, SMALL, as_array, new_grad_tensor, reduced_loss, target_pass,
+)
 from ._numba_kdim import block_width, kdim_kernel
 from ._numba_probe import probe_positions
 from ._numba_rows import FM, f32_bits
@@ -60,15 +62,18 @@ def cross_entropy(
     lse = np.empty(n * n_in, np.float32) if params.want_lse else EMPTY  # (N * S,) or none
     dtype, xa = logits.dtype, logits.data_ptr()
     grad, ga = None, xa  # the gradient and its address (the logits' when none is written)
+    work = n * n_cls * n_in
     if want_grad:
-        grad = logits if params.inplace_backward else new_grad_tensor(logits)
+        if params.inplace_backward:
+            grad = logits
+        else:  # (the common small case without a call: a small call pays per Python step)
+            grad = torch.empty_like(logits) if work < SMALL else new_grad_tensor(logits)
         ga = grad.data_ptr()
     if weight is None:
         w, w_total = EMPTY, float(n_cls)
     else:
         w = as_array(weight.float().contiguous())
         w_total = float(w.sum(dtype=np.float32))
-    work = n * n_cls * n_in
     threads = team_threads(work, blocks)
     on_pool = threads == 1 and blocks > 1 and work >= parallel_min()  # no OpenMP team here
     if not target.is_contiguous():
