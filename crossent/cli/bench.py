@@ -25,6 +25,7 @@ import contextlib
 import datetime
 import gc
 import importlib.util
+import math
 import json
 import os
 import platform
@@ -213,9 +214,13 @@ def first_call_times() -> list[dict]:
     with tempfile.TemporaryDirectory() as cache:
         for label in ("cold cache", "warm cache"):  # the same empty directory, filled by the first
             env = {**os.environ, "NUMBA_CACHE_DIR": cache}
-            out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                                 text=True, check=True).stdout
-            rows.append(dict(cache=label, seconds=float(out.split()[-1])))
+            run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                                 text=True)
+            if run.returncode != 0:  # reported with the rest, not lost with it
+                rows.append(dict(cache=label, seconds=math.nan, returncode=run.returncode,
+                                 stderr=run.stderr[-2000:]))
+                continue
+            rows.append(dict(cache=label, seconds=float(run.stdout.split()[-1])))
     return rows
 
 

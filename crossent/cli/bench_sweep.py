@@ -273,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
                   ["case", "crossent ms", "torch ms", "ratio", "target", "memory x",
                    "k x pairs", "result"], table, left=1)
     for r in jit:
+        if "returncode" in r:
+            console.line(f"first fwd+bwd in a fresh process, {r['cache']}: the process failed "
+                         f"(exit status {r['returncode']}):\n{r['stderr']}")
+            continue
         console.line(f"first fwd+bwd in a fresh process, {r['cache']}: {r['seconds']:.3f} s"
                      + (" (target <= 0.25 s)" if r["cache"] == "warm cache" else ""))
     console.line(f"load average at end: {os.getloadavg()}")
