@@ -103,7 +103,7 @@ def whole_call(impl: str, tensor: Tensor) -> Callable[..., Any]:
     (``resolve_backend``), or inside a ``*_with_stats`` call the same contract composed from
     that backend's row kernel (``reduced``), which is the one that fills statistics."""
     backend = resolve_backend(impl, tensor)
-    if stats_sink.get() is None or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or stats_sink.get() is None:  # (Dynamo cannot trace .get)
         return backend.cross_entropy
     from ..backends._reduced import reduced
 

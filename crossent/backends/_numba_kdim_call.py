@@ -18,7 +18,7 @@ from ._numba_host import (
 from ._numba_kdim import block_width, kdim_kernel
 from ._numba_probe import probe_positions
 from ._numba_rows import FM, f32_bits
-from ._numba_views import LIKE, flat, strided3
+from ._numba_views import LIKE, cube, flat, rows
 from ._numba_threads import _split_rows, parallel_min, team_threads
 from ._omp_team import team_launch
 
@@ -49,10 +49,10 @@ def cross_entropy(
     kernel sees the tensors through their addresses (``_numba_views``)."""
     if rows:
         n_in, n_cls = logits.shape
-        n, shape, strides = 1, (1, n_cls, n_in), (n_in * n_cls, 1, n_cls)
-    else:
+        n, launch = 1, _rows_call
+    else:  # contiguous (the caller's to_rows keeps only those K-dimensional)
         n, n_cls, n_in = logits.shape
-        shape, strides = (n, n_cls, n_in), logits.stride()
+        launch = _kdim_call
     bw = block_width(n_cls)
     blocks = n * ((n_in + bw - 1) // bw)  # n_blocks
     opts = params.whole_call
@@ -78,8 +78,8 @@ def cross_entropy(
     on_pool = threads == 1 and blocks > 1 and work >= parallel_min()  # no OpenMP team here
     if not target.is_contiguous():
         target = target.contiguous()
-    total, scale, bad, probs, out16 = _kdim_call(
-        xa, LIKE[dtype], shape, strides, FORMATS[dtype], target.data_ptr(), LIKE[target.dtype],
+    total, scale, bad, probs, out16 = launch(
+        xa, LIKE[dtype], n, n_cls, n_in, FORMATS[dtype], target.data_ptr(), LIKE[target.dtype],
         w, w_total, opts, want_grad, ga, loss, lse, bw, 0 if on_pool else blocks, threads,
     )
     if bad >= 0:
@@ -99,21 +99,36 @@ def cross_entropy(
             None if params.probe_tol is None else probs)
 
 
+# The whole call's two entries, over arrays made from the tensors' addresses (``_numba_views``):
+# contiguous ``(N, C, S)`` logits as a C-layout array (LLVM vectorises its class runs only when
+# it knows them contiguous: a strided view made segmentation 3.5x slower), and ``(R, C)`` rows
+# as the ``(1, C, R)`` transposed view. The gradient has the logits' layout.
 @njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
-def _kdim_call(xa, like, shape, strides, fmt, ta, tlike, w, w_total, opts, want_grad, ga, loss,
+def _kdim_call(xa, like, n, n_cls, n_in, fmt, ta, tlike, w, w_total, opts, want_grad, ga, loss,
                lse, bw, blocks, threads):
-    """The K-dim whole call in one launch, on the logits at address ``xa`` (``shape``,
-    ``strides`` in elements, element type ``like``'s), the ``(N * S,)`` contiguous targets at
-    ``ta`` and the gradient at ``ga`` (the logits' strides): the target pass, the probe (when
-    ``probe_tol >= 0``), the gradient scale and, when ``blocks > 0``, all blocks (on
-    ``threads`` threads of torch's OpenMP team, ``_omp_team``) and the reduced loss. ``opts``
-    is ``CEParams.whole_call``. Returns ``(reduced loss, scale, first bad position or -1,
-    probs, the loss's 16-bit bits)``; nothing is written after a bad position. numpy's error
-    model: x / 0 is inf or NaN, as torch."""
+    return _run(cube(xa, like, n, n_cls, n_in), fmt, flat(ta, tlike, n * n_in), w, w_total,
+                opts, want_grad, cube(ga, like, n, n_cls, n_in), loss, lse, bw, blocks, threads)
+
+
+@njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
+def _rows_call(xa, like, n, n_cls, n_in, fmt, ta, tlike, w, w_total, opts, want_grad, ga, loss,
+               lse, bw, blocks, threads):
+    return _run(rows(xa, like, n_in, n_cls).T[np.newaxis], fmt, flat(ta, tlike, n_in), w,
+                w_total, opts, want_grad, rows(ga, like, n_in, n_cls).T[np.newaxis], loss, lse,
+                bw, blocks, threads)
+
+
+@njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
+def _run(x, fmt, target, w, w_total, opts, want_grad, grad, loss, lse, bw, blocks, threads):
+    """The K-dim whole call in one launch on ``x`` ``(N, C, S)`` and its gradient ``grad``,
+    with the ``(N * S,)`` targets: the target pass, the probe (when ``probe_tol >= 0``), the
+    gradient scale and, when ``blocks > 0``, all blocks (on ``threads`` threads of torch's
+    OpenMP team, ``_omp_team``) and the reduced loss. ``opts`` is ``CEParams.whole_call``.
+    Returns ``(reduced loss, scale, first bad position or -1, probs, the loss's 16-bit
+    bits)``; nothing is written after a bad position. numpy's error model: x / 0 is inf or
+    NaN, as torch."""
     ignore_index, eps, z, mean, reduced, probe_tol = opts
-    x = strided3(xa, like, shape, strides)
-    target = flat(ta, tlike, shape[0] * shape[2])
-    den, bad = target_pass(target, w, ignore_index, shape[1])
+    den, bad = target_pass(target, w, ignore_index, x.shape[1])
     if bad >= 0:
         return 0.0, 1.0, bad, False, np.uint16(0)
     probs = probe_tol >= 0 and probe_positions(x, fmt, probe_tol)  # before an in-place grad
@@ -121,8 +136,7 @@ def _kdim_call(xa, like, shape, strides, fmt, ta, tlike, w, w_total, opts, want_
     if blocks == 0:
         return 0.0, scale, -1, probs, np.uint16(0)
     args = (x, fmt, target, w, _F32(w_total), np.int64(ignore_index), _F32(eps), _F32(z),
-            _F32(scale), scale != np.inf, want_grad, strided3(ga, like, shape, strides), loss,
-            lse, bw)
+            _F32(scale), scale != np.inf, want_grad, grad, loss, lse, bw)
     if threads > 1:
         team_launch(kdim_kernel, args, blocks, threads)
     else:
