@@ -75,9 +75,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             # The logits now hold the gradient: any other autograd node that saved them must
             # fail loudly on backward instead of silently reading the gradient.
             torch.autograd.graph.increment_version(logits)
-        ctx.inplace = params.inplace_backward
-        ctx.scale = scale
-        ctx.params = params
+        ctx.state = (params, scale)  # one attribute: each costs a small call ~0.1 us
         # Saved tensors (not ctx attributes) are freed right after backward, so the (R, C)
         # gradient does not live on as long as the loss does; and an in-place gradient that
         # backward has scaled fails the version check on a second backward instead of being
@@ -95,13 +93,15 @@ class CrossEntropyFunction(torch.autograd.Function):
         refuse_double_backward("cross_entropy")
         grad_logits = grad_target = None
         grad, *extra = ctx.saved_tensors
-        if ctx.needs_input_grad[0]:
-            grad_logits = _times_upstream(grad, grad_loss, in_place=ctx.inplace)
-        if ctx.needs_input_grad[1]:
+        params, scale = ctx.state
+        needs = ctx.needs_input_grad
+        if needs[0]:
+            grad_logits = _times_upstream(grad, grad_loss, params.inplace_backward)
+        if needs[1]:
             from ..backends.torch_fused import prob_target_grad
 
             logits, lse, weight = extra
-            g = prob_target_grad(logits, lse, weight, ctx.params) * ctx.scale
+            g = prob_target_grad(logits, lse, weight, params) * scale
             grad_target = g * (grad_loss.unsqueeze(1) if grad_loss.dim() else grad_loss)
         return grad_logits, grad_target, None, None, None, None
 
