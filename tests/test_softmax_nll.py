@@ -228,13 +228,14 @@ def test_nll_loss_matches_torch(shape, reduction, dtype, impl):
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 4), c=st.integers(1, 5), extra=st.lists(st.integers(1, 4), max_size=3),
+@given(n=st.integers(0, 4), c=st.integers(1, 5), extra=st.lists(st.integers(0, 4), max_size=3),
        layout=st.sampled_from(["channels_last", "permuted", "expanded", "sliced"]),
        reduction=st.sampled_from(["none", "mean", "sum"]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 def test_nll_loss_reads_any_layout(n, c, extra, layout, reduction, dtype):
     """The input is read at its own strides (extra dims merged into one stride where they
-    allow it, a dense copy where not): every layout gives torch's loss and gradient."""
+    allow it, a dense copy where not): every layout gives torch's loss and gradient, empty
+    ones too (an extra dim of 0 once made the layout helper fail)."""
     gen = torch.Generator().manual_seed(n * 100 + c)
     shape = (n, c, *extra)
     base = F.log_softmax(logits(shape, torch.float32, gen), 1).to(dtype).requires_grad_()

@@ -103,6 +103,8 @@ def _layout(t: Tensor) -> tuple[tuple[int, int, int], tuple[int, int, int]] | No
         return (1, shape[0], 1), (0, st[0], 0)
     if len(shape) == 2:
         return (shape[0], shape[1], 1), (st[0], st[1], 0)
+    if 0 in shape[2:]:  # no position at all: nothing is read
+        return (shape[0], shape[1], 0), (st[0], st[1], 0)
     n_in, step = 1, 0
     for d, s in zip(reversed(shape[2:]), reversed(st[2:])):  # innermost first
         if d == 1:
