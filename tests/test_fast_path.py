@@ -65,7 +65,7 @@ def test_a_strided_view_reads_exactly_the_tensor(n, c, s, dtype, layout):
         t = base[1:n + 1, 2:c + 2, 1:s + 1]
     bits = torch.int32 if dtype == torch.float32 else torch.int16  # compared bit for bit
     out = torch.empty(t.shape, dtype=bits)
-    _copy_strided3(views.address(t), views.LIKE[dtype], tuple(t.shape), t.stride(),
+    _copy_strided3(t.data_ptr(), views.LIKE[dtype], tuple(t.shape), t.stride(),
                    out.numpy().view(views.LIKE[dtype].dtype))
     assert torch.equal(out, t.contiguous().view(bits))
 
@@ -75,10 +75,10 @@ def test_flat_and_row_views_stay_inside_the_tensor(dtype):
     """``flat`` reads the tensor's values (int64 and uint8 targets); ``rows`` writes every
     element of a tensor in a larger buffer and nothing around it."""
     t = torch.arange(1, 11, dtype=dtype)
-    assert _sum_flat(views.address(t), views.LIKE[dtype], t.numel()) == int(t.sum())
+    assert _sum_flat(t.data_ptr(), views.LIKE[dtype], t.numel()) == int(t.sum())
     buf = torch.zeros(5, 8)
     inner = buf[1:4]  # rows 1..3, contiguous
-    _fill_rows(views.address(inner), views.LIKE[torch.float32], 3, 8, 1.0)
+    _fill_rows(inner.data_ptr(), views.LIKE[torch.float32], 3, 8, 1.0)
     assert torch.equal(inner, torch.arange(24, dtype=torch.float32).reshape(3, 8) + 1)
     assert not buf[0].any() and not buf[4].any()
 

@@ -6,7 +6,7 @@ a fifth of a (8, 10) forward. ``t.data_ptr()`` costs 0.06 us, and the view made 
 machine code costs nothing. The host passes the address together with the shape (and strides)
 torch reports for the same tensor, in elements, and keeps the tensor alive for the call, so a
 view covers exactly the tensor's own elements: the only way to get these wrong is to pass
-numbers that do not come from the tensor, which ``address`` and the callers never do.
+numbers that do not come from the tensor, which the callers never do.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from numba import carray, njit, types
 from numba.extending import intrinsic
-from torch import Tensor
 
 # Element type of a tensor's storage as numba sees it, by a 0-size array of that type (numba
 # specialises on it): 16-bit floats as their uint16 bits (``_numba_rows`` converts them).
@@ -25,11 +24,6 @@ LIKE = {
     torch.int64: np.empty(0, np.int64),
     torch.uint8: np.empty(0, np.uint8),
 }
-
-
-def address(t: Tensor) -> int:
-    """The address of ``t``'s first element (no autograd check, no view made)."""
-    return t.data_ptr()
 
 
 @intrinsic
