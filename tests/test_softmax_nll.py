@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import crossent
@@ -232,6 +232,8 @@ def test_nll_loss_matches_torch(shape, reduction, dtype, impl):
        layout=st.sampled_from(["channels_last", "permuted", "expanded", "sliced"]),
        reduction=st.sampled_from(["none", "mean", "sum"]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+@example(n=0, c=1, extra=[2, 2], layout="permuted", reduction="none", dtype=torch.float32)
+@example(n=2, c=3, extra=[2, 0], layout="channels_last", reduction="mean", dtype=torch.float32)
 def test_nll_loss_reads_any_layout(n, c, extra, layout, reduction, dtype):
     """The input is read at its own strides (extra dims merged into one stride where they
     allow it, a dense copy where not): every layout gives torch's loss and gradient, empty

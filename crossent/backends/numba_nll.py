@@ -7,6 +7,8 @@ they cannot read or write outside a row whatever validation ran before.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from numba import njit
@@ -103,8 +105,8 @@ def _layout(t: Tensor) -> tuple[tuple[int, int, int], tuple[int, int, int]] | No
         return (1, shape[0], 1), (0, st[0], 0)
     if len(shape) == 2:
         return (shape[0], shape[1], 1), (st[0], st[1], 0)
-    if 0 in shape[2:]:  # no position at all: nothing is read
-        return (shape[0], shape[1], 0), (st[0], st[1], 0)
+    if t.numel() == 0:  # nothing is read (and an empty tensor's strides need not merge)
+        return (shape[0], shape[1], math.prod(shape[2:])), (0, 0, 0)
     n_in, step = 1, 0
     for d, s in zip(reversed(shape[2:]), reversed(st[2:])):  # innermost first
         if d == 1:
