@@ -23,29 +23,71 @@ BF16, F16 = 1, 2  # storage formats of 16-bit logits, passed as uint16 bits
 _F32 = np.float32
 
 
-@njit(fastmath=FM, cache=True)
-def row_max(x):
-    m = _F32(-np.inf)
-    for c in range(x.size):
+# LLVM vectorises these loops 16 lanes wide, four vectors an iteration, and runs what is left
+# of a row, up to 63 values, one at a time: 36 of a 100-class row's exps were scalar. So the
+# float32 passes run their loop twice, over the longest multiple of 64 and over the rest, whose count is masked
+# below 64 so that LLVM vectorises that loop narrower (measured, 32 rows of 100 classes: max,
+# exp-sum and scale 4.1 -> 3.0 us; 50 classes 3.1 -> 1.8 us; 1000 classes unchanged). The loop
+# bodies (``_``-prefixed, count ``n``) are inlined into both calls.
+
+
+@njit(inline="always")
+def _split(n):
+    """``(head, tail)``: the head a multiple of 64, the tail's count below 64, as LLVM sees."""
+    h = n & ~63
+    return h, (n - h) & 63
+
+
+@njit(fastmath=FM, inline="always")
+def _max(x, n, m):
+    for c in range(n):
         m = max_f32(m, x[c])
     return m
 
 
 @njit(fastmath=FM, cache=True)
-def exp_sum(x, m):
+def row_max(x):
+    h, t = _split(x.size)
+    return _max(x[h:], t, _max(x, h, _F32(-np.inf)))
+
+
+@njit(fastmath=FM, inline="always")
+def _exp_sum(x, m, n):
     s = _F32(0.0)
-    for c in range(x.size):
+    for c in range(n):
         s += exp_f32(x[c] - m)
+    return s
+
+
+@njit(fastmath=FM, cache=True)
+def exp_sum(x, m):
+    h, t = _split(x.size)
+    return _exp_sum(x, m, h) + _exp_sum(x[h:], m, t)
+
+
+@njit(fastmath=FM, inline="always")
+def _exp_sum_store(x, m, out, n):
+    s = _F32(0.0)
+    for c in range(n):
+        e = exp_f32(x[c] - m)
+        out[c] = e
+        s += e
     return s
 
 
 @njit(fastmath=FM, cache=True)
 def exp_sum_store(x, m, out):
     """sum_c exp(x_c - m), also writing each exp into ``out`` (not overlapping ``x``)."""
+    h, t = _split(x.size)
+    return _exp_sum_store(x, m, out, h) + _exp_sum_store(x[h:], m, out[h:], t)
+
+
+@njit(fastmath=FM, inline="always")
+def _exp_sum_inplace(x, m, n):
     s = _F32(0.0)
-    for c in range(x.size):
+    for c in range(n):
         e = exp_f32(x[c] - m)
-        out[c] = e
+        x[c] = e
         s += e
     return s
 
@@ -54,21 +96,31 @@ def exp_sum_store(x, m, out):
 def exp_sum_inplace(x, m):
     """exp_sum_store with out = x. Its own loop, because LLVM guards a loop whose input and
     output may overlap with a runtime check and runs it scalar when they do."""
-    s = _F32(0.0)
-    for c in range(x.size):
-        e = exp_f32(x[c] - m)
-        x[c] = e
-        s += e
-    return s
+    h, t = _split(x.size)
+    return _exp_sum_inplace(x, m, h) + _exp_sum_inplace(x[h:], m, t)
+
+
+@njit(fastmath=FM, inline="always")
+def _gap_sum(x, m, k, n):
+    d = _F32(0.0)
+    for c in range(n):
+        d += scaled_gap(m, x[c], k)
+    return d
 
 
 @njit(fastmath=FM, cache=True)
 def gap_sum(x, m, k):
     """sum_c k (m - x_c): with k C log(s) it is k sum_c (lse - x_c), without cancelling lse;
     each term scaled before the subtraction (logits near +-3e38 would overflow it)."""
+    h, t = _split(x.size)
+    return _gap_sum(x, m, k, h) + _gap_sum(x[h:], m, k, t)
+
+
+@njit(fastmath=FM, inline="always")
+def _weighted_gap_sum(x, m, w, k, n):
     d = _F32(0.0)
-    for c in range(x.size):
-        d += scaled_gap(m, x[c], k)
+    for c in range(n):
+        d += w[c] * scaled_gap(m, x[c], k) if x[c] != m else _F32(0.0)
     return d
 
 
@@ -78,10 +130,8 @@ def weighted_gap_sum(x, m, w, k):
 
     A term at the max is skipped, not w_c * 0: with an inf weight that is NaN, while torch's
     w_c * (lse - x_c) is inf (lse > m), which the caller's (sum_c w_c) log s term supplies."""
-    d = _F32(0.0)
-    for c in range(x.size):
-        d += w[c] * scaled_gap(m, x[c], k) if x[c] != m else _F32(0.0)
-    return d
+    h, t = _split(x.size)
+    return _weighted_gap_sum(x, m, w, k, h) + _weighted_gap_sum(x[h:], m, w[h:], k, t)
 
 
 @njit(fastmath=FM, cache=True)
@@ -125,63 +175,119 @@ def soft_target_terms(x, m, t, w, a, b, log_s):
     return d
 
 
-@njit(fastmath=FM, cache=True)
-def scale(g, k):
-    for c in range(g.size):
+@njit(fastmath=FM, inline="always")
+def _scale(g, k, n):
+    for c in range(n):
         g[c] *= k
 
 
 @njit(fastmath=FM, cache=True)
-def scale_sub(g, k, b):
-    for c in range(g.size):
+def scale(g, k):
+    h, t = _split(g.size)
+    _scale(g, k, h)
+    _scale(g[h:], k, t)
+
+
+@njit(fastmath=FM, inline="always")
+def _scale_sub(g, k, b, n):
+    for c in range(n):
         g[c] = g[c] * k - b
 
 
 @njit(fastmath=FM, cache=True)
-def scale_sub_weighted(g, k, b, w):
-    for c in range(g.size):
+def scale_sub(g, k, b):
+    h, t = _split(g.size)
+    _scale_sub(g, k, b, h)
+    _scale_sub(g[h:], k, b, t)
+
+
+@njit(fastmath=FM, inline="always")
+def _scale_sub_weighted(g, k, b, w, n):
+    for c in range(n):
         g[c] = g[c] * k - b * w[c]
+
+
+@njit(fastmath=FM, cache=True)
+def scale_sub_weighted(g, k, b, w):
+    h, t = _split(g.size)
+    _scale_sub_weighted(g, k, b, w, h)
+    _scale_sub_weighted(g[h:], k, b, w[h:], t)
+
+
+@njit(fastmath=FM, inline="always")
+def _scale_sub_targets(g, k, t, w, a, b, n):
+    for c in range(n):
+        g[c] = g[c] * k - (a * t[c] + b) * w[c]
 
 
 @njit(fastmath=FM, cache=True)
 def scale_sub_targets(g, k, t, w, a, b):
     """g_c = g_c k - (a t_c + b) w_c: the probability-target gradient from exp values."""
-    for c in range(g.size):
-        g[c] = g[c] * k - (a * t[c] + b) * w[c]
+    h, r = _split(g.size)
+    _scale_sub_targets(g, k, t, w, a, b, h)
+    _scale_sub_targets(g[h:], k, t[h:], w[h:], a, b, r)
 
 
-@njit(fastmath=FM, cache=True)
-def cap_factor(g, capped, inv_cap):
-    """Chain rule of cap * tanh(x / cap): times 1 - tanh^2, tanh recovered from the capped row."""
-    for c in range(g.size):
+@njit(fastmath=FM, inline="always")
+def _cap_factor(g, capped, inv_cap, n):
+    for c in range(n):
         t = capped[c] * inv_cap
         g[c] *= _F32(1.0) - t * t
 
 
 @njit(fastmath=FM, cache=True)
-def softcap_into(x, cap, inv_cap, out):
-    for c in range(x.size):
+def cap_factor(g, capped, inv_cap):
+    """Chain rule of cap * tanh(x / cap): times 1 - tanh^2, tanh recovered from the capped row."""
+    h, t = _split(g.size)
+    _cap_factor(g, capped, inv_cap, h)
+    _cap_factor(g[h:], capped[h:], inv_cap, t)
+
+
+@njit(fastmath=FM, inline="always")
+def _softcap_into(x, cap, inv_cap, out, n):
+    for c in range(n):
         out[c] = cap * tanh_f32(x[c] * inv_cap)  # libm's tanh is scalar: 8x slower
 
 
 @njit(fastmath=FM, cache=True)
-def bits_to_f32(h, fmt, out):
+def softcap_into(x, cap, inv_cap, out):
+    h, t = _split(x.size)
+    _softcap_into(x, cap, inv_cap, out, h)
+    _softcap_into(x[h:], cap, inv_cap, out[h:], t)
+
+
+@njit(fastmath=FM, inline="always")
+def _bits_to_f32(h, fmt, out, n):
     if fmt == BF16:
-        for c in range(h.size):
+        for c in range(n):
             out[c] = bf16_to_f32(h[c])
     else:
-        for c in range(h.size):
+        for c in range(n):
             out[c] = f16_to_f32(h[c])
 
 
 @njit(fastmath=FM, cache=True)
-def f32_to_bits(g, fmt, out):
+def bits_to_f32(h, fmt, out):
+    k, t = _split(h.size)
+    _bits_to_f32(h, fmt, out, k)
+    _bits_to_f32(h[k:], fmt, out[k:], t)
+
+
+@njit(fastmath=FM, inline="always")
+def _f32_to_bits(g, fmt, out, n):
     if fmt == BF16:
-        for c in range(g.size):
+        for c in range(n):
             out[c] = f32_to_bf16(g[c])
     else:
-        for c in range(g.size):
+        for c in range(n):
             out[c] = f32_to_f16(g[c])
+
+
+@njit(fastmath=FM, cache=True)
+def f32_to_bits(g, fmt, out):
+    h, t = _split(g.size)
+    _f32_to_bits(g, fmt, out, h)
+    _f32_to_bits(g[h:], fmt, out[h:], t)
 
 
 @njit(fastmath=FM, cache=True)
