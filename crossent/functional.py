@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ._core import diagnostics as _diagnostics
+from ._core import lane as _lane
 from ._core import nll as _nll
 from ._core import softmax as _softmax
 from ._core import validate as _validate
@@ -68,6 +69,12 @@ def cross_entropy(
         >>> crossent.cross_entropy(logits, torch.tensor([0, 2]))
         tensor(0.1755)
     """
+    if (weight is None and size_average is None and reduce is None and not inplace_backward
+            and reduction in REDUCTIONS):
+        loss = _lane.cross_entropy(input, target, ignore_index, reduction, label_smoothing,
+                                   z_loss, softcap, impl)
+        if loss is not None:  # the common call (``_core.lane``)
+            return loss
     loss, _ = _cross_entropy(
         input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
         impl, z_loss, softcap, inplace_backward, want_lse=False,

@@ -1,5 +1,6 @@
 """The pieces that make a small call cheap: arrays made from tensor addresses inside numba
-(``crossent.backends._numba_views``) and ``fast_apply`` (``crossent._core.autograd``).
+(``crossent.backends._numba_views``), ``fast_apply`` (``crossent._core.autograd``) and the
+common call's lane (``crossent._core.lane``, which must give the general path's bits).
 
 A view must cover exactly the tensor's own elements, in every layout the backends pass, and
 the fast apply must give what ``Function.apply`` gives, falling back to it wherever its Python
@@ -139,3 +140,146 @@ def test_fast_apply_with_an_escaped_functorch_tensor():
     finally:
         _Scale.apply = original
     assert len(calls) == 2
+
+
+# ---- the common call's lane (crossent._core.lane) ------------------------------------------
+
+
+def _general(x, t, **kw):
+    """The same call through the general path (``_cross_entropy``), never the lane."""
+    from crossent.functional import _cross_entropy
+
+    opts = dict(weight=None, size_average=None, ignore_index=-100, reduce=None,
+                reduction="mean", label_smoothing=0.0, impl="auto", z_loss=0.0, softcap=None,
+                inplace_backward=False)
+    opts.update(kw)
+    loss, _ = _cross_entropy(x, t, opts["weight"], opts["size_average"], opts["ignore_index"],
+                             opts["reduce"], opts["reduction"], opts["label_smoothing"],
+                             opts["impl"], opts["z_loss"], opts["softcap"],
+                             opts["inplace_backward"], want_lse=False)
+    return loss
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 70), c=st.integers(1, 140),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+       reduction=st.sampled_from(["mean", "sum", "none"]),
+       smoothing=st.sampled_from([0.0, 0.2]), z_loss=st.sampled_from([0.0, 1e-3]),
+       softcap=st.sampled_from([None, 5.0]), ignored=st.booleans(),
+       impl=st.sampled_from(["auto", "numba", "torch"]), grad=st.booleans())
+def test_the_lane_gives_the_general_paths_bits(n, c, dtype, reduction, smoothing, z_loss, softcap,
+                                               ignored, impl, grad):
+    """The common call gives the general path's loss and gradient, bit for bit, over the
+    options, dtypes and backends (it only skips checks that pass and lookups it kept)."""
+    from crossent._core import lane
+
+    x = (torch.randn(n, c) * 4).to(dtype)
+    t = torch.randint(0, c, (n,))
+    if ignored and n:
+        t[:: 3] = -100
+    kw = dict(reduction=reduction, label_smoothing=smoothing, z_loss=z_loss, softcap=softcap,
+              impl=impl)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.set_grad_enabled(grad):
+        taken = lane.cross_entropy(a, t, -100, reduction, smoothing, z_loss, softcap, impl)
+        assert (taken is not None) == (x.stride(1) == 1)  # an empty tensor's strides may differ
+        got = crossent.cross_entropy(a, t, **kw)
+        want = _general(b, t, **kw)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(got, want) or (got.isnan() == want.isnan()).all()
+    assert got.requires_grad == want.requires_grad == grad
+    if grad:
+        up = torch.randn_like(got) if reduction == "none" else None
+        got.backward(up)
+        want.backward(up)
+        assert torch.equal(a.grad.nan_to_num(), b.grad.nan_to_num())
+
+
+@pytest.mark.parametrize("case", ["weight", "uint8 target", "3-d", "column slice", "legacy",
+                                  "in place", "probabilities", "int32 target"])
+def test_the_lane_leaves_other_calls_to_the_general_path(case):
+    """Calls the lane does not take return None there (the general path checks them)."""
+    from crossent._core import lane
+
+    x, t = torch.randn(6, 5), torch.randint(0, 5, (6,))
+    if case == "uint8 target":
+        t = t.to(torch.uint8)
+    elif case == "int32 target":
+        t = t.int()
+    elif case == "3-d":
+        x, t = torch.randn(2, 5, 3), torch.randint(0, 5, (2, 3))
+    elif case == "column slice":
+        x = torch.randn(5, 6).t()  # class dim at a stride
+    elif case == "probabilities":
+        t = torch.softmax(torch.randn(6, 5), 1)
+    if case in ("weight", "legacy", "in place"):
+        # decided by the public function before the lane
+        kw = {"weight": dict(weight=torch.rand(5)), "legacy": dict(size_average=False),
+              "in place": dict(inplace_backward=True)}[case]
+        calls = []
+        real = lane.cross_entropy
+        try:
+            lane.cross_entropy = lambda *a: calls.append(a) or real(*a)
+            crossent.cross_entropy(x.requires_grad_() * 1, t, **kw)  # (not a leaf: in place)
+        finally:
+            lane.cross_entropy = real
+        assert calls == []
+        return
+    assert lane.cross_entropy(x, t, -100, "mean", 0.0, 0.0, None, "auto") is None
+    # and the public call still does what torch does (int32 targets: torch's error class)
+    try:
+        want = torch.nn.functional.cross_entropy(x, t)
+    except RuntimeError:
+        with pytest.raises(RuntimeError):
+            crossent.cross_entropy(x, t)
+        return
+    torch.testing.assert_close(crossent.cross_entropy(x, t), want)
+
+
+def test_the_lane_keeps_a_bounded_number_of_plans():
+    """A label-smoothing schedule (a new option value every call) gives the right loss every
+    call and keeps at most ``_MAX_PLANS`` plans."""
+    from crossent._core import lane
+
+    x, t = torch.randn(4, 6), torch.randint(0, 6, (4,))
+    for i in range(lane._MAX_PLANS + 20):
+        eps = i / 1000
+        torch.testing.assert_close(crossent.cross_entropy(x, t, label_smoothing=eps),
+                                   torch.nn.functional.cross_entropy(x, t, label_smoothing=eps))
+    assert len(lane._PLANS) <= lane._MAX_PLANS
+
+
+def test_the_lane_keeps_no_plan_while_the_backend_is_unsettled(monkeypatch):
+    """While numba loads, ``auto`` runs on torch: the lane uses that call for the call only,
+    and keeps the plan once numba is ready (the numba kernel then runs)."""
+    from crossent._core import dispatch, lane
+
+    monkeypatch.setattr(lane, "_PLANS", {})
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})
+    monkeypatch.setattr(dispatch, "ready", lambda name: name != "numba")
+    x, t = torch.randn(4, 6), torch.randint(0, 6, (4,))
+    want = torch.nn.functional.cross_entropy(x, t)
+    torch.testing.assert_close(crossent.cross_entropy(x, t), want)
+    assert lane._PLANS == {}
+    monkeypatch.setattr(dispatch, "ready", lambda name: True)
+    torch.testing.assert_close(crossent.cross_entropy(x, t), want)
+    (params, backend), = lane._PLANS.values()
+    assert backend.__name__ == "crossent.backends.numba_cpu"
+
+
+def test_the_lane_raises_the_general_paths_errors():
+    """An out-of-range target and bad options raise what the general path raises."""
+    from crossent._core import lane
+
+    x, t = torch.randn(3, 4), torch.tensor([0, 7, 1])
+    with pytest.raises(IndexError) as lane_error:
+        crossent.cross_entropy(x, t)
+    with pytest.raises(IndexError) as general_error:
+        _general(x, t)
+    assert str(lane_error.value) == str(general_error.value)
+    t = torch.tensor([0, 1, 2])
+    with pytest.raises(RuntimeError) as lane_error:
+        lane.cross_entropy(x, t, -100, "mean", 1.5, 0.0, None, "auto")
+    with pytest.raises(RuntimeError) as general_error:
+        _general(x, t, label_smoothing=1.5)
+    assert str(lane_error.value) == str(general_error.value)

@@ -18,6 +18,24 @@ _C_APPLY = torch._C._FunctionBase.__dict__["apply"]  # the C entry behind Functi
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
+def c_apply(cls: type[torch.autograd.Function]) -> Callable[..., Any]:
+    """The C entry behind ``cls.apply``: for eager calls (``eager``) of Functions without
+    ``setup_context``, whose ``apply`` then only adds the Python prologue ``fast_apply``
+    describes."""
+    return _C_APPLY.__get__(None, cls)
+
+
+def eager(*tensors: Tensor) -> bool:
+    """Whether a call on ``tensors`` may take ``c_apply``: not traced, no functorch transform
+    active, and none of them a functorch tensor that escaped its transform."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    for a in tensors:
+        if type(a) is Tensor and _wrapped(a):
+            return False
+    return True
+
+
 def fast_apply(cls: type[torch.autograd.Function]) -> Callable[..., Any]:
     """``cls.apply`` without its Python prologue in eager calls, same result.
 
@@ -25,21 +43,15 @@ def fast_apply(cls: type[torch.autograd.Function]) -> Callable[..., Any]:
     which keep it), routes functorch transforms (vmap, grad, ...) to their own
     machinery, and maps every argument through a pytree to unwrap functorch tensors that
     escaped their transform: ~1.4 us a call at 6 arguments, a tenth of a (64, 10) forward.
-    The C entry does the rest of the work. Eager calls with no transform active and no
-    functorch tensor among the arguments take it; the others, and every traced call (Dynamo
-    inlines ``cls.apply``), go through ``cls.apply``."""
+    The C entry does the rest of the work. Eager calls (``eager``) take it; the others, and
+    every traced call (Dynamo inlines ``cls.apply``), go through ``cls.apply``."""
     apply = cls.apply
     if torch.autograd.function._is_setup_context_defined(cls.setup_context):
         return apply  # its apply binds default arguments first
-    c_apply = _C_APPLY.__get__(None, cls)
+    entry = c_apply(cls)
 
     def run(*args: Any) -> Any:
-        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-            return apply(*args)
-        for a in args:
-            if type(a) is Tensor and _wrapped(a):
-                return apply(*args)
-        return c_apply(*args)
+        return entry(*args) if eager(*args) else apply(*args)
 
     run.__doc__ = f"``{cls.__name__}.apply``, through ``fast_apply``."
     return run

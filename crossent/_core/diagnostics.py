@@ -146,6 +146,14 @@ def probe_tolerance(input: Tensor, class_dim: int | None = None) -> float | None
     return _tolerance(input.dtype)
 
 
+def row_probe_tolerance(dtype: torch.dtype, n_rows: int, n_cls: int) -> float | None:
+    """``probe_tolerance`` for ``(n_rows, n_cls)`` CPU logits of ``dtype`` in an eager call
+    (the caller checked both)."""
+    if not _enabled or n_rows == 0 or n_cls < 2:
+        return None
+    return _tolerance(dtype)
+
+
 def looks_like_probabilities(input: Tensor, class_dim: int | None = None) -> bool:
     """The probe itself, on at most ``_SAMPLE_ROWS`` rows (for inputs ``probe_tolerance`` takes)."""
     if class_dim is None:

@@ -110,6 +110,13 @@ def whole_call(impl: str, tensor: Tensor) -> Callable[..., Any]:
     return reduced(observed(backend.ce_forward), backend.index_target_sums)
 
 
+def settled_backend(impl: str) -> ModuleType | None:
+    """The backend whose ``cross_entropy`` ``whole_call(impl, t)`` returns for every eager CPU
+    tensor ``t`` outside a ``*_with_stats`` call, once ``resolve_backend`` has settled it
+    (cached below); else None."""
+    return _RESOLVED.get((impl, "cpu", None))
+
+
 # (impl, device type) -> backend, for eager calls: resolving imports modules and asks each
 # backend whether it can run, a few microseconds that a small call should not pay every time.
 _RESOLVED: dict[tuple[str, str, str | None], ModuleType] = {}
