@@ -35,7 +35,7 @@ _F32 = np.float32
 
 
 @njit(inline="always")
-def _split(n):
+def split(n):
     """``(head, tail)``: the head a multiple of 64, the tail's count below 64, as LLVM sees."""
     h = n & ~63
     return h, (n - h) & 63
@@ -50,7 +50,7 @@ def _max(x, n, m):
 
 @njit(fastmath=FM, cache=True, inline="always")
 def row_max(x):
-    h, t = _split(x.size)
+    h, t = split(x.size)
     return _max(x[h:], t, _max(x, h, _F32(-np.inf)))
 
 
@@ -64,7 +64,7 @@ def _exp_sum(x, m, n):
 
 @njit(fastmath=FM, cache=True, inline="always")
 def exp_sum(x, m):
-    h, t = _split(x.size)
+    h, t = split(x.size)
     return _exp_sum(x, m, h) + _exp_sum(x[h:], m, t)
 
 
@@ -81,7 +81,7 @@ def _exp_sum_store(x, m, out, n):
 @njit(fastmath=FM, cache=True, inline="always")
 def exp_sum_store(x, m, out):
     """sum_c exp(x_c - m), also writing each exp into ``out`` (not overlapping ``x``)."""
-    h, t = _split(x.size)
+    h, t = split(x.size)
     return _exp_sum_store(x, m, out, h) + _exp_sum_store(x[h:], m, out[h:], t)
 
 
@@ -99,7 +99,7 @@ def _exp_sum_inplace(x, m, n):
 def exp_sum_inplace(x, m):
     """exp_sum_store with out = x. Its own loop, because LLVM guards a loop whose input and
     output may overlap with a runtime check and runs it scalar when they do."""
-    h, t = _split(x.size)
+    h, t = split(x.size)
     return _exp_sum_inplace(x, m, h) + _exp_sum_inplace(x[h:], m, t)
 
 
@@ -115,7 +115,7 @@ def _gap_sum(x, m, k, n):
 def gap_sum(x, m, k):
     """sum_c k (m - x_c): with k C log(s) it is k sum_c (lse - x_c), without cancelling lse;
     each term scaled before the subtraction (logits near +-3e38 would overflow it)."""
-    h, t = _split(x.size)
+    h, t = split(x.size)
     return _gap_sum(x, m, k, h) + _gap_sum(x[h:], m, k, t)
 
 
@@ -133,7 +133,7 @@ def weighted_gap_sum(x, m, w, k):
 
     A term at the max is skipped, not w_c * 0: with an inf weight that is NaN, while torch's
     w_c * (lse - x_c) is inf (lse > m), which the caller's (sum_c w_c) log s term supplies."""
-    h, t = _split(x.size)
+    h, t = split(x.size)
     return _weighted_gap_sum(x, m, w, k, h) + _weighted_gap_sum(x[h:], m, w[h:], k, t)
 
 
@@ -186,7 +186,7 @@ def _scale(g, k, n):
 
 @njit(fastmath=FM, cache=True, inline="always")
 def scale(g, k):
-    h, t = _split(g.size)
+    h, t = split(g.size)
     _scale(g, k, h)
     _scale(g[h:], k, t)
 
@@ -199,7 +199,7 @@ def _scale_sub(g, k, b, n):
 
 @njit(fastmath=FM, cache=True, inline="always")
 def scale_sub(g, k, b):
-    h, t = _split(g.size)
+    h, t = split(g.size)
     _scale_sub(g, k, b, h)
     _scale_sub(g[h:], k, b, t)
 
@@ -212,7 +212,7 @@ def _scale_sub_weighted(g, k, b, w, n):
 
 @njit(fastmath=FM, cache=True, inline="always")
 def scale_sub_weighted(g, k, b, w):
-    h, t = _split(g.size)
+    h, t = split(g.size)
     _scale_sub_weighted(g, k, b, w, h)
     _scale_sub_weighted(g[h:], k, b, w[h:], t)
 
@@ -226,7 +226,7 @@ def _scale_sub_targets(g, k, t, w, a, b, n):
 @njit(fastmath=FM, cache=True, inline="always")
 def scale_sub_targets(g, k, t, w, a, b):
     """g_c = g_c k - (a t_c + b) w_c: the probability-target gradient from exp values."""
-    h, r = _split(g.size)
+    h, r = split(g.size)
     _scale_sub_targets(g, k, t, w, a, b, h)
     _scale_sub_targets(g[h:], k, t[h:], w[h:], a, b, r)
 
@@ -241,7 +241,7 @@ def _cap_factor(g, capped, inv_cap, n):
 @njit(fastmath=FM, cache=True, inline="always")
 def cap_factor(g, capped, inv_cap):
     """Chain rule of cap * tanh(x / cap): times 1 - tanh^2, tanh recovered from the capped row."""
-    h, t = _split(g.size)
+    h, t = split(g.size)
     _cap_factor(g, capped, inv_cap, h)
     _cap_factor(g[h:], capped[h:], inv_cap, t)
 
@@ -254,7 +254,7 @@ def _softcap_into(x, cap, inv_cap, out, n):
 
 @njit(fastmath=FM, cache=True, inline="always")
 def softcap_into(x, cap, inv_cap, out):
-    h, t = _split(x.size)
+    h, t = split(x.size)
     _softcap_into(x, cap, inv_cap, out, h)
     _softcap_into(x[h:], cap, inv_cap, out[h:], t)
 
@@ -271,7 +271,7 @@ def _bits_to_f32(h, fmt, out, n):
 
 @njit(fastmath=FM, cache=True, inline="always")
 def bits_to_f32(h, fmt, out):
-    k, t = _split(h.size)
+    k, t = split(h.size)
     _bits_to_f32(h, fmt, out, k)
     _bits_to_f32(h[k:], fmt, out[k:], t)
 
@@ -288,7 +288,7 @@ def _f32_to_bits(g, fmt, out, n):
 
 @njit(fastmath=FM, cache=True, inline="always")
 def f32_to_bits(g, fmt, out):
-    h, t = _split(g.size)
+    h, t = split(g.size)
     _f32_to_bits(g, fmt, out, h)
     _f32_to_bits(g[h:], fmt, out[h:], t)
 

@@ -25,9 +25,9 @@ from torch import Tensor
 
 from ._cpu_alloc import empty_huge
 from ._numba_math import (
-    EXACT_FM, bf16_to_f32, exp_f32, f16_to_f32, f32_to_bf16, f32_to_f16, max_f32,
+    EXACT_FM, bf16_to_f32, exp_f32, f16_to_f32, f32_to_bf16, f32_to_f16, log_f32, max_f32,
 )
-from ._numba_rows import FM
+from ._numba_rows import FM, split
 from ._numba_threads import _split_rows, parallel_min
 from ._numba_views import cube, rows
 from . import _omp_team
@@ -128,26 +128,48 @@ def _put_grad(g, out, dest, t):
 # ---- rows (I == 1): one contiguous row at a time -------------------------------------------
 
 
-@njit(fastmath=FM, cache=True)
-def _row_max_sum(x):
-    m = _F32(-np.inf)
-    for c in range(x.size):
+@njit(fastmath=FM, inline="always")
+def _max(x, n, m):
+    for c in range(n):
         m = max_f32(m, f32(x[c]))
+    return m
+
+
+@njit(fastmath=FM, inline="always")
+def _exp_sum(x, m, n):
     s = _F32(0.0)
-    for c in range(x.size):
+    for c in range(n):
         s += exp_f32(f32(x[c]) - m)
-    return m, s
+    return s
+
+
+@njit(fastmath=FM, cache=True, inline="always")
+def _row_max_sum(x):
+    """(max, sum of exp(x - max)): each loop over the head and the tail of ``split`` (see
+    ``_numba_rows``; (64, 50) forward 5.9 -> 4.5 us, (64, 100) 8.3 -> 7.0 us)."""
+    h, n = split(x.size)
+    m = _max(x[h:], n, _max(x, h, _F32(-np.inf)))
+    return m, _exp_sum(x, m, h) + _exp_sum(x[h:], m, n)
 
 
 @njit(nogil=True, fastmath=FM, cache=True)
 def _fwd_rows(x, out, log, lo, hi):
-    for r in range(lo, hi):
-        xr, orow = x[r], out[r]
-        m, s = _row_max_sum(xr)
-        if log:
-            _put_log(xr, orow, m, _F32(math.log(s)))
-        else:
-            _put_exp(xr, orow, m, _F32(1.0) / s)
+    # Rows in chunks of up to 64 that stay in L1 between the passes (one row at a time from
+    # 16K classes): the chunk's logs (or reciprocals) in one vectorised loop, where a libm log
+    # per row cost a 10-class row a third of its time (measured (64, 10): 2.9 -> 2.1 us).
+    k = max(1, min(64, 16384 // max(x.shape[1], 1)))
+    m, s = np.empty(k, np.float32), np.empty(k, np.float32)
+    for r0 in range(lo, hi, k):
+        n = min(k, hi - r0)
+        for i in range(n):
+            m[i], s[i] = _row_max_sum(x[r0 + i])
+        for i in range(n):
+            s[i] = log_f32(s[i]) if log else _F32(1.0) / s[i]
+        for i in range(n):
+            if log:
+                _put_log(x[r0 + i], out[r0 + i], m[i], s[i])
+            else:
+                _put_exp(x[r0 + i], out[r0 + i], m[i], s[i])
 
 
 @njit(nogil=True, fastmath=FM, cache=True)
