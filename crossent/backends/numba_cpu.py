@@ -28,7 +28,9 @@ from ._reduced import reduced
 from . import _numba_kdim_call as _kdim
 from ._cpu_alloc import empty_huge
 from ._opaque import opaque_kernel
-from ._numba_host import EMPTY, FORMATS, as_array, new_grad_tensor, reduced_loss, target_pass
+from ._numba_host import (
+    EMPTY, FORMATS, SMALL, as_array, new_grad_tensor, reduced_loss, target_pass,
+)
 from ._numba_views import LIKE, flat, rows
 from ._numba_math import finite_f32, scaled_difference
 from ._numba_probe import probe_rows
@@ -44,6 +46,7 @@ from ._numba_rows import (
 
 _F32 = np.float32
 _NO_STATS = np.empty((0, 2), np.float32)  # the kernels' stats argument when none are wanted
+_NO_LOSS = np.empty(0, np.float64)  # _index_call's losses when the caller does not read them
 
 
 @njit(fastmath=FM, cache=True)
@@ -191,10 +194,15 @@ def _index_call(xa, like, n_rows, n_cls, fmt, ta, tlike, w, w_total, opts, cap, 
     reduction (on ``threads`` threads of torch's OpenMP team, ``_omp_team``), and the summed
     loss. Returns ``(loss sum, or its mean for "mean"; the gradient scale; first bad row or
     -1; whether the logits look like probabilities, when ``probe_tol >= 0``; the loss's 16-bit
-    bits)``; with a bad row nothing else is written. ``opts`` is ``CEParams.whole_call``.
-    numpy's error model: x / 0 is inf or NaN (a mean over nothing, or over a zero weight sum),
+    bits)``; with a bad row nothing else is written. ``opts`` is ``CEParams.whole_call``;
+    ``loss`` (R,) float64 and ``lse`` (R,) are written, or have size 0 when unread. numpy's
+    error model: x / 0 is inf or NaN (a mean over nothing, or over a zero weight sum),
     as torch."""
     ignore_index, eps, z, mean, _, probe_tol = opts
+    if loss.size == 0:  # per-row losses and lse the caller does not read: scratch
+        loss = np.empty(n_rows, np.float64)
+    if lse.size == 0:
+        lse = np.empty(n_rows, np.float32)
     x = rows(xa, like, n_rows, n_cls)
     target = flat(ta, tlike, n_rows)
     den, bad = target_pass(target, w, ignore_index, n_cls)
@@ -311,27 +319,36 @@ def cross_entropy(
             or (logits.numel() >= parallel_min() and not _omp_team.usable())):  # no team: Python threads
         return _composed(logits, target, weight, want_grad, params)
     n_rows, n_cls = logits.shape
-    loss = np.empty(n_rows, np.float64)  # (R,) float64: see torch_fused.ce_forward
-    lse = np.empty(n_rows, np.float32)  # (R,): the row kernel writes it in any case
+    per_row = params.reduction == "none"
+    # (R,) float64 losses (see torch_fused.ce_forward) and (R,) lse: made here only when the
+    # caller reads them, else inside the launch (a small call pays per Python step)
+    loss = np.empty(n_rows, np.float64) if per_row else _NO_LOSS
+    lse = np.empty(n_rows, np.float32) if params.want_lse else EMPTY
+    work = n_rows * n_cls
     grad = None
     if want_grad:
-        grad = logits if params.inplace_backward else new_grad_tensor(logits)
+        if params.inplace_backward:
+            grad = logits
+        else:
+            grad = torch.empty_like(logits) if work < SMALL else new_grad_tensor(logits)
     w = EMPTY if weight is None else as_array(weight.float().contiguous())
     w_total = float(w.sum(dtype=np.float32)) if weight is not None else float(n_cls)
     if not target.is_contiguous():
         target = target.contiguous()
-    xa, fmt = logits.data_ptr(), FORMATS[logits.dtype]
+    xa, dtype = logits.data_ptr(), logits.dtype
     value, scale, bad, probs, bits = _index_call(
-        xa, LIKE[logits.dtype], n_rows, n_cls, fmt, target.data_ptr(), LIKE[target.dtype], w,
+        xa, LIKE[dtype], n_rows, n_cls, FORMATS[dtype], target.data_ptr(), LIKE[target.dtype], w,
         w_total, params.whole_call, params.softcap or 0.0, want_grad, params.inplace_backward,
-        xa if grad is None else grad.data_ptr(), loss, lse, team_threads(n_rows * n_cls, n_rows),
+        xa if grad is None else grad.data_ptr(), loss, lse, team_threads(work, n_rows),
     )
     if bad >= 0:
         raise TargetOutOfBounds(bad)
-    if params.reduction == "none":
+    if per_row:
         out = torch.from_numpy(loss.astype(np.float32))  # the contract's accumulation dtype
+    elif dtype == torch.float32:
+        out = torch.from_numpy(np.array(value, np.float32))  # (reduced_loss, one call less)
     else:
-        out = reduced_loss(value, bits, logits.dtype)
+        out = reduced_loss(value, bits, dtype)
     return (out, torch.from_numpy(lse) if params.want_lse else None, grad, scale,
             None if params.probe_tol is None else probs)
 
