@@ -150,7 +150,9 @@ def apply(run: Callable[..., Tensor], name: str, input: Tensor, dim: int | None,
             f"dtype=torch.float32"
         )
     ndim = input.dim()
-    d = wrap_dim(softmax_dim(name, ndim, dim), ndim)
+    # (an in-range int, the usual dim=1 or dim=-1 of 2-d input, needs no call)
+    d = dim if type(dim) is int and 0 <= dim < ndim else wrap_dim(softmax_dim(name, ndim, dim),
+                                                                  ndim)
     if ndim == 0:
         # A single value: torch gives 0 (log_softmax) / 1 (softmax), and NaN for inf or NaN.
         return run(input.reshape(1), 0, backend(impl, input)).reshape(())
