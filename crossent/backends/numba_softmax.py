@@ -233,7 +233,8 @@ def _fwd_cols(x, out, log, lo, hi):
         for c in range(n_cls):
             _foldexp_f32(s, x[o, c, j0:j1], m)
         for j in range(s.size):
-            s[j] = math.log(s[j]) if log else _F32(1.0) / s[j]
+            # vectorised (log_f32): a libm log per position was a scalar call each
+            s[j] = log_f32(s[j]) if log else _F32(1.0) / s[j]
         for c in range(n_cls):
             if log:
                 _put_log(x[o, c, j0:j1], out[o, c, j0:j1], m, s)
