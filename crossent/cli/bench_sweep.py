@@ -250,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
               if not args.only or any(c.name.startswith(p) for p in args.only)]
     machine = _machine()
     console.line(f"load average at start: {machine['load_avg']}")
+    # The timings are of the loaded backend: until numba's background load ends, impl="auto"
+    # runs the torch stand-in, and a case timed then (the first of an --only run) mixed the two.
+    # (The first call is measured on its own, in fresh processes.)
+    from .._core.dispatch import ready
+
+    ready("numba", wait=True)
     rows = []
     with console.progress("sweep", len(chosen)) as step_done:
         for case in chosen:
