@@ -31,7 +31,11 @@ _F32 = np.float32
 # bodies (``_``-prefixed, count ``n``) are inlined into both calls. The passes themselves are
 # inlined into the kernels too (numba's ``inline="always"``): a call per pass and per row,
 # each passing its arrays' fields, cost bfloat16 (32, 100) rows 1.2 us of a 6.2 us kernel
-# (float32 and large rows unchanged; a cold compile takes ~1 s longer).
+# (float32 and large rows unchanged; a cold compile takes ~1 s longer). Keep the mask at 63:
+# llvmlite's LLVM 22 is built with assertions, and with 31 or 127 its loop vectoriser aborts the
+# process compiling the max loop ("VPlan cost model and legacy cost model disagreed"); with 63
+# the kernels compile for the haswell, generic, znver2-4 and sapphirerapids targets too
+# (NUMBA_CPU_NAME, the numba tests run on each).
 
 
 @njit(inline="always")
