@@ -25,17 +25,17 @@ _F32 = np.float32
 
 # LLVM vectorises these loops 16 lanes wide, four vectors an iteration, and runs what is left
 # of a row, up to 63 values, one at a time: 36 of a 100-class row's exps were scalar. So the
-# float32 passes run their loop twice, over the longest multiple of 64 and over the rest, whose count is masked
-# below 64 so that LLVM vectorises that loop narrower (measured, 32 rows of 100 classes: max,
-# exp-sum and scale 4.1 -> 3.0 us; 50 classes 3.1 -> 1.8 us; 1000 classes unchanged). The loop
-# bodies (``_``-prefixed, count ``n``) are inlined into both calls. The passes themselves are
-# inlined into the kernels too (numba's ``inline="always"``): a call per pass and per row,
-# each passing its arrays' fields, cost bfloat16 (32, 100) rows 1.2 us of a 6.2 us kernel
-# (float32 and large rows unchanged; a cold compile takes ~1 s longer). Keep the mask at 63:
-# llvmlite's LLVM 22 is built with assertions, and with 31 or 127 its loop vectoriser aborts the
-# process compiling the max loop ("VPlan cost model and legacy cost model disagreed"); with 63
-# the kernels compile for the haswell, generic, znver2-4 and sapphirerapids targets too
-# (NUMBA_CPU_NAME, the numba tests run on each).
+# float32 passes run their loop twice, over the longest multiple of 64 and over the rest, whose
+# count is masked below 64 so that LLVM vectorises that loop narrower (measured, 32 rows of 100
+# classes: max, exp-sum and scale 4.1 -> 3.0 us; 50 classes 3.1 -> 1.8 us; 1000 classes
+# unchanged). The loop bodies (``_``-prefixed, count ``n``) are inlined into both calls. The
+# passes themselves are inlined into the kernels too (numba's ``inline="always"``): a call per
+# pass and per row, each passing its arrays' fields, cost bfloat16 (32, 100) rows 1.2 us of a
+# 6.2 us kernel (float32 and large rows unchanged; a cold compile takes ~1 s longer).
+# Keep the mask at 63: llvmlite's LLVM 22 is built with assertions, and with 31 or 127 its loop
+# vectoriser aborts the process compiling the max loop ("VPlan cost model and legacy cost model
+# disagreed"). With 63 the numba tests pass compiled for the haswell and generic targets too
+# (NUMBA_CPU_NAME), and the max loop compiles for znver2-4 and sapphirerapids.
 
 
 @njit(inline="always")
