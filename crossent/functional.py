@@ -167,10 +167,7 @@ def _cross_entropy(
         )
     except TargetOutOfBounds as e:  # raised before anything was written
         raise _validate.out_of_bounds(target, e.row, logits.shape[1], ignore_index) from None
-    if seen:  # the backend's own probe found probabilities
-        _diagnostics.warn_probabilities(input)
-    elif seen is None and probe_tol is not None:  # this backend or path did not probe
-        _diagnostics.check_probabilities_as_logits(input)
+    _diagnostics.act_on_probe(input, seen, probe_tol)
     if reduction == "none" and loss.shape != out_shape:
         loss = loss.reshape(out_shape)
     return loss, (lse.reshape(out_shape) if want_lse else lse)

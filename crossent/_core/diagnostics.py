@@ -26,7 +26,7 @@ from torch import Tensor
 
 __all__ = ["ProbabilitiesAsLogitsWarning", "set_diagnostics", "diagnostics_enabled",
            "check_probabilities_as_logits", "probe_tolerance", "looks_like_probabilities",
-           "warn_probabilities"]
+           "warn_probabilities", "act_on_probe", "row_probe_tolerance"]
 
 try:  # numpy is optional for torch: the probe uses it where present (faster on small inputs)
     import numpy as _np
@@ -144,6 +144,15 @@ def probe_tolerance(input: Tensor, class_dim: int | None = None) -> float | None
     if input.shape[class_dim] < 2:
         return None
     return _tolerance(input.dtype)
+
+
+def act_on_probe(input: Tensor, seen: bool | None, tol: float | None) -> None:
+    """After a call that asked its backend to probe with tolerance ``tol`` (None: not asked):
+    warn when the backend saw probabilities, and probe here when it could not (``seen`` None)."""
+    if seen:
+        warn_probabilities(input)
+    elif seen is None and tol is not None:
+        check_probabilities_as_logits(input)
 
 
 def row_probe_tolerance(dtype: torch.dtype, n_rows: int, n_cls: int) -> float | None:

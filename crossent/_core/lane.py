@@ -57,10 +57,7 @@ def cross_entropy(
                                input.dtype)
     except TargetOutOfBounds as e:  # raised before anything was written
         raise _validate.out_of_bounds(target, e.row, n_cls, ignore_index) from None
-    if seen:
-        _diagnostics.warn_probabilities(input)
-    elif seen is None and probe_tol is not None:  # this backend did not probe
-        _diagnostics.check_probabilities_as_logits(input)
+    _diagnostics.act_on_probe(input, seen, probe_tol)
     return loss
 
 
