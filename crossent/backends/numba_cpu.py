@@ -345,8 +345,6 @@ def cross_entropy(
         raise TargetOutOfBounds(bad)
     if per_row:
         out = torch.from_numpy(loss.astype(np.float32))  # the contract's accumulation dtype
-    elif dtype == torch.float32:
-        out = torch.from_numpy(np.array(value, np.float32))  # (reduced_loss, one call less)
     else:
         out = reduced_loss(value, bits, dtype)
     return (out, torch.from_numpy(lse) if params.want_lse else None, grad, scale,
