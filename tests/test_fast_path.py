@@ -166,23 +166,26 @@ def _general(x, t, **kw):
        reduction=st.sampled_from(["mean", "sum", "none"]),
        smoothing=st.sampled_from([0.0, 0.2]), z_loss=st.sampled_from([0.0, 1e-3]),
        softcap=st.sampled_from([None, 5.0]), ignored=st.booleans(),
-       impl=st.sampled_from(["auto", "numba", "torch"]), grad=st.booleans())
+       impl=st.sampled_from(["auto", "numba", "torch"]), grad=st.booleans(),
+       strided=st.booleans())
 def test_the_lane_gives_the_general_paths_bits(n, c, dtype, reduction, smoothing, z_loss, softcap,
-                                               ignored, impl, grad):
+                                               ignored, impl, grad, strided):
     """The common call gives the general path's loss and gradient, bit for bit, over the
-    options, dtypes and backends (it only skips checks that pass and lookups it kept)."""
+    options, dtypes, backends and layouts (rows and targets at a stride: it only skips checks
+    that pass and lookups it kept)."""
     from crossent._core import lane
 
     x = (torch.randn(n, c) * 4).to(dtype)
-    t = torch.randint(0, c, (n,))
+    t = torch.randint(0, c, (n, 1 + strided))[:, 0]  # every other index of the storage
     if ignored and n:
         t[:: 3] = -100
     kw = dict(reduction=reduction, label_smoothing=smoothing, z_loss=z_loss, softcap=softcap,
               impl=impl)
-    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a = torch.empty_strided((n, c), (c + 3 * strided, 1), dtype=dtype)  # rows 3 values apart
+    a, b = a.copy_(x).requires_grad_(), x.clone().requires_grad_()
     with torch.set_grad_enabled(grad):
         taken = lane.cross_entropy(a, t, -100, reduction, smoothing, z_loss, softcap, impl)
-        assert (taken is not None) == (x.stride(1) == 1)  # an empty tensor's strides may differ
+        assert (taken is not None) == (a.stride(1) == 1)
         got = crossent.cross_entropy(a, t, **kw)
         want = _general(b, t, **kw)
     assert got.dtype == want.dtype and got.shape == want.shape
@@ -263,7 +266,7 @@ def test_the_lane_keeps_no_plan_while_the_backend_is_unsettled(monkeypatch):
     assert lane._PLANS == {}
     monkeypatch.setattr(dispatch, "ready", lambda name: True)
     torch.testing.assert_close(crossent.cross_entropy(x, t), want)
-    (params, backend), = lane._PLANS.values()
+    (params, backend, entry), = lane._PLANS.values()
     assert backend.__name__ == "crossent.backends.numba_cpu"
 
 

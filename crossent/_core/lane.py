@@ -27,10 +27,10 @@ from .params import CEParams
 _apply = c_apply(CrossEntropyFunction)
 
 # (impl, dtype, ignore_index, reduction, label_smoothing, z_loss, softcap, probe_tol) ->
-# (options, backend module; its ``cross_entropy`` is looked up per call, as ``whole_call``
-# does). Bounded: a caller that varies an option every call (a label-smoothing schedule)
+# (options, backend module, the name of its whole call for these calls: ``cross_entropy_rows``
+# where it has one, else ``cross_entropy``; looked up per call, as ``whole_call`` does). Bounded: a caller that varies an option every call (a label-smoothing schedule)
 # would otherwise grow it without end; past the bound such calls build their plan each time.
-_PLANS: dict[tuple, tuple[CEParams, Any]] = {}
+_PLANS: dict[tuple, tuple[CEParams, Any, str]] = {}
 _MAX_PLANS = 64
 
 
@@ -50,10 +50,10 @@ def cross_entropy(
     plan = _PLANS.get(key)
     if plan is None:
         plan = _plan(key, input)
-    params, backend = plan
+    params, backend, entry = plan
     logits = input if torch.is_grad_enabled() else input.detach()  # see _cross_entropy
     try:
-        loss, _, seen = _apply(logits, target, None, params, backend.cross_entropy,
+        loss, _, seen = _apply(logits, target, None, params, getattr(backend, entry),
                                input.dtype)
     except TargetOutOfBounds as e:  # raised before anything was written
         raise _validate.out_of_bounds(target, e.row, n_cls, ignore_index) from None
@@ -61,10 +61,10 @@ def cross_entropy(
     return loss
 
 
-def _plan(key: tuple, input: Tensor) -> tuple[CEParams, Any]:
-    """The options (checked: torch's errors) and the backend (an object with the whole call as
-    ``cross_entropy``) for ``key``; kept once the backend no longer changes (``auto`` runs on
-    torch while numba loads)."""
+def _plan(key: tuple, input: Tensor) -> tuple[CEParams, Any, str]:
+    """The options (checked: torch's errors), the backend (an object with the whole call as
+    ``cross_entropy``) and the name of its entry for these calls, for ``key``; kept once the
+    backend no longer changes (``auto`` runs on torch while numba loads)."""
     from ..functional import _options  # (functional imports this module)
 
     impl, _, ignore_index, reduction, label_smoothing, z_loss, softcap, probe_tol = key
@@ -72,8 +72,11 @@ def _plan(key: tuple, input: Tensor) -> tuple[CEParams, Any]:
                       False, False, probe_tol)
     call = whole_call(impl, input)
     backend = settled_backend(impl)
-    if backend is not None and call is backend.cross_entropy and len(_PLANS) < _MAX_PLANS:
-        _PLANS[key] = params, backend
-        return params, backend
-    return params, SimpleNamespace(cross_entropy=call)  # for this call only
+    if backend is not None and call is backend.cross_entropy:
+        plan = params, backend, ("cross_entropy_rows" if hasattr(backend, "cross_entropy_rows")
+                                 else "cross_entropy")
+        if len(_PLANS) < _MAX_PLANS:
+            _PLANS[key] = plan
+        return plan
+    return params, SimpleNamespace(cross_entropy=call), "cross_entropy"  # for this call only
 

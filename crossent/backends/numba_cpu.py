@@ -34,7 +34,7 @@ from ._numba_host import (
 from ._numba_views import LIKE, flat, rows
 from ._numba_math import finite_f32, scaled_difference
 from ._numba_probe import probe_rows
-from ._numba_threads import _split_rows, parallel_min, team_threads, threads
+from ._numba_threads import PARALLEL_MIN, _split_rows, parallel_min, team_threads, threads
 from . import _omp_team
 from ._omp_team import team_launch
 from ._numba_rows import (
@@ -319,11 +319,6 @@ def cross_entropy(
             or (logits.numel() >= parallel_min() and not _omp_team.usable())):  # no team: Python threads
         return _composed(logits, target, weight, want_grad, params)
     n_rows, n_cls = logits.shape
-    per_row = params.reduction == "none"
-    # (R,) float64 losses (see torch_fused.ce_forward) and (R,) lse: made here only when the
-    # caller reads them, else inside the launch (a small call pays per Python step)
-    loss = np.empty(n_rows, np.float64) if per_row else _NO_LOSS
-    lse = np.empty(n_rows, np.float32) if params.want_lse else EMPTY
     work = n_rows * n_cls
     grad = None
     if want_grad:
@@ -335,11 +330,45 @@ def cross_entropy(
     w_total = float(w.sum(dtype=np.float32)) if weight is not None else float(n_cls)
     if not target.is_contiguous():
         target = target.contiguous()
+    return _launch(logits, target, w, w_total, want_grad, grad, params,
+                   team_threads(work, n_rows))
+
+
+def cross_entropy_rows(
+    logits: Tensor, target: Tensor, weight: None, want_grad: bool, params: CEParams
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | float, bool | None]:
+    """``cross_entropy`` for ``crossent._core.lane``'s calls (eager, ``(R, C)`` logits whose
+    class dim is contiguous, ``(R,)`` int64 indices, no weight), same results in fewer Python
+    steps: a small dense call of a format the kernels read goes straight to its launch, on one
+    thread (measured (32, 100) fwd+bwd: 1.28x -> 1.21x torch); any other to ``cross_entropy``."""
+    n_rows, n_cls = logits.shape
+    if (not 0 < n_rows * n_cls < PARALLEL_MIN or logits.dtype not in FORMATS
+            or params.inplace_backward or not (logits.is_contiguous() and target.is_contiguous())):
+        return cross_entropy(logits, target, weight, want_grad, params)
+    if n_cls <= _kdim.FEW_CLASSES:
+        if params.softcap is not None:
+            return cross_entropy(logits, target, weight, want_grad, params)
+        return _kdim.cross_entropy(logits, target, None, want_grad, params, True)
+    return _launch(logits, target, EMPTY, float(n_cls), want_grad,
+                   torch.empty_like(logits) if want_grad else None, params, 1)
+
+
+def _launch(logits: Tensor, target: Tensor, w: np.ndarray, w_total: float, want_grad: bool,
+            grad: Tensor | None, params: CEParams, threads: int
+            ) -> tuple[Tensor, Tensor | None, Tensor | None, float, bool | None]:
+    """The row kernels' launch (``_index_call``) on contiguous ``(R, C)`` logits and ``(R,)``
+    targets, into ``grad`` (or none), and the contract's results."""
+    n_rows, n_cls = logits.shape
+    per_row = params.reduction == "none"
+    # (R,) float64 losses (see torch_fused.ce_forward) and (R,) lse: made here only when the
+    # caller reads them, else inside the launch (a small call pays per Python step)
+    loss = np.empty(n_rows, np.float64) if per_row else _NO_LOSS
+    lse = np.empty(n_rows, np.float32) if params.want_lse else EMPTY
     xa, dtype = logits.data_ptr(), logits.dtype
     value, scale, bad, probs, bits = _index_call(
         xa, LIKE[dtype], n_rows, n_cls, FORMATS[dtype], target.data_ptr(), LIKE[target.dtype], w,
         w_total, params.whole_call, params.softcap or 0.0, want_grad, params.inplace_backward,
-        xa if grad is None else grad.data_ptr(), loss, lse, team_threads(work, n_rows),
+        xa if grad is None else grad.data_ptr(), loss, lse, threads,
     )
     if bad >= 0:
         raise TargetOutOfBounds(bad)
