@@ -346,9 +346,9 @@ def cross_entropy_rows(
             or params.inplace_backward or not (logits.is_contiguous() and target.is_contiguous())):
         return cross_entropy(logits, target, weight, want_grad, params)
     if n_cls <= _kdim.FEW_CLASSES:
-        if params.softcap is not None:
+        if params.softcap is not None or params.want_lse or params.reduction == "none":
             return cross_entropy(logits, target, weight, want_grad, params)
-        return _kdim.cross_entropy(logits, target, None, want_grad, params, True)
+        return _kdim.small_rows(logits, target, want_grad, params)
     return _launch(logits, target, EMPTY, float(n_cls), want_grad,
                    torch.empty_like(logits) if want_grad else None, params, 1)
 
@@ -389,6 +389,7 @@ def warm_up() -> None:
         target = torch.zeros(2, dtype=torch.int64)
         cross_entropy(torch.zeros(2, 40, dtype=dtype), target, None, True, params)  # one launch
         cross_entropy(torch.zeros(2, 3, dtype=dtype), target, None, True, params)  # few classes
+        cross_entropy_rows(torch.zeros(2, 3, dtype=dtype), target, None, True, params)  # the lane's
         cross_entropy(torch.zeros(1, 3, 2, dtype=dtype), target, None, True, params)  # K-dim
         _ce_forward(torch.zeros(2, 40, dtype=dtype), target, None, torch.ones(()), params)
     index_target_sums(target, None, -100, 40, torch.float32)
