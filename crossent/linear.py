@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._core import validate as _validate
 from ._core.dispatch import observed, resolve_backend
-from ._core.linear_autograd import SKIP_IGNORED_ON, LinearCrossEntropyFunction
+from ._core.linear_autograd import SKIP_IGNORED_ON, LinearCrossEntropyFunction, whole_call_fits
 from ._core.linear_checks import check_logit_scale, check_tensors, resolve_options, target_is_probabilities
 from ._core.params import CEParams
 from .backends import TargetOutOfBounds, torch_fused
@@ -136,7 +136,7 @@ def linear_cross_entropy(
     """
     loss, _ = _linear_cross_entropy(
         input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-        label_smoothing, options, z_loss, softcap, logit_scale, impl, chunk_size,
+        label_smoothing, options, z_loss, softcap, logit_scale, impl, chunk_size, want_lse=False,
     )
     return loss
 
@@ -180,8 +180,9 @@ def linear_cross_entropy_with_lse(
 
 def _linear_cross_entropy(
     input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
-    options, z_loss, softcap, logit_scale, impl, chunk_size,
-) -> tuple[Tensor, Tensor]:
+    options, z_loss, softcap, logit_scale, impl, chunk_size, want_lse=True,
+) -> tuple[Tensor, Tensor | None]:
+    """The shared body; with ``want_lse=False`` the returned lse may be ``None``."""
     reduction = _validate.resolve_reduction(None, None, reduction)
     _validate.check_options(label_smoothing, z_loss, softcap)
     check_logit_scale(logit_scale)
@@ -217,10 +218,22 @@ def _linear_cross_entropy(
     else:
         pos_target = target.reshape(n_rows, n_pos).t().long().contiguous()
     cw = None if weight is None else weight.detach().to(acc)
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(n_rows, n_features, n_classes, input.device, input.dtype)
+    whole = (fused_check and not out_features and not want_lse and reduction != "none"
+             and logit_scale is None and whole_call_fits(x, linear_weight, chunk_size))
     params = CEParams(
         ignore_index=ignore_index, reduction=reduction, label_smoothing=float(label_smoothing),
-        z_loss=float(z_loss), softcap=softcap,
+        z_loss=float(z_loss), softcap=softcap, want_lse=not whole,
     )
+    if whole:  # the backend's whole call checks the targets and divides (whole_linear_ce)
+        try:
+            loss, _ = LinearCrossEntropyFunction.apply(
+                x, linear_weight, linear_bias, pos_target[0], cw, None, None, params,
+                backend.cross_entropy, chunk_size, None, retain)
+        except TargetOutOfBounds as e:  # raised before any gradient product
+            raise _validate.out_of_bounds(target, e.row, n_classes, ignore_index) from None
+        return loss.to(input.dtype), None
     # "mean" divides by the (weighted) count over all N * D positions.
     all_rows = pos_target.reshape(-1, n_classes) if probs else pos_target.reshape(-1)
     try:
@@ -231,8 +244,6 @@ def _linear_cross_entropy(
     except TargetOutOfBounds as e:  # raised before any product
         raise _validate.out_of_bounds(target, e.row, n_classes, ignore_index) from None
     kernel = observed(backend.ce_forward)
-    if chunk_size is None:
-        chunk_size = auto_chunk_size(n_rows, n_features, n_classes, input.device, input.dtype)
     scale_f = None if logit_scale is None else float(logit_scale)
     if out_features:
         # Position d's logits are x @ W[:, d].T: one chunked pass per position over (C, H)

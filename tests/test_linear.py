@@ -11,6 +11,8 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import crossent
 from crossent._core import linear_autograd as _linear_autograd
@@ -21,11 +23,15 @@ from ._oracle import assert_close_to_reference
 
 
 
-@pytest.fixture(autouse=True, params=["one slab", "slabs of 64 classes"])
+@pytest.fixture(autouse=True, params=["whole call", "one slab", "slabs of 64 classes"])
 def slab_width(request, monkeypatch):
-    """Every test twice: the weight walked as one block (accelerators, bf16/fp16, small H) and in
-    64-class slabs with a ragged last one (what large H * V gets on CPU in float32/64)."""
-    if request.param != "one slab":
+    """Every test three times: small CPU calls as one product on the backend's whole call
+    (``whole_linear_ce``, where they qualify), and the chunk loop with the weight walked as one
+    block (accelerators, bf16/fp16, small H) and in 64-class slabs with a ragged last one (what
+    large H * V gets on CPU in float32/64)."""
+    if request.param != "whole call":
+        monkeypatch.setattr(_linear_autograd, "_WHOLE_MAX", 0)  # the chunk loop only
+    if request.param == "slabs of 64 classes":
         monkeypatch.setattr(_linear_autograd, "_SLAB_BYTES", 1)  # clamped up to 64 classes
 
 
@@ -145,6 +151,29 @@ def test_grid(dtype, reduction, option, bias):
     data = _data(37, 24, 515, dtype, seed, bias=bias)
     _check(*data, dtype, f"{dtype} {reduction} {option} bias={bias}", reduction=reduction,
            chunk_size=8, **dict(OPTIONS[option]))
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 40), h=st.integers(1, 24), v=st.integers(1, 300),
+       dtype=st.sampled_from([torch.float64, torch.float32]),
+       reduction=st.sampled_from(["mean", "sum"]),
+       option=st.sampled_from([o for o in OPTIONS if "logit_scale" not in OPTIONS[o]]),
+       bias=st.booleans(), ignore_fraction=st.sampled_from([0.0, 0.3, 1.0]),
+       seed=st.integers(0, 2**31 - 1))
+def test_small_calls_on_the_whole_call(monkeypatch, request, n, h, v, dtype, reduction, option,
+                                       bias, ignore_fraction, seed):
+    """Small CPU calls (one chunk, reduced, no logit_scale) take ``whole_linear_ce`` (only
+    then: the other fixture params force the chunk loop) and agree with both oracles, over
+    shapes, options, bias and ignored rows (all of them too: a NaN mean)."""
+    taken = []
+    real = _linear_autograd.whole_linear_ce
+    monkeypatch.setattr(_linear_autograd, "whole_linear_ce",
+                        lambda *a: taken.append(1) or real(*a))
+    data = _data(n, h, v, dtype, seed, bias=bias, ignore_fraction=ignore_fraction)
+    _check(*data, dtype, f"whole {n}x{h}x{v} {reduction} {option}", reduction=reduction,
+           **dict(OPTIONS[option]))
+    assert bool(taken) == (request.node.callspec.params["slab_width"] == "whole call")
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])

@@ -133,6 +133,7 @@ SWEEP_LAST = {torch.float32: (4096, 128256), torch.bfloat16: (8192, 128256)}
 SMALL = 4096  # below this many logits the target is 1.25x (per-call overhead), else 1.0x
 SEG = [((8, 21, 128, 128), 1.0), ((4, 19, 256, 256), 1.0), ((2, 150, 128, 128), 1.0),
        ((16, 10, 32, 32), 1.25)]
+LINEAR = [(64, 64, 1000), (256, 64, 1000)]  # (N, H, V): the case and a smaller batch
 FAMILIES = ("log_softmax", "softmax", "nll(log_softmax)")
 FAMILY_SHAPES = [((4096, 32000), 1.0), ((8, 21, 128, 128), 1.0), ((64, 10), 1.25)]
 
@@ -152,7 +153,8 @@ def cases(quick: bool) -> list[Case]:
     for shape, target in SEG:
         out.append(Case("seg " + "x".join(map(str, shape)) + " fp32", target, _seg(shape),
                         math.prod(shape) * 4))
-    out.append(Case("linear 256x64x1000 fp32", 1.0, _linear(256, 64, 1000)))
+    for n, h, v in LINEAR:
+        out.append(Case(f"linear {n}x{h}x{v} fp32", 1.0, _linear(n, h, v)))
     for shape, target in FAMILY_SHAPES:
         for family in FAMILIES:
             out.append(Case(f"{family} " + "x".join(map(str, shape)), target, _family(shape, family)))
