@@ -386,7 +386,8 @@ def empty(shape: torch.Size, dtype: torch.dtype) -> Tensor:
     """An uninitialised contiguous CPU tensor: large ones huge-page backed and reused (4x
     cheaper page faults, see ``_cpu_alloc``), small ones plain (less per-call work)."""
     if math.prod(shape) < _HUGE_MIN:
-        return torch.empty(shape, dtype=dtype)
+        # sizes as separate arguments: torch parses a torch.Size argument ~0.8 us slower
+        return torch.empty(*shape, dtype=dtype) if shape else torch.empty((), dtype=dtype)
     return empty_huge(shape, dtype)
 
 
