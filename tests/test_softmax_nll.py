@@ -69,7 +69,7 @@ SHAPES = [((7,), 0), ((3, 5), 1), ((3, 5), 0), ((2, 3, 4), -1), ((2, 3, 4), 1), 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_softmax_families_any_dim(family, shape, dim, dtype, impl):
     """Every dim (negative too), C = 1, inner runs longer than the kernels' chunks (``W``
-    positions side by side, ``numba_softmax.width``)."""
+    positions side by side, ``_numba_softmax_kernels.width``)."""
     x = logits(shape, dtype, torch.Generator().manual_seed(len(shape) + dim))
     _check_family(family, x, dim, impl)
 

@@ -18,7 +18,8 @@ from . import _omp_team
 from ._numba_threads import _split_rows, parallel_min
 from ._numba_views import cube, rows, strided3
 from ._omp_team import team_launch
-from .numba_softmax import LIKE, as_array, empty, f32, put
+from ._numba_softmax_kernels import f32, put
+from .numba_softmax import LIKE, as_array, empty
 
 
 # error_model="numpy": a zero weight sum divides to inf/NaN as in torch, instead of raising.
