@@ -75,6 +75,20 @@ def test_softmax_families_any_dim(family, shape, dim, dtype, impl):
 
 
 @pytest.mark.parametrize("impl", cpu_backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("n_cls", range(1, 20))
+def test_rows_of_every_short_length(n_cls, family, dtype, impl):
+    """Rows of 1-19 values, where the row kernels switch loop forms (a masked loop for 5-15
+    values, head and tail beyond): extreme and -inf values included."""
+    gen = torch.Generator().manual_seed(n_cls)
+    x = logits((37, n_cls), torch.float64, gen) * 30
+    x[3, 0] = float("-inf")
+    x[5] = 1e4 * torch.arange(n_cls)
+    _check_family(family, x.to(dtype), 1, impl)
+
+
+@pytest.mark.parametrize("impl", cpu_backends())
 @pytest.mark.parametrize("family", FAMILIES)
 def test_parallel_split_and_large_rows(family, impl):
     """Above the single-thread threshold: rows split over threads, columns over (outer, chunk)."""

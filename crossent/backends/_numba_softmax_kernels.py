@@ -90,16 +90,49 @@ def _at(k, j):
     return lambda k, j: k
 
 
-@njit(fastmath=EXACT_FM, cache=True)
-def _put_log(x, out, m, log_s):
-    for j in range(x.size):
+# The forward's writes are one loop, written twice: over a short row (``_short``) its count is
+# masked below 16, which LLVM runs as one masked vector instead of one value at a time (rows
+# of 10 classes: log_softmax's forward kernel at (64, 10) 1.8 -> 1.1 us). The loop bodies are
+# inlined into functions of the same fastmath flags only. The backward's loops are not: with
+# exp inside, the masked loop measured slower ((64, 10) 1.8 -> 2.5 us).
+
+
+@njit(inline="always")
+def _short(n):
+    """A row of 5-15 values (below 5 the masked loop's set-up costs more than it saves)."""
+    return 5 <= n < 16
+
+
+@njit(fastmath=EXACT_FM, inline="always")
+def _log_into(x, out, m, log_s, n):
+    for j in range(n):
         put(out, j, (f32(x[j]) - at(m, j)) - at(log_s, j))
 
 
 @njit(fastmath=EXACT_FM, cache=True)
-def _put_exp(x, out, m, inv_s):
-    for j in range(x.size):
+def _put_log(x, out, m, log_s):
+    _log_into(x, out, m, log_s, x.size)
+
+
+@njit(fastmath=EXACT_FM, cache=True)
+def _put_log_short(x, out, m, log_s):
+    _log_into(x, out, m, log_s, x.size & 15)
+
+
+@njit(fastmath=EXACT_FM, inline="always")
+def _exp_into(x, out, m, inv_s, n):
+    for j in range(n):
         put(out, j, exp_f32(f32(x[j]) - at(m, j)) * at(inv_s, j))
+
+
+@njit(fastmath=EXACT_FM, cache=True)
+def _put_exp(x, out, m, inv_s):
+    _exp_into(x, out, m, inv_s, x.size)
+
+
+@njit(fastmath=EXACT_FM, cache=True)
+def _put_exp_short(x, out, m, inv_s):
+    _exp_into(x, out, m, inv_s, x.size & 15)
 
 
 @njit(fastmath=EXACT_FM, cache=True)
@@ -141,6 +174,14 @@ def _row_max_sum(x):
     return m, _exp_sum(x, m, h) + _exp_sum(x[h:], m, n)
 
 
+@njit(fastmath=FM, cache=True, inline="always")
+def _short_max_sum(x):
+    """``_row_max_sum`` of a short row: each loop once, its count masked below 16."""
+    n = x.size & 15
+    m = _max(x, n, _F32(-np.inf))
+    return m, _exp_sum(x, m, n)
+
+
 @njit(nogil=True, fastmath=FM, cache=True)
 def fwd_rows(x, out, log, lo, hi):
     # Rows in chunks of up to 64 that stay in L1 between the passes (one row at a time from
@@ -149,15 +190,20 @@ def fwd_rows(x, out, log, lo, hi):
     # (``forward_call``): (64, 50) 6.5 -> 3.8 us, (64, 100) 8.9 -> 6.5 us, (64, 10) unchanged.
     k = max(1, min(64, 16384 // max(x.shape[1], 1)))
     m, s = np.empty(k, np.float32), np.empty(k, np.float32)
+    short = _short(x.shape[1])  # the same for every row: LLVM takes the test out of the loops
     for r0 in range(lo, hi, k):
         n = min(k, hi - r0)
         for i in range(n):
-            m[i], s[i] = _row_max_sum(x[r0 + i])
+            m[i], s[i] = _short_max_sum(x[r0 + i]) if short else _row_max_sum(x[r0 + i])
         for i in range(n):
             s[i] = log_f32(s[i]) if log else _F32(1.0) / s[i]
         for i in range(n):
-            if log:
+            if log and short:
+                _put_log_short(x[r0 + i], out[r0 + i], m[i], s[i])
+            elif log:
                 _put_log(x[r0 + i], out[r0 + i], m[i], s[i])
+            elif short:
+                _put_exp_short(x[r0 + i], out[r0 + i], m[i], s[i])
             else:
                 _put_exp(x[r0 + i], out[r0 + i], m[i], s[i])
 
