@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ._core import validate as _validate
+from ._core.autograd import fast_apply
 from ._core.dispatch import observed, resolve_backend
 from ._core.linear_autograd import SKIP_IGNORED_ON, LinearCrossEntropyFunction, whole_call_fits
 from ._core.linear_checks import check_logit_scale, check_tensors, resolve_options, target_is_probabilities
@@ -23,6 +24,8 @@ from .backends._reduced import mean_terms
 from .backends.torch_fused import acc_dtype
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_lse", "auto_chunk_size"]
+
+_LINEAR_APPLY = fast_apply(LinearCrossEntropyFunction)  # its apply without the Python prologue
 
 # Bytes of one chunk's logits on CPU. Each chunk streams W once and reads/writes the (V, H)
 # weight gradient (12*V*H bytes against 6*r*V*H flops), and BLAS runs its r-row products
@@ -215,6 +218,8 @@ def _linear_cross_entropy(
     # Targets per position d of out_features, each block contiguous: (D, N) or (D, N, C).
     if probs:
         pos_target = target.reshape(n_rows, n_classes, n_pos).permute(2, 0, 1).to(acc).contiguous()
+    elif n_pos == 1 and target.dtype == torch.int64:  # (1, N): a view, no torch op beyond it
+        pos_target = target.reshape(1, n_rows).contiguous()
     else:
         pos_target = target.reshape(n_rows, n_pos).t().long().contiguous()
     cw = None if weight is None else weight.detach().to(acc)
@@ -228,7 +233,7 @@ def _linear_cross_entropy(
     )
     if whole:  # the backend's whole call checks the targets and divides (whole_linear_ce)
         try:
-            loss, _ = LinearCrossEntropyFunction.apply(
+            loss, _ = _LINEAR_APPLY(
                 x, linear_weight, linear_bias, pos_target[0], cw, None, None, params,
                 backend.cross_entropy, chunk_size, None, retain)
         except TargetOutOfBounds as e:  # raised before any gradient product
