@@ -258,6 +258,40 @@ def test_module_matches_functional(impl):
     torch.testing.assert_close(mod64(x.double(), t), ref.to(torch.float64)(x.double(), t))
 
 
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("case", ["plain rows", "weight set later", "weight removed later",
+                                  "in place", "legacy", "3-d", "probabilities"])
+def test_module_gives_the_functional_bits(impl, case):
+    """The module (which sends plain calls straight to the functional layer's lane) gives the
+    functional call's loss and gradient, bit for bit, whatever was set on it after __init__."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.rand(6, generator=gen)
+    x = logits((7, 6, 3) if case == "3-d" else (7, 6), torch.float32, gen)
+    t = (prob_target((7, 6), torch.float32, gen) if case == "probabilities"
+         else index_target(tuple(x.shape), 6, gen))
+    kw = dict(label_smoothing=0.1, impl=impl)
+    if case == "in place":
+        kw["inplace_backward"] = True
+    if case == "legacy":
+        kw["size_average"] = False
+    mod = crossent.CrossEntropyLoss(weight=w if case == "weight removed later" else None, **kw)
+    if case == "weight set later":
+        mod.weight = w
+    if case == "weight removed later":
+        mod.weight = None
+        w = None
+    if case == "legacy":
+        kw = dict(kw, reduction="sum")
+        del kw["size_average"]
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = mod(a * 1, t)  # (not a leaf: in place)
+    want = crossent.cross_entropy(b * 1, t, weight=mod.weight, **kw)
+    assert torch.equal(got, want)
+    got.backward()
+    want.backward()
+    assert torch.equal(a.grad, b.grad)
+
+
 def test_cross_entropy_with_lse():
     gen = torch.Generator().manual_seed(7)
     x = logits((3, 4, 5), torch.float32, gen)
