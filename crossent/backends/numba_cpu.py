@@ -198,13 +198,32 @@ def _index_call(xa, like, n_rows, n_cls, fmt, ta, tlike, w, w_total, opts, cap, 
     ``loss`` (R,) float64 and ``lse`` (R,) are written, or have size 0 when unread. numpy's
     error model: x / 0 is inf or NaN (a mean over nothing, or over a zero weight sum),
     as torch."""
+    return _whole_rows(rows(xa, like, n_rows, n_cls), fmt, flat(ta, tlike, n_rows), w, w_total,
+                       opts, cap, want_grad, inplace, rows(ga, like, n_rows, n_cls), loss, lse,
+                       threads)
+
+
+@njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
+def _small_call(xa, like, n_rows, n_cls, fmt, ta, opts, cap, want_grad, ga):
+    """``_index_call`` for ``cross_entropy_rows``' small calls (unweighted int64 targets, no
+    in-place gradient, losses and lse unread, one thread): seven arguments fewer to pass."""
+    none = np.empty(0, np.float32)  # no weight, no lse (a global array would be read-only)
+    return _whole_rows(rows(xa, like, n_rows, n_cls), fmt, flat(ta, np.empty(0, np.int64), n_rows),
+                       none, float(n_cls), opts, cap, want_grad, False,
+                       rows(ga, like, n_rows, n_cls), np.empty(0, np.float64), none, 1)
+
+
+@njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
+def _whole_rows(x, fmt, target, w, w_total, opts, cap, want_grad, inplace, grad, loss, lse,
+                threads):
+    """The body of ``_index_call`` on the arrays (``grad`` may be ``x`` when no gradient is
+    made)."""
     ignore_index, eps, z, mean, _, probe_tol = opts
+    n_rows, n_cls = x.shape
     if loss.size == 0:  # per-row losses and lse the caller does not read: scratch
         loss = np.empty(n_rows, np.float64)
     if lse.size == 0:
         lse = np.empty(n_rows, np.float32)
-    x = rows(xa, like, n_rows, n_cls)
-    target = flat(ta, tlike, n_rows)
     den, bad = target_pass(target, w, ignore_index, n_cls)
     if bad >= 0:
         return 0.0, 1.0, bad, False, np.uint16(0)
@@ -213,8 +232,7 @@ def _index_call(xa, like, n_rows, n_cls, fmt, ta, tlike, w, w_total, opts, cap, 
     # float32 options, as the composed path passes them: float64 ones would make the
     # gradient's coefficients float64 here and the two paths differ in the last bit
     args = (x, fmt, target, w, _F32(w_total), np.int64(ignore_index), _F32(eps), _F32(z),
-            _F32(cap), _F32(scale), not mean or den != 0.0, want_grad, inplace,
-            rows(ga, like, n_rows, n_cls), loss, lse,
+            _F32(cap), _F32(scale), not mean or den != 0.0, want_grad, inplace, grad, loss, lse,
             np.empty((0, 2), np.float32))  # no stats (a global is read-only)
     if threads > 1:
         team_launch(_index_kernel, args, n_rows, threads)
@@ -330,35 +348,6 @@ def cross_entropy(
     w_total = float(w.sum(dtype=np.float32)) if weight is not None else float(n_cls)
     if not target.is_contiguous():
         target = target.contiguous()
-    return _launch(logits, target, w, w_total, want_grad, grad, params,
-                   team_threads(work, n_rows))
-
-
-def cross_entropy_rows(
-    logits: Tensor, target: Tensor, weight: None, want_grad: bool, params: CEParams
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | float, bool | None]:
-    """``cross_entropy`` for ``crossent._core.lane``'s calls (eager, ``(R, C)`` logits whose
-    class dim is contiguous, ``(R,)`` int64 indices, no weight), same results in fewer Python
-    steps: a small dense call of a format the kernels read goes straight to its launch, on one
-    thread (measured (32, 100) fwd+bwd: 1.28x -> 1.21x torch); any other to ``cross_entropy``."""
-    n_rows, n_cls = logits.shape
-    if (not 0 < n_rows * n_cls < PARALLEL_MIN or logits.dtype not in FORMATS
-            or params.inplace_backward or not (logits.is_contiguous() and target.is_contiguous())):
-        return cross_entropy(logits, target, weight, want_grad, params)
-    if n_cls <= _kdim.FEW_CLASSES:
-        if params.softcap is not None or params.want_lse or params.reduction == "none":
-            return cross_entropy(logits, target, weight, want_grad, params)
-        return _kdim.small_rows(logits, target, want_grad, params)
-    return _launch(logits, target, EMPTY, float(n_cls), want_grad,
-                   torch.empty_like(logits) if want_grad else None, params, 1)
-
-
-def _launch(logits: Tensor, target: Tensor, w: np.ndarray, w_total: float, want_grad: bool,
-            grad: Tensor | None, params: CEParams, threads: int
-            ) -> tuple[Tensor, Tensor | None, Tensor | None, float, bool | None]:
-    """The row kernels' launch (``_index_call``) on contiguous ``(R, C)`` logits and ``(R,)``
-    targets, into ``grad`` (or none), and the contract's results."""
-    n_rows, n_cls = logits.shape
     per_row = params.reduction == "none"
     # (R,) float64 losses (see torch_fused.ce_forward) and (R,) lse: made here only when the
     # caller reads them, else inside the launch (a small call pays per Python step)
@@ -368,7 +357,7 @@ def _launch(logits: Tensor, target: Tensor, w: np.ndarray, w_total: float, want_
     value, scale, bad, probs, bits = _index_call(
         xa, LIKE[dtype], n_rows, n_cls, FORMATS[dtype], target.data_ptr(), LIKE[target.dtype], w,
         w_total, params.whole_call, params.softcap or 0.0, want_grad, params.inplace_backward,
-        xa if grad is None else grad.data_ptr(), loss, lse, threads,
+        xa if grad is None else grad.data_ptr(), loss, lse, team_threads(work, n_rows),
     )
     if bad >= 0:
         raise TargetOutOfBounds(bad)
@@ -377,6 +366,34 @@ def _launch(logits: Tensor, target: Tensor, w: np.ndarray, w_total: float, want_
     else:
         out = reduced_loss(value, bits, dtype)
     return (out, torch.from_numpy(lse) if params.want_lse else None, grad, scale,
+            None if params.probe_tol is None else probs)
+
+
+def cross_entropy_rows(
+    logits: Tensor, target: Tensor, weight: None, want_grad: bool, params: CEParams
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | float, bool | None]:
+    """``cross_entropy`` for ``crossent._core.lane``'s calls (eager, ``(R, C)`` logits whose
+    class dim is contiguous, ``(R,)`` int64 indices, no weight), same results in fewer Python
+    steps: a small dense reduced call of a format the kernels read goes straight to its launch,
+    on one thread (measured (32, 100) fwd+bwd: 1.28x -> 1.23x torch); any other to
+    ``cross_entropy``."""
+    n_rows, n_cls = logits.shape
+    if (not 0 < n_rows * n_cls < PARALLEL_MIN or logits.dtype not in FORMATS
+            or params.inplace_backward or params.want_lse or params.reduction == "none"
+            or not (logits.is_contiguous() and target.is_contiguous())):
+        return cross_entropy(logits, target, weight, want_grad, params)
+    if n_cls <= _kdim.FEW_CLASSES:
+        if params.softcap is not None:
+            return cross_entropy(logits, target, weight, want_grad, params)
+        return _kdim.small_rows(logits, target, want_grad, params)
+    grad = torch.empty_like(logits) if want_grad else None
+    xa, dtype = logits.data_ptr(), logits.dtype
+    value, scale, bad, probs, bits = _small_call(
+        xa, LIKE[dtype], n_rows, n_cls, FORMATS[dtype], target.data_ptr(), params.whole_call,
+        params.softcap or 0.0, want_grad, xa if grad is None else grad.data_ptr())
+    if bad >= 0:
+        raise TargetOutOfBounds(bad)
+    return (reduced_loss(value, bits, dtype), None, grad, scale,
             None if params.probe_tol is None else probs)
 
 
@@ -389,7 +406,8 @@ def warm_up() -> None:
         target = torch.zeros(2, dtype=torch.int64)
         cross_entropy(torch.zeros(2, 40, dtype=dtype), target, None, True, params)  # one launch
         cross_entropy(torch.zeros(2, 3, dtype=dtype), target, None, True, params)  # few classes
-        cross_entropy_rows(torch.zeros(2, 3, dtype=dtype), target, None, True, params)  # the lane's
+        for n_cls in (3, 40):  # the lane's two launches
+            cross_entropy_rows(torch.zeros(2, n_cls, dtype=dtype), target, None, True, params)
         cross_entropy(torch.zeros(1, 3, 2, dtype=dtype), target, None, True, params)  # K-dim
         _ce_forward(torch.zeros(2, 40, dtype=dtype), target, None, torch.ones(()), params)
     index_target_sums(target, None, -100, 40, torch.float32)
