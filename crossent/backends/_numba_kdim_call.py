@@ -13,7 +13,8 @@ from torch import Tensor
 from .._core.params import CEParams
 from . import TargetOutOfBounds
 from ._numba_host import (
-    EMPTY, FORMATS, SMALL, as_array, new_grad_tensor, reduced_loss, target_pass,
+    EMPTY, FORMATS, SMALL, as_array, loss_slot, new_grad_tensor, put_loss_bits, reduced_loss,
+    target_pass,
 )
 from ._numba_kdim import block_width, kdim_kernel
 from ._numba_probe import probe_positions
@@ -110,12 +111,14 @@ def small_rows(logits: Tensor, target: Tensor, want_grad: bool, params: CEParams
     n_in, n_cls = logits.shape
     grad = torch.empty_like(logits) if want_grad else None
     xa, dtype = logits.data_ptr(), logits.dtype
+    slot = loss_slot(dtype)
     total, scale, bad, probs, out16 = _small_rows_call(
         xa, LIKE[dtype], n_in, n_cls, FORMATS[dtype], target.data_ptr(), LIKE[target.dtype],
-        params.whole_call, want_grad, xa if grad is None else grad.data_ptr())
+        params.whole_call, want_grad, xa if grad is None else grad.data_ptr(),
+        0 if slot is None else slot.data_ptr())
     if bad >= 0:
         raise TargetOutOfBounds(bad)
-    return (reduced_loss(total, out16, dtype), None, grad, scale,
+    return (reduced_loss(total, out16, dtype) if slot is None else slot, None, grad, scale,
             None if params.probe_tol is None else probs)
 
 
@@ -123,13 +126,15 @@ _block_width = njit(cache=True)(block_width.__wrapped__)  # the same rule, insid
 
 
 @njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
-def _small_rows_call(xa, like, n_in, n_cls, fmt, ta, tlike, opts, want_grad, ga):
+def _small_rows_call(xa, like, n_in, n_cls, fmt, ta, tlike, opts, want_grad, ga, oa):
     bw = _block_width(n_cls)
     blocks = (n_in + bw - 1) // bw
     none = np.empty(0, np.float32)  # no weight, no lse (a global array would be read-only)
-    return _run(rows(xa, like, n_in, n_cls).T[np.newaxis], fmt, flat(ta, tlike, n_in), none,
-                float(n_cls), opts, want_grad, rows(ga, like, n_in, n_cls).T[np.newaxis],
-                np.empty(blocks, np.float64), none, bw, blocks, 1)
+    out = _run(rows(xa, like, n_in, n_cls).T[np.newaxis], fmt, flat(ta, tlike, n_in), none,
+               float(n_cls), opts, want_grad, rows(ga, like, n_in, n_cls).T[np.newaxis],
+               np.empty(blocks, np.float64), none, bw, blocks, 1)
+    put_loss_bits(oa, out[4], out[2])  # a 16-bit loss at oa
+    return out
 
 
 # The whole call's two entries, over arrays made from the tensors' addresses (``_numba_views``):

@@ -29,7 +29,8 @@ from . import _numba_kdim_call as _kdim
 from ._cpu_alloc import empty_huge
 from ._opaque import opaque_kernel
 from ._numba_host import (
-    EMPTY, FORMATS, SMALL, as_array, new_grad_tensor, reduced_loss, target_pass,
+    EMPTY, FORMATS, SMALL, as_array, loss_slot, new_grad_tensor, put_loss_bits, reduced_loss,
+    target_pass,
 )
 from ._numba_views import LIKE, flat, rows
 from ._numba_math import finite_f32, scaled_difference
@@ -204,13 +205,16 @@ def _index_call(xa, like, n_rows, n_cls, fmt, ta, tlike, w, w_total, opts, cap, 
 
 
 @njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
-def _small_call(xa, like, n_rows, n_cls, fmt, ta, opts, cap, want_grad, ga):
+def _small_call(xa, like, n_rows, n_cls, fmt, ta, opts, cap, want_grad, ga, oa):
     """``_index_call`` for ``cross_entropy_rows``' small calls (unweighted int64 targets, no
-    in-place gradient, losses and lse unread, one thread): seven arguments fewer to pass."""
+    in-place gradient, losses and lse unread, one thread): seven arguments fewer to pass; a
+    16-bit loss also written at ``oa`` (``put_loss_bits``)."""
     none = np.empty(0, np.float32)  # no weight, no lse (a global array would be read-only)
-    return _whole_rows(rows(xa, like, n_rows, n_cls), fmt, flat(ta, np.empty(0, np.int64), n_rows),
-                       none, float(n_cls), opts, cap, want_grad, False,
-                       rows(ga, like, n_rows, n_cls), np.empty(0, np.float64), none, 1)
+    out = _whole_rows(rows(xa, like, n_rows, n_cls), fmt, flat(ta, np.empty(0, np.int64), n_rows),
+                      none, float(n_cls), opts, cap, want_grad, False,
+                      rows(ga, like, n_rows, n_cls), np.empty(0, np.float64), none, 1)
+    put_loss_bits(oa, out[4], out[2])
+    return out
 
 
 @njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
@@ -388,12 +392,14 @@ def cross_entropy_rows(
         return _kdim.small_rows(logits, target, want_grad, params)
     grad = torch.empty_like(logits) if want_grad else None
     xa, dtype = logits.data_ptr(), logits.dtype
+    slot = loss_slot(dtype)
     value, scale, bad, probs, bits = _small_call(
         xa, LIKE[dtype], n_rows, n_cls, FORMATS[dtype], target.data_ptr(), params.whole_call,
-        params.softcap or 0.0, want_grad, xa if grad is None else grad.data_ptr())
+        params.softcap or 0.0, want_grad, xa if grad is None else grad.data_ptr(),
+        0 if slot is None else slot.data_ptr())
     if bad >= 0:
         raise TargetOutOfBounds(bad)
-    return (reduced_loss(value, bits, dtype), None, grad, scale,
+    return (reduced_loss(value, bits, dtype) if slot is None else slot, None, grad, scale,
             None if params.probe_tol is None else probs)
 
 
