@@ -107,8 +107,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # differentiation (gradient penalty, MAML, Hessian) would silently read zero: refuse.
         if torch.is_grad_enabled():
             raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
-        needs = tuple(ctx.needs_input_grad[:3])
         if ctx.params.reduction == "none":
+            needs = tuple(ctx.needs_input_grad[:3])
             x, weight, bias, target, class_weight = ctx.saved_tensors
             one = torch.ones((), dtype=acc_dtype(x.dtype), device=x.device)
             _, _, grads = chunked_linear_ce(
@@ -133,9 +133,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 # Hand the tensors over (no reference kept) so autograd can adopt them as
                 # .grad instead of copying a (V, H) gradient.
                 ctx.grads = None
-            grads = tuple(None if g is None else _times_upstream(g, grad_loss, in_place=True)
-                          for g in grads)
+            if not _is_one(grad_loss):  # (the usual loss.backward(): as they are)
+                grads = tuple(None if g is None else _times_upstream(g, grad_loss, in_place=True)
+                              for g in grads)
         return (*grads, None, None, None, None, None, None, None, None, None)
+
+
+def _is_one(upstream: Tensor) -> bool:
+    """Whether ``upstream`` is a CPU scalar 1 (read on the host only where that is free)."""
+    return (upstream.dim() == 0 and upstream.is_cpu and not torch.compiler.is_compiling()
+            and upstream.item() == 1.0)
 
 
 DOUBLE_BACKWARD_MESSAGE = (
