@@ -270,11 +270,13 @@ def test_the_lane_keeps_no_plan_while_the_backend_is_unsettled(monkeypatch):
     assert backend.__name__ == "crossent.backends.numba_cpu"
 
 
-def test_the_lane_raises_the_general_paths_errors():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_cls", [4, 40])  # the lane's two launches (few classes, rows)
+def test_the_lane_raises_the_general_paths_errors(dtype, n_cls):
     """An out-of-range target and bad options raise what the general path raises."""
     from crossent._core import lane
 
-    x, t = torch.randn(3, 4), torch.tensor([0, 7, 1])
+    x, t = torch.randn(3, n_cls).to(dtype), torch.tensor([0, n_cls + 3, 1])
     with pytest.raises(IndexError) as lane_error:
         crossent.cross_entropy(x, t)
     with pytest.raises(IndexError) as general_error:

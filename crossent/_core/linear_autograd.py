@@ -192,9 +192,9 @@ def whole_linear_ce(
     needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
     """The reduced loss (0-d: the accumulation dtype, or already the input's) and the gradients
-    of ``(x, weight, bias)``
-    flagged in ``needs``, for a call that is one chunk of all rows with class indices and a
-    reduced loss: the ``(N, V)`` logits are made by one product, and the backend's whole call
+    of ``(x, weight, bias)`` flagged in ``needs``, for a call that is one chunk of all rows with
+    class indices and a reduced loss: the ``(N, V)`` logits are made by one product (ignored
+    rows included), and the backend's whole call
     ``call`` (``crossent.backends``' ``cross_entropy``) checks the targets, sums the "mean"
     denominator, writes the scaled gradient over the logits and reduces the loss, in one pass;
     then one product per gradient. The chunk loop's bookkeeping (a separate target pass, row
