@@ -27,9 +27,10 @@ _F32 = np.float32
 
 
 # Rows of at most this many classes run through the K-dim kernel on the transposed view
-# ``(1, C, R)``: 64 rows side by side vectorise where a 10-class row cannot (measured
-# (64, 10): 3.6 us against 7.9 us; break-even near 24 classes).
-FEW_CLASSES = 16
+# ``(1, C, R)``: rows side by side vectorise where a 10-class row cannot. Its loads are C apart,
+# so it loses from 12-16 classes on (measured on one thread, kernel alone: (64, 10) 3.9 against
+# 4.5 us, (1024, 10) 42 against 57; 12 classes even; (1024, 16) 68 against 49 us).
+FEW_CLASSES = 12
 
 
 def fits(logits: Tensor, target: Tensor, weight: Tensor | None, params: CEParams) -> bool:
