@@ -127,8 +127,8 @@ def _seed_loop(batch: int = 64) -> Callable[[], tuple[Step, Step]]:
 
 # (N, C): 8 to 128256 classes, 80 to ~10^9 logits. fp32 stops at (4096, 128256): torch's fp32
 # fwd+bwd at (8192, 128256) peaks near 17 GB, too much for this shared 23 GB machine.
-SWEEP = [(8, 10), (64, 10), (32, 100), (64, 1000), (256, 1000), (1024, 1000), (128, 32000),
-         (512, 50257), (2048, 32000), (4096, 50257), (2048, 128256)]
+SWEEP = [(8, 10), (64, 10), (32, 100), (256, 32), (1024, 16), (64, 1000), (256, 1000),
+         (1024, 1000), (128, 32000), (512, 50257), (2048, 32000), (4096, 50257), (2048, 128256)]
 SWEEP_LAST = {torch.float32: (4096, 128256), torch.bfloat16: (8192, 128256)}
 SMALL = 4096  # below this many logits the target is 1.25x (per-call overhead), else 1.0x
 SEG = [((8, 21, 128, 128), 1.0), ((4, 19, 256, 256), 1.0), ((2, 150, 128, 128), 1.0),
