@@ -198,6 +198,25 @@ def test_the_lane_gives_the_general_paths_bits(n, c, dtype, reduction, smoothing
         assert torch.equal(a.grad.nan_to_num(), b.grad.nan_to_num())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(300, 100), (2000, 12), (70, 4000)])
+def test_the_lane_gives_the_general_paths_bits_above_the_thread_split(shape, dtype):
+    """Calls large enough to split over torch's OpenMP team (``PARALLEL_MIN`` elements) take
+    the lane too, with the general path's bits: loss and gradient, with smoothing and ignored
+    rows."""
+    gen = torch.Generator().manual_seed(shape[0])
+    x = (torch.randn(shape, generator=gen) * 3).to(dtype)
+    t = torch.randint(0, shape[1], (shape[0],), generator=gen)
+    t[::5] = -100
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = crossent.cross_entropy(a, t, label_smoothing=0.1)
+    want = _general(b, t, label_smoothing=0.1)
+    assert torch.equal(got, want)
+    got.backward()
+    want.backward()
+    assert torch.equal(a.grad, b.grad)
+
+
 @pytest.mark.parametrize("case", ["weight", "uint8 target", "3-d", "column slice", "legacy",
                                   "in place", "probabilities", "int32 target"])
 def test_the_lane_leaves_other_calls_to_the_general_path(case):

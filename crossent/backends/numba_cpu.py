@@ -205,14 +205,14 @@ def _index_call(xa, like, n_rows, n_cls, fmt, ta, tlike, w, w_total, opts, cap, 
 
 
 @njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
-def _small_call(xa, like, n_rows, n_cls, fmt, ta, opts, cap, want_grad, ga, oa):
-    """``_index_call`` for ``cross_entropy_rows``' small calls (unweighted int64 targets, no
-    in-place gradient, losses and lse unread, one thread): seven arguments fewer to pass; a
-    16-bit loss also written at ``oa`` (``put_loss_bits``)."""
+def _plain_call(xa, like, n_rows, n_cls, fmt, ta, opts, cap, want_grad, ga, oa, threads):
+    """``_index_call`` for ``cross_entropy_rows``' calls (unweighted int64 targets, no in-place
+    gradient, losses and lse unread): six arguments fewer to pass; a 16-bit loss also written
+    at ``oa`` (``put_loss_bits``)."""
     none = np.empty(0, np.float32)  # no weight, no lse (a global array would be read-only)
     out = _whole_rows(rows(xa, like, n_rows, n_cls), fmt, flat(ta, np.empty(0, np.int64), n_rows),
                       none, float(n_cls), opts, cap, want_grad, False,
-                      rows(ga, like, n_rows, n_cls), np.empty(0, np.float64), none, 1)
+                      rows(ga, like, n_rows, n_cls), np.empty(0, np.float64), none, threads)
     put_loss_bits(oa, out[4], out[2])
     return out
 
@@ -378,25 +378,28 @@ def cross_entropy_rows(
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | float, bool | None]:
     """``cross_entropy`` for ``crossent._core.lane``'s calls (eager, ``(R, C)`` logits whose
     class dim is contiguous, ``(R,)`` int64 indices, no weight), same results in fewer Python
-    steps: a small dense reduced call of a format the kernels read goes straight to its launch,
-    on one thread (measured (32, 100) fwd+bwd: 1.28x -> 1.23x torch); any other to
-    ``cross_entropy``."""
+    steps: a dense reduced call of a format the kernels read goes straight to its launch
+    (measured (32, 100) fwd+bwd: 1.28x -> 1.23x torch); any other to ``cross_entropy``, and so
+    does a large one where torch has no OpenMP team (it splits over Python threads there)."""
     n_rows, n_cls = logits.shape
-    if (not 0 < n_rows * n_cls < PARALLEL_MIN or logits.dtype not in FORMATS
-            or params.inplace_backward or params.want_lse or params.reduction == "none"
-            or not (logits.is_contiguous() and target.is_contiguous())):
+    work = n_rows * n_cls
+    if (work == 0 or logits.dtype not in FORMATS or params.inplace_backward or params.want_lse
+            or params.reduction == "none" or not (logits.is_contiguous() and target.is_contiguous())
+            or (work >= PARALLEL_MIN and not _omp_team.usable())):
         return cross_entropy(logits, target, weight, want_grad, params)
     if n_cls <= _kdim.FEW_CLASSES:
-        if params.softcap is not None:
+        if params.softcap is not None or work >= PARALLEL_MIN:
             return cross_entropy(logits, target, weight, want_grad, params)
         return _kdim.small_rows(logits, target, want_grad, params)
-    grad = torch.empty_like(logits) if want_grad else None
+    grad = None
+    if want_grad:
+        grad = torch.empty_like(logits) if work < SMALL else new_grad_tensor(logits)
     xa, dtype = logits.data_ptr(), logits.dtype
     slot = loss_slot(dtype)
-    value, scale, bad, probs, bits = _small_call(
+    value, scale, bad, probs, bits = _plain_call(
         xa, LIKE[dtype], n_rows, n_cls, FORMATS[dtype], target.data_ptr(), params.whole_call,
         params.softcap or 0.0, want_grad, xa if grad is None else grad.data_ptr(),
-        0 if slot is None else slot.data_ptr())
+        0 if slot is None else slot.data_ptr(), team_threads(work, n_rows))
     if bad >= 0:
         raise TargetOutOfBounds(bad)
     return (reduced_loss(value, bits, dtype) if slot is None else slot, None, grad, scale,
