@@ -369,3 +369,27 @@ def backward_call(ga, oa, da, like, n_out, n_cls, n_in, log, threads):
         team_launch(bwd_cols, (g, out, grad, log), units, min(threads, units))
     else:
         bwd_cols(g, out, grad, log, 0, units)
+
+
+# The pool's share of a launch (``numba_softmax``: no OpenMP team): work units ``lo..hi`` on the
+# calling thread, over the same views as ``forward_call`` / ``backward_call``, so that the
+# kernels run the same machine code as on the team and give the same bits (over numpy views,
+# a differently typed specialisation, log_softmax rows differed by an ulp).
+@njit(nogil=True, cache=True)
+def forward_units(xa, oa, like, n_out, n_cls, n_in, log, lo, hi):
+    if n_in == 1:
+        fwd_rows(rows(xa, like, n_out, n_cls), rows(oa, like, n_out, n_cls), log, lo, hi)
+    else:
+        fwd_cols(cube(xa, like, n_out, n_cls, n_in), cube(oa, like, n_out, n_cls, n_in), log,
+                 lo, hi)
+
+
+@njit(nogil=True, cache=True)
+def backward_units(ga, oa, da, like, n_out, n_cls, n_in, log, lo, hi):
+    if n_in == 1:
+        bwd_rows(rows(ga, like, n_out, n_cls), rows(oa, like, n_out, n_cls),
+                 rows(da, like, n_out, n_cls), log, lo, hi)
+    else:
+        bwd_cols(cube(ga, like, n_out, n_cls, n_in), cube(oa, like, n_out, n_cls, n_in),
+                 cube(da, like, n_out, n_cls, n_in), log, lo, hi)
+

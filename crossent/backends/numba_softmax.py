@@ -15,7 +15,7 @@ from torch import Tensor
 from . import _omp_team
 from ._cpu_alloc import empty_huge
 from ._numba_softmax_kernels import (
-    backward_call, bwd_cols, bwd_rows, forward_call, fwd_cols, fwd_rows, width,
+    backward_call, backward_units, forward_call, forward_units, width,
 )
 from ._numba_threads import _split_rows, parallel_min
 
@@ -48,17 +48,15 @@ def _dims(shape: torch.Size, dim: int) -> tuple[int, int, int]:
     return math.prod(shape[:dim]), n_cls, n_in
 
 
-def _on_pool(kernels: tuple, arrays: list, dims: tuple[int, int, int], log: bool) -> None:
+def _on_pool(units_kernel, addresses: tuple, like: np.ndarray, dims: tuple[int, int, int],
+             log: bool) -> None:
     """Where torch has no OpenMP team (no libgomp, a forked child), large work runs on the
-    pool of Python threads (``_split_rows``), over numpy views."""
+    pool of Python threads (``_split_rows``), each on its share of work units through
+    ``units_kernel`` (``forward_units`` / ``backward_units``: the team's views and bits)."""
     n_out, n_cls, n_in = dims
-    if n_in == 1:
-        arrays = [a.reshape(n_out, n_cls) for a in arrays]  # (O, C) views
-        kernel, units = kernels[0], n_out
-    else:
-        arrays = [a.reshape(n_out, n_cls, n_in) for a in arrays]  # (O, C, I) views
-        kernel, units = kernels[1], n_out * -(-n_in // width(n_cls))
-    _split_rows(kernel, (*arrays, log), units, min(torch.get_num_threads(), units))
+    units = n_out if n_in == 1 else n_out * -(-n_in // width(n_cls))
+    _split_rows(units_kernel, (*addresses, like, *dims, log), units,
+                min(torch.get_num_threads(), units))
 
 
 def _threads(numel: int) -> int:
@@ -90,7 +88,7 @@ def forward(x: Tensor, dim: int, log: bool) -> Tensor:
     if threads:
         forward_call(x.data_ptr(), out.data_ptr(), LIKE[x.dtype], *dims, log, threads)
     else:
-        _on_pool((fwd_rows, fwd_cols), [as_array(x), as_array(out)], dims, log)
+        _on_pool(forward_units, (x.data_ptr(), out.data_ptr()), LIKE[x.dtype], dims, log)
     return out
 
 
@@ -107,6 +105,6 @@ def backward(g: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
         backward_call(g.data_ptr(), out.data_ptr(), grad.data_ptr(), LIKE[out.dtype], *dims,
                        log, threads)
     else:
-        _on_pool((bwd_rows, bwd_cols), [as_array(g), as_array(out), as_array(grad)], dims,
-                 log)
+        _on_pool(backward_units, (g.data_ptr(), out.data_ptr(), grad.data_ptr()), LIKE[out.dtype],
+                 dims, log)
     return grad
