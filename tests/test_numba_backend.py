@@ -412,8 +412,8 @@ def test_kdim_kernel_matches_rows_and_thread_count(monkeypatch, dtype, width):
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("inplace", [False, True])
 def test_few_class_rows_match_the_row_kernel(monkeypatch, dtype, reduction, inplace, width):
-    """Rows of at most ``FEW_CLASSES`` classes go through the K-dim kernel on the transposed
-    view (rows side by side): the row kernel's loss, lse and gradient (in the rows' own layout,
+    """Rows of at most ``FEW_CLASSES`` classes go through the K-dim kernel, each block of rows
+    copied side by side: the row kernel's loss, lse and gradient (in the rows' own layout,
     in place too), on 1-3 threads, with ignored rows, weights, smoothing and z-loss, in one
     block or (64 rows per block) several."""
     monkeypatch.setattr(_numba_threads, "PARALLEL_MIN", 1)

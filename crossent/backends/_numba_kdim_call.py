@@ -26,14 +26,15 @@ from ._omp_team import team_launch
 _F32 = np.float32
 
 
-# Rows of at most this many classes run through the K-dim kernel on the transposed view
-# ``(1, C, R)``: rows side by side vectorise where a 10-class row cannot. Its loads are C apart,
-# so it loses from 12-16 classes on (measured on one thread, kernel alone: (64, 10) 3.9 against
-# 4.5 us, (1024, 10) 42 against 57; 12 classes even; (1024, 16) 68 against 49 us).
-FEW_CLASSES = 12
-# The lane's small calls (``small_rows``) copy their rows side by side instead: contiguous
-# loads, a win up to ~32 classes (measured, one thread: (256, 32) 14.3 -> 8.9 us).
-COPIED_FEW_CLASSES = 32
+# Rows of at most this many classes run through the K-dim kernel, side by side (``(1, C, R)``):
+# 64 rows vectorise where a 10-class row cannot. Each block of rows is copied into that layout
+# (``copied_rows_kernel``): reading the transposed view in place loads C apart, 2-3x slower.
+# Measured on one thread, kernel and copies against the row kernel: (1024, 16) 24 against
+# 49 us, (1024, 24) 36 against 64, (1024, 32) 53 against 54, (1024, 48) 99 against 67; at
+# (4096, 32) on two threads 157 against 137 us, while the lane's small calls still gain at 32
+# classes ((256, 32) 8.9 against 14.3 us).
+FEW_CLASSES = 24
+SMALL_FEW_CLASSES = 32  # the bound for the lane's small calls (``small_rows``)
 
 
 def fits(logits: Tensor, target: Tensor, weight: Tensor | None, params: CEParams) -> bool:
@@ -49,7 +50,7 @@ def cross_entropy(
     rows: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, float, bool | None]:
     """``(N, C, S)`` logits with class indices ``(N * S,)``: read and written in their layout.
-    With ``rows``, ``(R, C)`` logits read as the ``(1, C, R)`` view (rows side by side).
+    With ``rows``, ``(R, C)`` logits, block by block copied side by side (``(1, C, R)``).
     Written as few Python steps as it takes: at (8, 10) this function was half the call. The
     kernel sees the tensors through their addresses (``_numba_views``)."""
     if rows:
@@ -59,6 +60,8 @@ def cross_entropy(
         n, n_cls, n_in = logits.shape
         launch = _kdim_call
     bw = block_width(n_cls)
+    if rows:  # blocks of at most 1/threads of the rows (multiples of 64), so that all can work
+        bw = max(64, min(bw, -(-n_in // (64 * torch.get_num_threads())) * 64))
     blocks = n * ((n_in + bw - 1) // bw)  # n_blocks
     opts = params.whole_call
     # Reduced calls keep one float64 sum per block, and a call that drops the lse keeps none:
@@ -89,14 +92,14 @@ def cross_entropy(
     )
     if bad >= 0:
         raise TargetOutOfBounds(bad)
-    if on_pool:  # the blocks on Python threads; _kdim_call checked, probed and scaled
+    if on_pool:  # the blocks on Python threads; the launch checked, probed and scaled
         x = as_array(logits)
-        x = x.T[None] if rows else x
-        out = x if grad is None else (as_array(grad).T[None] if rows else as_array(grad))
+        out = x if grad is None else as_array(grad)
         args = (x, FORMATS[logits.dtype], target.numpy(), w, _F32(w_total),
                 np.int64(params.ignore_index), _F32(params.eps), _F32(params.z_loss),
                 _F32(scale), scale != math.inf, want_grad, out, loss, lse, bw)
-        _split_rows(kdim_kernel, args, blocks, min(torch.get_num_threads(), blocks))
+        _split_rows(copied_rows_kernel if rows else kdim_kernel, args, blocks,
+                    min(torch.get_num_threads(), blocks))
         total = _kdim_total(loss, opts[4], scale if opts[3] else 1.0)
         out16 = f32_bits(np.float32(total), FORMATS[logits.dtype])
     out_loss = reduced_loss(total, out16, dtype) if opts[4] else torch.from_numpy(loss)
@@ -110,7 +113,7 @@ def small_rows(logits: Tensor, target: Tensor, want_grad: bool, params: CEParams
     the lane (``numba_cpu.cross_entropy_rows``): contiguous ``(R, C)`` logits of a format the
     kernel reads and ``(R,)`` targets, below ``PARALLEL_MIN`` elements (one thread), reduced,
     unweighted, no lse or in-place gradient; the caller checked all of that. The launch makes
-    its own scratch (the rows copied side by side, see ``_small_rows_call``): in a training
+    its own scratch (the rows copied side by side, see ``copied_rows_kernel``): in a training
     loop's cold caches every Python step here costs about twice its warm time (measured in the
     seeds' loop: this function's body 3 us warm, 7 us)."""
     n_in, n_cls = logits.shape
@@ -132,29 +135,44 @@ _block_width = njit(cache=True)(block_width.__wrapped__)  # the same rule, insid
 
 @njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
 def _small_rows_call(xa, like, n_in, n_cls, fmt, ta, tlike, opts, want_grad, ga, oa):
-    # The rows are copied side by side, (1, C, R), and the gradient copied back: the kernel's
-    # runs of positions are then contiguous, where on the transposed view each load is C apart
-    # (kernel and copies, one thread: (64, 10) 3.9 -> 2.3 us, (256, 16) 12.9 -> 6.1 us against
-    # the row kernel, (256, 32) 14.3 -> 8.9 us; same bits). A small call's copies are at most
-    # twice its logits (``PARALLEL_MIN`` elements).
     bw = _block_width(n_cls)
     blocks = (n_in + bw - 1) // bw
     none = np.empty(0, np.float32)  # no weight, no lse (a global array would be read-only)
-    x = rows(xa, like, n_in, n_cls)
-    xt = np.empty((1, n_cls, n_in), x.dtype)
-    for c in range(n_cls):
-        for r in range(n_in):
-            xt[0, c, r] = x[r, c]
-    gt = np.empty((1, n_cls, n_in), x.dtype) if want_grad else xt  # (not written without)
-    out = _run(xt, fmt, flat(ta, tlike, n_in), none, float(n_cls), opts, want_grad, gt,
-               np.empty(blocks, np.float64), none, bw, blocks, 1)
-    if want_grad and out[2] < 0:
-        g = rows(ga, like, n_in, n_cls)
-        for r in range(n_in):
-            for c in range(n_cls):
-                g[r, c] = gt[0, c, r]
+    out = _run_rows(rows(xa, like, n_in, n_cls), fmt, flat(ta, tlike, n_in), none, float(n_cls),
+                    opts, want_grad, rows(ga, like, n_in, n_cls), np.empty(blocks, np.float64),
+                    none, bw, blocks, 1)
     put_loss_bits(oa, out[4], out[2])  # a 16-bit loss at oa
     return out
+
+
+@njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
+def copied_rows_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale, finite_scale,
+                       want_grad, grad, loss, lse, bw, lo, hi):
+    """``kdim_kernel``'s blocks ``lo..hi`` of ``(R, C)`` rows ``x``: each block's ``bw`` rows
+    copied side by side into a ``(1, C, bw)`` scratch (its runs of positions then contiguous)
+    and its gradient copied back into ``grad`` (``x`` itself when in place: a block is read
+    before it is written). ``loss`` holds one sum per block, or one loss per row (``R``
+    values); ``lse`` one per row, or none."""
+    n_rows, n_cls = x.shape
+    per_row = loss.size == n_rows
+    xs = np.empty(n_cls * bw, x.dtype)
+    gs = np.empty(n_cls * bw if want_grad else 0, x.dtype)
+    for blk in range(lo, hi):
+        r0 = blk * bw
+        nb = min(bw, n_rows - r0)
+        xt = xs[:n_cls * nb].reshape((1, n_cls, nb))
+        for c in range(n_cls):
+            for r in range(nb):
+                xt[0, c, r] = x[r0 + r, c]
+        gt = gs[:n_cls * nb].reshape((1, n_cls, nb)) if want_grad else xt
+        kdim_kernel(xt, fmt, target[r0:r0 + nb], w, w_total, ignore_index, eps, z, gscale,
+                    finite_scale, want_grad, gt,
+                    loss[r0:r0 + nb] if per_row else loss[blk:blk + 1],
+                    lse[r0:r0 + nb] if lse.size > 0 else lse, bw, 0, 1)
+        if want_grad:
+            for r in range(nb):
+                for c in range(n_cls):
+                    grad[r0 + r, c] = gt[0, c, r]
 
 
 # The whole call's two entries, over arrays made from the tensors' addresses (``_numba_views``):
@@ -171,9 +189,8 @@ def _kdim_call(xa, like, n, n_cls, n_in, fmt, ta, tlike, w, w_total, opts, want_
 @njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
 def _rows_call(xa, like, n, n_cls, n_in, fmt, ta, tlike, w, w_total, opts, want_grad, ga, loss,
                lse, bw, blocks, threads):
-    return _run(rows(xa, like, n_in, n_cls).T[np.newaxis], fmt, flat(ta, tlike, n_in), w,
-                w_total, opts, want_grad, rows(ga, like, n_in, n_cls).T[np.newaxis], loss, lse,
-                bw, blocks, threads)
+    return _run_rows(rows(xa, like, n_in, n_cls), fmt, flat(ta, tlike, n_in), w, w_total, opts,
+                     want_grad, rows(ga, like, n_in, n_cls), loss, lse, bw, blocks, threads)
 
 
 @njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
@@ -185,22 +202,58 @@ def _run(x, fmt, target, w, w_total, opts, want_grad, grad, loss, lse, bw, block
     Returns ``(reduced loss, scale, first bad position or -1, probs, the loss's 16-bit
     bits)``; nothing is written after a bad position. numpy's error model: x / 0 is inf or
     NaN, as torch."""
-    ignore_index, eps, z, mean, reduced, probe_tol = opts
-    den, bad = target_pass(target, w, ignore_index, x.shape[1])
-    if bad >= 0:
-        return 0.0, 1.0, bad, False, np.uint16(0)
-    probs = probe_tol >= 0 and probe_positions(x, fmt, probe_tol)  # before an in-place grad
-    scale = (np.inf if den == 0.0 else 1.0 / den) if mean else 1.0
-    if blocks == 0:
-        return 0.0, scale, -1, probs, np.uint16(0)
-    args = (x, fmt, target, w, _F32(w_total), np.int64(ignore_index), _F32(eps), _F32(z),
-            _F32(scale), scale != np.inf, want_grad, grad, loss, lse, bw)
+    bad, probs, scale = _begin(x, fmt, target, w, opts)
+    if bad >= 0 or blocks == 0:
+        return 0.0, scale, bad, probs, np.uint16(0)
+    args = _kernel_args(x, fmt, target, w, w_total, opts, scale, want_grad, grad, loss, lse, bw)
     if threads > 1:
         team_launch(kdim_kernel, args, blocks, threads)
     else:
         kdim_kernel(*args, 0, blocks)
+    return _end(loss, opts, scale, probs, fmt)
+
+
+@njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
+def _run_rows(x, fmt, target, w, w_total, opts, want_grad, grad, loss, lse, bw, blocks,
+              threads):
+    """``_run`` on ``(R, C)`` rows through ``copied_rows_kernel`` (the probe reads them as the
+    ``(1, C, R)`` view). Its own function, not a kernel argument: a function passed as an
+    argument keeps numba from caching the launch."""
+    bad, probs, scale = _begin(x.T[np.newaxis], fmt, target, w, opts)
+    if bad >= 0 or blocks == 0:
+        return 0.0, scale, bad, probs, np.uint16(0)
+    args = _kernel_args(x, fmt, target, w, w_total, opts, scale, want_grad, grad, loss, lse, bw)
+    if threads > 1:
+        team_launch(copied_rows_kernel, args, blocks, threads)
+    else:
+        copied_rows_kernel(*args, 0, blocks)
+    return _end(loss, opts, scale, probs, fmt)
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _begin(view, fmt, target, w, opts):
+    """The target pass, the probe on ``view`` ``(N, C, S)`` (before an in-place gradient) and
+    the gradient scale: ``(first bad position or -1, probs, scale)``."""
+    ignore_index, _, _, mean, _, probe_tol = opts
+    den, bad = target_pass(target, w, ignore_index, view.shape[1])
+    if bad >= 0:
+        return bad, False, 1.0
+    probs = probe_tol >= 0 and probe_positions(view, fmt, probe_tol)
+    return -1, probs, (np.inf if den == 0.0 else 1.0 / den) if mean else 1.0
+
+
+@njit(inline="always")
+def _kernel_args(x, fmt, target, w, w_total, opts, scale, want_grad, grad, loss, lse, bw):
+    ignore_index, eps, z, _, _, _ = opts
+    return (x, fmt, target, w, _F32(w_total), np.int64(ignore_index), _F32(eps), _F32(z),
+            _F32(scale), scale != np.inf, want_grad, grad, loss, lse, bw)
+
+
+@njit(nogil=True, cache=True)
+def _end(loss, opts, scale, probs, fmt):
     # ``reduced`` is passed, not read off the sizes: with one position a block (one row, or
     # S = 1) the block sums and the per-position losses have the same size.
+    _, _, _, mean, reduced, _ = opts
     total = _kdim_total(loss, reduced, scale if mean else 1.0)
     return total, scale, -1, probs, f32_bits(_F32(total), fmt)
 

@@ -387,7 +387,7 @@ def cross_entropy_rows(
             or params.reduction == "none" or not (logits.is_contiguous() and target.is_contiguous())
             or (work >= PARALLEL_MIN and not _omp_team.usable())):
         return cross_entropy(logits, target, weight, want_grad, params)
-    if n_cls <= _kdim.COPIED_FEW_CLASSES and work < PARALLEL_MIN and params.softcap is None:
+    if n_cls <= _kdim.SMALL_FEW_CLASSES and work < PARALLEL_MIN and params.softcap is None:
         return _kdim.small_rows(logits, target, want_grad, params)
     if n_cls <= _kdim.FEW_CLASSES:
         return cross_entropy(logits, target, weight, want_grad, params)
