@@ -149,12 +149,16 @@ def _times_upstream(grad: Tensor, upstream: Tensor, in_place: bool) -> Tensor:
             torch.autograd.graph.increment_version(grad)
             return grad
         return grad.mul_(_per_row(upstream.to(grad.dtype), grad))
-    if upstream.dim() == 0:
-        on_host = upstream.is_cpu and not torch.compiler.is_compiling()
-        if on_host and upstream.item() == 1.0:
-            return grad
+    if is_one(upstream):
+        return grad
     factor = _per_row(upstream.to(grad.dtype), grad)
     return grad.mul_(factor) if in_place else grad * factor
+
+
+def is_one(upstream: Tensor) -> bool:
+    """Whether ``upstream`` is a CPU scalar 1 (read on the host only where that is free)."""
+    return (upstream.dim() == 0 and upstream.is_cpu and not torch.compiler.is_compiling()
+            and upstream.item() == 1.0)
 
 
 def _per_row(factor: Tensor, grad: Tensor) -> Tensor:

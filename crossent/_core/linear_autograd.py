@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .autograd import Kernel, _times_upstream
+from .autograd import Kernel, _times_upstream, is_one
 from .dispatch import stats_sink
 from .params import CEParams
 from ..backends._cpu_alloc import empty_huge
@@ -133,16 +133,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 # Hand the tensors over (no reference kept) so autograd can adopt them as
                 # .grad instead of copying a (V, H) gradient.
                 ctx.grads = None
-            if not _is_one(grad_loss):  # (the usual loss.backward(): as they are)
+            if not is_one(grad_loss):  # (the usual loss.backward(): as they are)
                 grads = tuple(None if g is None else _times_upstream(g, grad_loss, in_place=True)
                               for g in grads)
         return (*grads, None, None, None, None, None, None, None, None, None)
-
-
-def _is_one(upstream: Tensor) -> bool:
-    """Whether ``upstream`` is a CPU scalar 1 (read on the host only where that is free)."""
-    return (upstream.dim() == 0 and upstream.is_cpu and not torch.compiler.is_compiling()
-            and upstream.item() == 1.0)
 
 
 DOUBLE_BACKWARD_MESSAGE = (

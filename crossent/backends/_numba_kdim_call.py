@@ -20,7 +20,7 @@ from ._numba_kdim import block_width, kdim_kernel
 from ._numba_probe import probe_positions
 from ._numba_rows import FM, f32_bits
 from ._numba_views import LIKE, cube, flat, rows
-from ._numba_threads import _split_rows, parallel_min, team_threads
+from ._numba_threads import PARALLEL_MIN, _split_rows, parallel_min, team_threads
 from ._omp_team import team_launch
 
 _F32 = np.float32
@@ -34,7 +34,17 @@ _F32 = np.float32
 # (4096, 32) on two threads 157 against 137 us, while the lane's small calls still gain at 32
 # classes ((256, 32) 8.9 against 14.3 us).
 FEW_CLASSES = 24
-SMALL_FEW_CLASSES = 32  # the bound for the lane's small calls (``small_rows``)
+SMALL_FEW_CLASSES = 32  # the bound for calls below PARALLEL_MIN logits (one thread)
+# Rows per block side by side: small enough that a call from PARALLEL_MIN logits has a block
+# for each of two threads, and fixed, so that the loss's per-block sums (and its bits) do not
+# depend on the thread count.
+ROWS_BLOCK = 512
+
+
+def side_by_side(n_rows: int, n_cls: int) -> bool:
+    """Whether ``(R, C)`` rows take the K-dim kernel side by side: every path asks this, so that
+    a call gives the same bits whichever entry it came through."""
+    return n_cls <= FEW_CLASSES or (n_cls <= SMALL_FEW_CLASSES and n_rows * n_cls < PARALLEL_MIN)
 
 
 def fits(logits: Tensor, target: Tensor, weight: Tensor | None, params: CEParams) -> bool:
@@ -59,9 +69,7 @@ def cross_entropy(
     else:  # contiguous (the caller's to_rows keeps only those K-dimensional)
         n, n_cls, n_in = logits.shape
         launch = _kdim_call
-    bw = block_width(n_cls)
-    if rows:  # blocks of at most 1/threads of the rows (multiples of 64), so that all can work
-        bw = max(64, min(bw, -(-n_in // (64 * torch.get_num_threads())) * 64))
+    bw = min(block_width(n_cls), ROWS_BLOCK) if rows else block_width(n_cls)
     blocks = n * ((n_in + bw - 1) // bw)  # n_blocks
     opts = params.whole_call
     # Reduced calls keep one float64 sum per block, and a call that drops the lse keeps none:
@@ -135,7 +143,7 @@ _block_width = njit(cache=True)(block_width.__wrapped__)  # the same rule, insid
 
 @njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
 def _small_rows_call(xa, like, n_in, n_cls, fmt, ta, tlike, opts, want_grad, ga, oa):
-    bw = _block_width(n_cls)
+    bw = min(_block_width(n_cls), ROWS_BLOCK)
     blocks = (n_in + bw - 1) // bw
     none = np.empty(0, np.float32)  # no weight, no lse (a global array would be read-only)
     out = _run_rows(rows(xa, like, n_in, n_cls), fmt, flat(ta, tlike, n_in), none, float(n_cls),

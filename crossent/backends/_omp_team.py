@@ -90,7 +90,8 @@ def _forked() -> None:
     _usable = False
 
 
-os.register_at_fork(after_in_child=_forked)
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork (and no libgomp)
+    os.register_at_fork(after_in_child=_forked)
 
 
 def usable() -> bool:

@@ -327,7 +327,7 @@ def cross_entropy(
     """The whole call (``crossent.backends``' contract) in one kernel launch (class indices,
     float32/16-bit, eager; large ones split over torch's OpenMP team inside the launch): small
     calls pay for few Python steps, large ones for no Python thread hand-off.
-    K-dimensional logits, and rows of at most ``_numba_kdim_call.FEW_CLASSES`` classes, take the
+    K-dimensional logits, and rows of few classes (``_numba_kdim_call.side_by_side``), take the
     K-dim kernel (positions side by side). Probability-target, float64 and compiled calls, and
     large ones where torch has no OpenMP team, take the composed path (which does not probe)."""
     if torch.compiler.is_compiling():
@@ -335,7 +335,7 @@ def cross_entropy(
     kdim = logits.dim() == 3
     if not kdim and not logits.is_contiguous():
         logits = logits.contiguous()  # rows at a stride: the row kernels read contiguous rows
-    if (kdim or logits.shape[1] <= _kdim.FEW_CLASSES) and _kdim.fits(logits, target, weight, params):
+    if (kdim or _kdim.side_by_side(*logits.shape)) and _kdim.fits(logits, target, weight, params):
         return _kdim.cross_entropy(logits, target, weight, want_grad, params, not kdim)
     if (kdim or target.is_floating_point() or logits.dtype not in FORMATS or logits.shape[0] == 0
             or (logits.numel() >= parallel_min() and not _omp_team.usable())):  # no team: Python threads
@@ -387,9 +387,9 @@ def cross_entropy_rows(
             or params.reduction == "none" or not (logits.is_contiguous() and target.is_contiguous())
             or (work >= PARALLEL_MIN and not _omp_team.usable())):
         return cross_entropy(logits, target, weight, want_grad, params)
-    if n_cls <= _kdim.SMALL_FEW_CLASSES and work < PARALLEL_MIN and params.softcap is None:
-        return _kdim.small_rows(logits, target, want_grad, params)
-    if n_cls <= _kdim.FEW_CLASSES:
+    if _kdim.side_by_side(n_rows, n_cls):
+        if work < PARALLEL_MIN and params.softcap is None:
+            return _kdim.small_rows(logits, target, want_grad, params)
         return cross_entropy(logits, target, weight, want_grad, params)
     grad = None
     if want_grad:
