@@ -169,18 +169,53 @@ def copied_rows_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale,
         r0 = blk * bw
         nb = min(bw, n_rows - r0)
         xt = xs[:n_cls * nb].reshape((1, n_cls, nb))
-        for c in range(n_cls):
-            for r in range(nb):
-                xt[0, c, r] = x[r0 + r, c]
+        _transpose_in(x[r0:r0 + nb], xt[0])
         gt = gs[:n_cls * nb].reshape((1, n_cls, nb)) if want_grad else xt
         kdim_kernel(xt, fmt, target[r0:r0 + nb], w, w_total, ignore_index, eps, z, gscale,
                     finite_scale, want_grad, gt,
                     loss[r0:r0 + nb] if per_row else loss[blk:blk + 1],
                     lse[r0:r0 + nb] if lse.size > 0 else lse, bw, 0, 1)
         if want_grad:
-            for r in range(nb):
-                for c in range(n_cls):
-                    grad[r0 + r, c] = gt[0, c, r]
+            _transpose_out(gt[0], grad[r0:r0 + nb])
+
+
+# The copies move tiles of 16 rows: a loop of a constant 16 runs unrolled, and a tile's class
+# runs stay in L1. Copied whole class by class, a block's 512 rows touched a line per row for
+# every class, and a power-of-two row stride sent them all to the same cache sets (measured
+# on AVX2, (512, C) blocks: 0.85-1.4 ns a value in, 0.6-2.4 back; tiled 0.35-0.45 both ways).
+_TILE = 16
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _transpose_in(rows, out):
+    """``out[c, r] = rows[r, c]`` for ``(R, C)`` rows and a ``(C, R)`` scratch."""
+    n_rows, n_cls = rows.shape
+    whole = n_rows - n_rows % _TILE
+    for t0 in range(0, whole, _TILE):
+        tile = rows[t0:t0 + _TILE]
+        for c in range(n_cls):
+            run = out[c, t0:t0 + _TILE]
+            for r in range(_TILE):
+                run[r] = tile[r, c]
+    for r in range(whole, n_rows):
+        for c in range(n_cls):
+            out[c, r] = rows[r, c]
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def _transpose_out(runs, rows):
+    """``rows[r, c] = runs[c, r]``: ``_transpose_in`` the other way."""
+    n_rows, n_cls = rows.shape
+    whole = n_rows - n_rows % _TILE
+    for t0 in range(0, whole, _TILE):
+        tile = rows[t0:t0 + _TILE]
+        for c in range(n_cls):
+            run = runs[c, t0:t0 + _TILE]
+            for r in range(_TILE):
+                tile[r, c] = run[r]
+    for r in range(whole, n_rows):
+        for c in range(n_cls):
+            rows[r, c] = runs[c, r]
 
 
 # The whole call's two entries, over arrays made from the tensors' addresses (``_numba_views``):
