@@ -20,7 +20,7 @@ from ._numba_kdim import block_width, kdim_kernel
 from ._numba_probe import probe_positions
 from ._numba_rows import FM, f32_bits
 from ._numba_views import LIKE, cube, flat, rows
-from ._numba_threads import PARALLEL_MIN, _split_rows, parallel_min, team_threads
+from ._numba_threads import _split_rows, parallel_min, team_threads
 from ._omp_team import team_launch
 
 _F32 = np.float32
@@ -29,22 +29,22 @@ _F32 = np.float32
 # Rows of at most this many classes run through the K-dim kernel, side by side (``(1, C, R)``):
 # 64 rows vectorise where a 10-class row cannot. Each block of rows is copied into that layout
 # (``copied_rows_kernel``): reading the transposed view in place loads C apart, 2-3x slower.
-# Measured on one thread, kernel and copies against the row kernel: (1024, 16) 24 against
-# 49 us, (1024, 24) 36 against 64, (1024, 32) 53 against 54, (1024, 48) 99 against 67; at
-# (4096, 32) on two threads 157 against 137 us, while the lane's small calls still gain at 32
-# classes ((256, 32) 8.9 against 14.3 us).
-FEW_CLASSES = 24
-SMALL_FEW_CLASSES = 32  # the bound for calls below PARALLEL_MIN logits (one thread)
+# Measured against the row kernel, kernel and copies (tiled), fwd+bwd: on two threads (AVX2)
+# (1024, 24) 41 against 64 us, (1024, 32) 49 against 58, (1024, 40) 58 against 71, (1024, 48)
+# 70 against 65, (4096, 32) 154 against 205; on one thread (256, 32) 28 against 31, (1024, 32)
+# 99 against 102, (256, 48) 37 against 35. On AVX-512 the row kernel is relatively faster
+# (before the tiled copies (1024, 32) was 53 against 54 us, with copies then 2.5x dearer).
+FEW_CLASSES = 32
 # Rows per block side by side: small enough that a call from PARALLEL_MIN logits has a block
 # for each of two threads, and fixed, so that the loss's per-block sums (and its bits) do not
 # depend on the thread count.
 ROWS_BLOCK = 512
 
 
-def side_by_side(n_rows: int, n_cls: int) -> bool:
-    """Whether ``(R, C)`` rows take the K-dim kernel side by side: every path asks this, so that
-    a call gives the same bits whichever entry it came through."""
-    return n_cls <= FEW_CLASSES or (n_cls <= SMALL_FEW_CLASSES and n_rows * n_cls < PARALLEL_MIN)
+def side_by_side(n_cls: int) -> bool:
+    """Whether rows of ``n_cls`` classes take the K-dim kernel side by side: every path asks
+    this, so that a call gives the same bits whichever entry it came through."""
+    return n_cls <= FEW_CLASSES
 
 
 def fits(logits: Tensor, target: Tensor, weight: Tensor | None, params: CEParams) -> bool:

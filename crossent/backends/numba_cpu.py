@@ -335,7 +335,7 @@ def cross_entropy(
     kdim = logits.dim() == 3
     if not kdim and not logits.is_contiguous():
         logits = logits.contiguous()  # rows at a stride: the row kernels read contiguous rows
-    if (kdim or _kdim.side_by_side(*logits.shape)) and _kdim.fits(logits, target, weight, params):
+    if (kdim or _kdim.side_by_side(logits.shape[1])) and _kdim.fits(logits, target, weight, params):
         return _kdim.cross_entropy(logits, target, weight, want_grad, params, not kdim)
     if (kdim or target.is_floating_point() or logits.dtype not in FORMATS or logits.shape[0] == 0
             or (logits.numel() >= parallel_min() and not _omp_team.usable())):  # no team: Python threads
@@ -387,7 +387,7 @@ def cross_entropy_rows(
             or params.reduction == "none" or not (logits.is_contiguous() and target.is_contiguous())
             or (work >= PARALLEL_MIN and not _omp_team.usable())):
         return cross_entropy(logits, target, weight, want_grad, params)
-    if _kdim.side_by_side(n_rows, n_cls):
+    if _kdim.side_by_side(n_cls):
         if work < PARALLEL_MIN and params.softcap is None:
             return _kdim.small_rows(logits, target, want_grad, params)
         return cross_entropy(logits, target, weight, want_grad, params)
