@@ -199,7 +199,7 @@ def test_the_lane_gives_the_general_paths_bits(n, c, dtype, reduction, smoothing
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(300, 100), (2000, 12), (70, 4000)])
+@pytest.mark.parametrize("shape", [(300, 100), (2000, 12), (600, 32), (70, 4000)])
 def test_the_lane_gives_the_general_paths_bits_above_the_thread_split(shape, dtype):
     """Calls large enough to split over torch's OpenMP team (``PARALLEL_MIN`` elements) take
     the lane too, with the general path's bits: loss and gradient, with smoothing and ignored

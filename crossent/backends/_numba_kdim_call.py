@@ -115,23 +115,27 @@ def cross_entropy(
             None if params.probe_tol is None else probs)
 
 
-def small_rows(logits: Tensor, target: Tensor, want_grad: bool, params: CEParams
-               ) -> tuple[Tensor, None, Tensor | None, float, bool | None]:
-    """``cross_entropy(logits, target, None, want_grad, params, rows=True)`` for a small call of
-    the lane (``numba_cpu.cross_entropy_rows``): contiguous ``(R, C)`` logits of a format the
-    kernel reads and ``(R,)`` targets, below ``PARALLEL_MIN`` elements (one thread), reduced,
-    unweighted, no lse or in-place gradient; the caller checked all of that. The launch makes
-    its own scratch (the rows copied side by side, see ``copied_rows_kernel``): in a training
-    loop's cold caches every Python step here costs about twice its warm time (measured in the
-    seeds' loop: this function's body 3 us warm, 7 us)."""
+def lane_rows(logits: Tensor, target: Tensor, want_grad: bool, params: CEParams
+              ) -> tuple[Tensor, None, Tensor | None, float, bool | None]:
+    """``cross_entropy(logits, target, None, want_grad, params, rows=True)`` for a call of the
+    lane (``numba_cpu.cross_entropy_rows``): contiguous ``(R, C)`` logits of a format the
+    kernel reads and ``(R,)`` targets, reduced, unweighted, no softcap, lse or in-place
+    gradient, and torch's OpenMP team usable when the call is large enough to use it; the
+    caller checked all of that. The launch makes its own scratch (the rows copied side by side,
+    see ``copied_rows_kernel``): in a training loop's cold caches every Python step here costs
+    about twice its warm time (measured in the seeds' loop: this function's body 3 us warm,
+    7 us)."""
     n_in, n_cls = logits.shape
-    grad = torch.empty_like(logits) if want_grad else None
+    work = n_in * n_cls
+    grad = None
+    if want_grad:
+        grad = torch.empty_like(logits) if work < SMALL else new_grad_tensor(logits)
     xa, dtype = logits.data_ptr(), logits.dtype
     slot = loss_slot(dtype)
-    total, scale, bad, probs, out16 = _small_rows_call(
+    total, scale, bad, probs, out16 = _lane_rows_call(
         xa, LIKE[dtype], n_in, n_cls, FORMATS[dtype], target.data_ptr(), LIKE[target.dtype],
         params.whole_call, want_grad, xa if grad is None else grad.data_ptr(),
-        0 if slot is None else slot.data_ptr())
+        0 if slot is None else slot.data_ptr(), team_threads(work, n_in))
     if bad >= 0:
         raise TargetOutOfBounds(bad)
     return (reduced_loss(total, out16, dtype) if slot is None else slot, None, grad, scale,
@@ -142,13 +146,13 @@ _block_width = njit(cache=True)(block_width.__wrapped__)  # the same rule, insid
 
 
 @njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
-def _small_rows_call(xa, like, n_in, n_cls, fmt, ta, tlike, opts, want_grad, ga, oa):
+def _lane_rows_call(xa, like, n_in, n_cls, fmt, ta, tlike, opts, want_grad, ga, oa, threads):
     bw = min(_block_width(n_cls), ROWS_BLOCK)
     blocks = (n_in + bw - 1) // bw
     none = np.empty(0, np.float32)  # no weight, no lse (a global array would be read-only)
     out = _run_rows(rows(xa, like, n_in, n_cls), fmt, flat(ta, tlike, n_in), none, float(n_cls),
                     opts, want_grad, rows(ga, like, n_in, n_cls), np.empty(blocks, np.float64),
-                    none, bw, blocks, 1)
+                    none, bw, blocks, min(threads, blocks))
     put_loss_bits(oa, out[4], out[2])  # a 16-bit loss at oa
     return out
 

@@ -388,8 +388,8 @@ def cross_entropy_rows(
             or (work >= PARALLEL_MIN and not _omp_team.usable())):
         return cross_entropy(logits, target, weight, want_grad, params)
     if _kdim.side_by_side(n_cls):
-        if work < PARALLEL_MIN and params.softcap is None:
-            return _kdim.small_rows(logits, target, want_grad, params)
+        if params.softcap is None:
+            return _kdim.lane_rows(logits, target, want_grad, params)
         return cross_entropy(logits, target, weight, want_grad, params)
     grad = None
     if want_grad:
