@@ -461,10 +461,10 @@ def test_tile_transposes_move_every_value(dtype):
         for n_cls in (1, 2, 10, 16, 31, 64):
             rows = rng.integers(0, 2**16, (n_rows, n_cls)).astype(dtype)
             runs = np.full((n_cls, n_rows), 7, dtype)
-            kdim_call._transpose_in(rows, runs)
+            kdim_call._copy_tiles(rows, runs, True)
             np.testing.assert_array_equal(runs, rows.T)
             back = np.zeros_like(rows)
-            kdim_call._transpose_out(runs, back)
+            kdim_call._copy_tiles(back, runs, False)
             np.testing.assert_array_equal(back, rows)
 
 

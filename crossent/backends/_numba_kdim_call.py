@@ -161,9 +161,9 @@ def _lane_rows_call(xa, like, n_in, n_cls, fmt, ta, tlike, opts, want_grad, ga, 
 def copied_rows_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale, finite_scale,
                        want_grad, grad, loss, lse, bw, lo, hi):
     """``kdim_kernel``'s blocks ``lo..hi`` of ``(R, C)`` rows ``x``: each block's ``bw`` rows
-    copied side by side into a ``(1, C, bw)`` scratch (its runs of positions then contiguous)
-    and its gradient copied back into ``grad`` (``x`` itself when in place: a block is read
-    before it is written). ``loss`` holds one sum per block, or one loss per row (``R``
+    copied side by side into a ``(1, C, bw)`` scratch (``_copy_tiles``; its runs of positions
+    then contiguous) and its gradient copied back into ``grad`` (``x`` itself when in place: a
+    block is read before it is written). ``loss`` holds one sum per block, or one loss per row (``R``
     values); ``lse`` one per row, or none."""
     n_rows, n_cls = x.shape
     per_row = loss.size == n_rows
@@ -173,14 +173,14 @@ def copied_rows_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale,
         r0 = blk * bw
         nb = min(bw, n_rows - r0)
         xt = xs[:n_cls * nb].reshape((1, n_cls, nb))
-        _transpose_in(x[r0:r0 + nb], xt[0])
+        _copy_tiles(x[r0:r0 + nb], xt[0], True)
         gt = gs[:n_cls * nb].reshape((1, n_cls, nb)) if want_grad else xt
         kdim_kernel(xt, fmt, target[r0:r0 + nb], w, w_total, ignore_index, eps, z, gscale,
                     finite_scale, want_grad, gt,
                     loss[r0:r0 + nb] if per_row else loss[blk:blk + 1],
                     lse[r0:r0 + nb] if lse.size > 0 else lse, bw, 0, 1)
         if want_grad:
-            _transpose_out(gt[0], grad[r0:r0 + nb])
+            _copy_tiles(grad[r0:r0 + nb], gt[0], False)
 
 
 # The copies move tiles of 16 rows: a loop of a constant 16 runs unrolled, and a tile's class
@@ -191,24 +191,9 @@ _TILE = 16
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
-def _transpose_in(rows, out):
-    """``out[c, r] = rows[r, c]`` for ``(R, C)`` rows and a ``(C, R)`` scratch."""
-    n_rows, n_cls = rows.shape
-    whole = n_rows - n_rows % _TILE
-    for t0 in range(0, whole, _TILE):
-        tile = rows[t0:t0 + _TILE]
-        for c in range(n_cls):
-            run = out[c, t0:t0 + _TILE]
-            for r in range(_TILE):
-                run[r] = tile[r, c]
-    for r in range(whole, n_rows):
-        for c in range(n_cls):
-            out[c, r] = rows[r, c]
-
-
-@njit(nogil=True, error_model="numpy", cache=True)
-def _transpose_out(runs, rows):
-    """``rows[r, c] = runs[c, r]``: ``_transpose_in`` the other way."""
+def _copy_tiles(rows, runs, to_runs):
+    """``runs[c, r] = rows[r, c]`` (``to_runs``) or back, for ``(R, C)`` rows and their ``(C, R)``
+    side-by-side copy, tile by tile (the branch is decided once: LLVM unswitches the loops)."""
     n_rows, n_cls = rows.shape
     whole = n_rows - n_rows % _TILE
     for t0 in range(0, whole, _TILE):
@@ -216,10 +201,16 @@ def _transpose_out(runs, rows):
         for c in range(n_cls):
             run = runs[c, t0:t0 + _TILE]
             for r in range(_TILE):
-                tile[r, c] = run[r]
+                if to_runs:
+                    run[r] = tile[r, c]
+                else:
+                    tile[r, c] = run[r]
     for r in range(whole, n_rows):
         for c in range(n_cls):
-            rows[r, c] = runs[c, r]
+            if to_runs:
+                runs[c, r] = rows[r, c]
+            else:
+                rows[r, c] = runs[c, r]
 
 
 # The whole call's two entries, over arrays made from the tensors' addresses (``_numba_views``):
