@@ -35,10 +35,12 @@ _F32 = np.float32
 # 99 against 102, (256, 48) 37 against 35. On AVX-512 the row kernel is relatively faster
 # (before the tiled copies (1024, 32) was 53 against 54 us, with copies then 2.5x dearer).
 FEW_CLASSES = 32
-# Rows per block side by side: small enough that a call from PARALLEL_MIN logits has a block
-# for each of two threads, and fixed, so that the loss's per-block sums (and its bits) do not
-# depend on the thread count.
-ROWS_BLOCK = 512
+# Rows per block side by side: small enough that a call from PARALLEL_MIN logits of up to
+# FEW_CLASSES classes has a block for each of two threads, and fixed, so that the loss's
+# per-block sums (and its bits) do not depend on the thread count. Measured on two threads
+# against 512: (512, 32) 47 -> 31 us (two blocks instead of one), (1024, 16) 33 us either way,
+# (8192, 16) 176 -> 180 us; 128 was slower from 4K rows on.
+ROWS_BLOCK = 256
 
 
 def side_by_side(n_cls: int) -> bool:
@@ -184,7 +186,7 @@ def copied_rows_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale,
 
 
 # The copies move tiles of 16 rows: a loop of a constant 16 runs unrolled, and a tile's class
-# runs stay in L1. Copied whole class by class, a block's 512 rows touched a line per row for
+# runs stay in L1. Copied whole class by class, a block of 512 rows touched a line per row for
 # every class, and a power-of-two row stride sent them all to the same cache sets (measured
 # on AVX2, (512, C) blocks: 0.85-1.4 ns a value in, 0.6-2.4 back; tiled 0.35-0.45 both ways).
 _TILE = 16
