@@ -29,11 +29,12 @@ _F32 = np.float32
 # Rows of at most this many classes run through the K-dim kernel, side by side (``(1, C, R)``):
 # 64 rows vectorise where a 10-class row cannot. Each block of rows is copied into that layout
 # (``copied_rows_kernel``): reading the transposed view in place loads C apart, 2-3x slower.
-# Measured against the row kernel, kernel and copies (tiled), fwd+bwd: on two threads (AVX2)
-# (1024, 24) 41 against 64 us, (1024, 32) 49 against 58, (1024, 40) 58 against 71, (1024, 48)
-# 70 against 65, (4096, 32) 154 against 205; on one thread (256, 32) 28 against 31, (1024, 32)
-# 99 against 102, (256, 48) 37 against 35. On AVX-512 the row kernel is relatively faster
-# (before the tiled copies (1024, 32) was 53 against 54 us, with copies then 2.5x dearer).
+# Measured against the row kernel (the host entry, the forward that makes the gradient, tiled
+# copies included), on two threads (AVX2): (1024, 24) 41 against 64 us, (1024, 32) 49 against
+# 58, (1024, 40) 58 against 71, (1024, 48) 70 against 65, (4096, 32) 154 against 205; on one
+# thread (256, 32) 28 against 31, (1024, 32) 99 against 102, (256, 48) 37 against 35. On
+# AVX-512 the row kernel is relatively faster (before the tiled copies (1024, 32) was 53
+# against 54 us, with copies then 2.5x dearer).
 FEW_CLASSES = 32
 # Rows per block side by side: small enough that a call from PARALLEL_MIN logits of up to
 # FEW_CLASSES classes has a block for each of two threads, and fixed, so that the loss's
@@ -165,8 +166,8 @@ def copied_rows_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale,
     """``kdim_kernel``'s blocks ``lo..hi`` of ``(R, C)`` rows ``x``: each block's ``bw`` rows
     copied side by side into a ``(1, C, bw)`` scratch (``_copy_tiles``; its runs of positions
     then contiguous) and its gradient copied back into ``grad`` (``x`` itself when in place: a
-    block is read before it is written). ``loss`` holds one sum per block, or one loss per row (``R``
-    values); ``lse`` one per row, or none."""
+    block is read before it is written). ``loss`` holds one sum per block, or one loss per row
+    (``R`` values); ``lse`` one per row, or none."""
     n_rows, n_cls = x.shape
     per_row = loss.size == n_rows
     xs = np.empty(n_cls * bw, x.dtype)
