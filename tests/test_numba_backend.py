@@ -453,7 +453,7 @@ def test_few_class_rows_match_the_row_kernel(monkeypatch, dtype, reduction, inpl
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.uint16])
-def test_tile_transposes_move_every_value(dtype):
+def test_tile_copies_move_every_value(dtype):
     """The few-class rows' copies (tiles of 16 rows, then the ragged rest) transpose exactly,
     both ways, for row counts around the tile and power-of-two strides."""
     rng = np.random.default_rng(zlib.crc32(np.dtype(dtype).name.encode()))
