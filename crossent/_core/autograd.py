@@ -118,6 +118,31 @@ class CrossEntropyFunction(torch.autograd.Function):
         return grad_logits, grad_target, None, None, None, None
 
 
+class LaneFunction(torch.autograd.Function):
+    """``(logits (R, C), target (R,), launch, their addresses, R) -> (0-d loss, probs)`` for
+    ``crossent._core.lane``'s calls, through a backend's ``lane_launch`` (the loss made and
+    its gradient scaled in forward, as ``CrossEntropyFunction``). Its own Function, not that
+    one: a lane call's loss is a CPU scalar of the logits' dtype, so backward only reads the
+    upstream factor, and neither direction carries options it does not use (each step here is
+    paid by every small call)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, launch: Callable, xa: int, ta: int,
+                n_rows: int) -> tuple[Tensor, bool]:
+        loss, grad, probs = launch(logits, target, xa, ta, n_rows, ctx.needs_input_grad[0])
+        ctx.save_for_backward(grad)  # freed after backward (see CrossEntropyFunction)
+        return loss, probs
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_probs: None):
+        refuse_double_backward("cross_entropy")
+        grad, = ctx.saved_tensors
+        # grad_loss is a CPU scalar of grad's dtype (autograd checks it against the loss)
+        if torch.compiler.is_compiling() or grad_loss.item() != 1.0:
+            grad = grad * grad_loss
+        return grad, None, None, None, None, None
+
+
 def refuse_double_backward(name: str) -> None:
     """Raise when a backward runs with ``create_graph=True`` (grad mode is on only then).
 

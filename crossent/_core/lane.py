@@ -1,18 +1,18 @@
-"""The common cross-entropy call in as few Python steps as it takes.
+"""The common cross-entropy call in as few Python steps and torch calls as it takes.
 
 Most calls in a training loop are the same call again: ``(N, C)`` logits on the CPU whose class
 dim is contiguous, ``(N,)`` int64 class indices, no class weight, eager. For those the checks
-of ``_core.validate`` all pass, and the options, the misuse probe's tolerance and the backend
-are the same as last time: they are looked up once per distinct call (``_PLANS``), and the call
-goes straight to the autograd Function's C entry. A (64, 10) call pays per Python step and per
-torch op (each ~0.1-0.7 us against a forward of a few microseconds); this path keeps only the
-attribute checks that decide whether it applies. Any other call returns ``None`` here and takes
-the general path, which raises torch's errors, handles every layout, and sees tracing.
+of ``_core.validate`` all pass, and the options, the misuse probe's tolerance, the backend and
+its launch are the same as last time: they are looked up once per distinct call (``_PLANS``),
+and the call goes straight to an autograd Function's C entry. A (64, 10) call pays per Python
+step and more per torch call (a tensor attribute read costs ~0.4 us alone and 1-2 us inside a
+training step's cold caches, measured): this path reads each attribute it needs once. Any
+other call returns ``None`` here and takes the general path, which raises torch's errors,
+handles every layout, and sees tracing.
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -20,18 +20,32 @@ from torch import Tensor
 from . import diagnostics as _diagnostics
 from . import validate as _validate
 from ..backends import TargetOutOfBounds
-from .autograd import CrossEntropyFunction, c_apply, eager
+from .autograd import CrossEntropyFunction, LaneFunction, c_apply, eager
 from .dispatch import settled_backend, stats_sink, whole_call
 from .params import CEParams
 
 _apply = c_apply(CrossEntropyFunction)
+_lane_apply = c_apply(LaneFunction)
+_transforms_active = torch._C._are_functorch_transforms_active
 
-# (impl, dtype, ignore_index, reduction, label_smoothing, z_loss, softcap, probe_tol) ->
-# (options, backend module, the name of its whole call for these calls: ``cross_entropy_rows``
-# where it has one, else ``cross_entropy``; looked up per call, as ``whole_call`` does). Bounded: a caller that varies an option every call (a label-smoothing schedule)
-# would otherwise grow it without end; past the bound such calls build their plan each time.
-_PLANS: dict[tuple, tuple[CEParams, Any, str]] = {}
+
+class _Plan(NamedTuple):
+    """What a call with the same options, dtypes and class count needs: the checked options,
+    the backend's whole call, and its launch for contiguous calls (``lane_launch``, or None)."""
+
+    params: CEParams
+    call: Callable[..., Any]
+    launch: Callable[..., Any] | None
+
+
+# (impl, dtype, target dtype, C, ignore_index, reduction, label_smoothing, z_loss, softcap,
+# whether the probe is on) -> plan, or None for calls the lane does not take (not floating-point
+# logits with int64 indices). Bounded: a caller that varies an option every call (a
+# label-smoothing schedule) would otherwise grow it without end; past the bound such calls
+# build their plan each time.
+_PLANS: dict[tuple, _Plan | None] = {}
 _MAX_PLANS = 64
+_UNPLANNED = object()
 
 
 def cross_entropy(
@@ -40,43 +54,56 @@ def cross_entropy(
 ) -> Tensor | None:
     """``crossent.cross_entropy(input, target, ...)`` without a weight, the legacy arguments or
     an in-place gradient, for the common call (see the module docstring); ``None`` otherwise."""
-    if not (_validate.plain_rows(input, target) and input.stride(1) == 1 and eager(input, target)
-            and stats_sink.get() is None):
+    if torch.compiler.is_compiling() or type(input) is not Tensor or type(target) is not Tensor:
         return None
-    n_rows, n_cls = input.shape
-    probe_tol = _diagnostics.row_probe_tolerance(input.dtype, n_rows, n_cls)
-    key = (impl, input.dtype, ignore_index, reduction, label_smoothing, z_loss, softcap,
-           probe_tol)
-    plan = _PLANS.get(key)
-    if plan is None:
+    shape = input.shape
+    if len(shape) != 2 or target.shape != shape[:1] or not (input.is_cpu and target.is_cpu):
+        return None
+    n_rows, n_cls = shape
+    key = (impl, input.dtype, target.dtype, n_cls, ignore_index, reduction, label_smoothing,
+           z_loss, softcap, _diagnostics._enabled and n_rows > 0)
+    plan = _PLANS.get(key, _UNPLANNED)
+    if plan is _UNPLANNED:
         plan = _plan(key, input)
-    params, backend, entry = plan
+    if plan is None or _transforms_active() or stats_sink.get() is not None:
+        return None
     logits = input if torch.is_grad_enabled() else input.detach()  # see _cross_entropy
     try:
-        loss, _, seen = _apply(logits, target, None, params, getattr(backend, entry),
-                               input.dtype)
+        if plan.launch is not None and input.is_contiguous() and target.is_contiguous():
+            try:  # (a functorch tensor that escaped its transform has no data: general path)
+                xa, ta = input.data_ptr(), target.data_ptr()
+            except RuntimeError:
+                return None
+            loss, seen = _lane_apply(logits, target, plan.launch, xa, ta, n_rows)
+        elif input.stride(1) == 1 and eager(input, target):
+            loss, _, seen = _apply(logits, target, None, plan.params, plan.call, input.dtype)
+        else:
+            return None
     except TargetOutOfBounds as e:  # raised before anything was written
         raise _validate.out_of_bounds(target, e.row, n_cls, ignore_index) from None
-    _diagnostics.act_on_probe(input, seen, probe_tol)
+    _diagnostics.act_on_probe(input, seen, plan.params.probe_tol)
     return loss
 
 
-def _plan(key: tuple, input: Tensor) -> tuple[CEParams, Any, str]:
-    """The options (checked: torch's errors), the backend (an object with the whole call as
-    ``cross_entropy``) and the name of its entry for these calls, for ``key``; kept once the
-    backend no longer changes (``auto`` runs on torch while numba loads)."""
+def _plan(key: tuple, input: Tensor) -> _Plan | None:
+    """The plan for ``key`` (options checked: torch's errors), kept once the backend no longer
+    changes (``auto`` runs on torch while numba loads)."""
     from ..functional import _options  # (functional imports this module)
 
-    impl, _, ignore_index, reduction, label_smoothing, z_loss, softcap, probe_tol = key
-    params = _options(ignore_index, reduction, float(label_smoothing), float(z_loss), softcap,
-                      False, False, probe_tol)
-    call = whole_call(impl, input)
-    backend = settled_backend(impl)
-    if backend is not None and call is backend.cross_entropy:
-        plan = params, backend, ("cross_entropy_rows" if hasattr(backend, "cross_entropy_rows")
-                                 else "cross_entropy")
-        if len(_PLANS) < _MAX_PLANS:
-            _PLANS[key] = plan
-        return plan
-    return params, SimpleNamespace(cross_entropy=call), "cross_entropy"  # for this call only
-
+    impl, dtype, target_dtype, n_cls, ignore_index, reduction, label_smoothing, z_loss, \
+        softcap, probe = key
+    if target_dtype != torch.int64 or not dtype.is_floating_point:
+        plan = None
+    else:
+        probe_tol = _diagnostics.row_probe_tolerance(dtype, 1, n_cls) if probe else None
+        params = _options(ignore_index, reduction, float(label_smoothing), float(z_loss),
+                          softcap, False, False, probe_tol)
+        call = whole_call(impl, input)
+        backend = settled_backend(impl)
+        if backend is None or call is not backend.cross_entropy:  # for this call only
+            return _Plan(params, call, None)
+        launcher = getattr(backend, "lane_launch", None)
+        plan = _Plan(params, call, None if launcher is None else launcher(dtype, n_cls, params))
+    if len(_PLANS) < _MAX_PLANS:
+        _PLANS[key] = plan
+    return plan

@@ -39,10 +39,12 @@ The accumulation dtype is float64 for float64 logits and float32 otherwise.
   pass; ``None`` when the backend did not probe (then the caller probes).
   Backends without a fused one use :func:`crossent.backends._reduced.reduced`.
 
-``cross_entropy_rows(logits, target, None, want_grad, params)`` (optional): ``cross_entropy`` for
-the calls ``crossent._core.lane`` takes (eager, ``(R, C)`` CPU logits whose class dim is
-contiguous, ``(R,)`` int64 indices, no weight, no in-place gradient or lse), same results, in
-fewer Python steps. Backends without one get those calls through ``cross_entropy``.
+``lane_launch(dtype, n_classes, params) -> launch or None`` (optional): for the calls
+``crossent._core.lane`` takes (eager, contiguous ``(R, C)`` CPU logits, ``(R,)`` int64 indices, no
+weight, no in-place gradient or lse), made once per set of options:
+``launch(logits, target, logits_address, target_address, R, want_grad) -> (0-d loss in the
+logits' dtype, grad or None, probs)``, the same results as ``cross_entropy`` in fewer Python steps
+and torch calls (``None``: those calls go through ``cross_entropy``).
 
 ``ce_forward``'s optional ``stats``: an ``(R, 2)`` tensor in the accumulation dtype that the kernel fills, in
 the same pass, with ``[first argmax of the (soft-capped) row == target, entropy of its

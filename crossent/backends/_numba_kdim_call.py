@@ -13,7 +13,7 @@ from torch import Tensor
 from .._core.params import CEParams
 from . import TargetOutOfBounds
 from ._numba_host import (
-    EMPTY, FORMATS, SMALL, as_array, loss_slot, new_grad_tensor, put_loss_bits, reduced_loss,
+    EMPTY, FORMATS, SMALL, as_array, new_grad_tensor, put_loss_bits, reduced_loss,
     target_pass,
 )
 from ._numba_kdim import block_width, kdim_kernel
@@ -118,38 +118,17 @@ def cross_entropy(
             None if params.probe_tol is None else probs)
 
 
-def lane_rows(logits: Tensor, target: Tensor, want_grad: bool, params: CEParams
-              ) -> tuple[Tensor, None, Tensor | None, float, bool | None]:
-    """``cross_entropy(logits, target, None, want_grad, params, rows=True)`` for a call of the
-    lane (``numba_cpu.cross_entropy_rows``): contiguous ``(R, C)`` logits of a format the
-    kernel reads and ``(R,)`` targets, reduced, unweighted, no softcap, lse or in-place
-    gradient, and torch's OpenMP team usable when the call is large enough to use it; the
-    caller checked all of that. The launch makes its own scratch (the rows copied side by side,
-    see ``copied_rows_kernel``): in a training loop's cold caches every Python step here costs
-    about twice its warm time (measured in the seeds' loop: this function's body 3 us warm,
-    7 us)."""
-    n_in, n_cls = logits.shape
-    work = n_in * n_cls
-    grad = None
-    if want_grad:
-        grad = torch.empty_like(logits) if work < SMALL else new_grad_tensor(logits)
-    xa, dtype = logits.data_ptr(), logits.dtype
-    slot = loss_slot(dtype)
-    total, scale, bad, probs, out16 = _lane_rows_call(
-        xa, LIKE[dtype], n_in, n_cls, FORMATS[dtype], target.data_ptr(), LIKE[target.dtype],
-        params.whole_call, want_grad, xa if grad is None else grad.data_ptr(),
-        0 if slot is None else slot.data_ptr(), team_threads(work, n_in))
-    if bad >= 0:
-        raise TargetOutOfBounds(bad)
-    return (reduced_loss(total, out16, dtype) if slot is None else slot, None, grad, scale,
-            None if params.probe_tol is None else probs)
-
-
 _block_width = njit(cache=True)(block_width.__wrapped__)  # the same rule, inside a launch
 
 
 @njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
-def _lane_rows_call(xa, like, n_in, n_cls, fmt, ta, tlike, opts, want_grad, ga, oa, threads):
+def lane_rows_call(xa, like, n_in, n_cls, fmt, ta, tlike, opts, want_grad, ga, oa, threads):
+    """The whole call of ``crossent._core.lane``'s few-class rows in one launch
+    (``numba_cpu.lane_launch``): contiguous ``(R, C)`` logits at ``xa``, ``(R,)`` indices at
+    ``ta``, reduced, unweighted, no softcap, lse or in-place gradient; the gradient at ``ga``
+    (``xa`` when none is wanted), a 16-bit loss's bits at ``oa`` (0: none). The launch makes
+    its own scratch (the rows copied side by side, see ``copied_rows_kernel``). Returns
+    ``_run_rows``' tuple."""
     bw = min(_block_width(n_cls), ROWS_BLOCK)
     blocks = (n_in + bw - 1) // bw
     none = np.empty(0, np.float32)  # no weight, no lse (a global array would be read-only)

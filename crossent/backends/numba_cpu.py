@@ -16,6 +16,7 @@ accumulation. Without ``grad_scale`` (no_grad, ``requires_grad=False``) no gradi
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -206,7 +207,7 @@ def _index_call(xa, like, n_rows, n_cls, fmt, ta, tlike, w, w_total, opts, cap, 
 
 @njit(nogil=True, fastmath=FM, error_model="numpy", cache=True)
 def _plain_call(xa, like, n_rows, n_cls, fmt, ta, opts, cap, want_grad, ga, oa, threads):
-    """``_index_call`` for ``cross_entropy_rows``' calls (unweighted int64 targets, no in-place
+    """``_index_call`` for ``lane_launch``'s calls (unweighted int64 targets, no in-place
     gradient, losses and lse unread): six arguments fewer to pass; a 16-bit loss also written
     at ``oa`` (``put_loss_bits``)."""
     none = np.empty(0, np.float32)  # no weight, no lse (a global array would be read-only)
@@ -373,37 +374,54 @@ def cross_entropy(
             None if params.probe_tol is None else probs)
 
 
-def cross_entropy_rows(
-    logits: Tensor, target: Tensor, weight: None, want_grad: bool, params: CEParams
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | float, bool | None]:
-    """``cross_entropy`` for ``crossent._core.lane``'s calls (eager, ``(R, C)`` logits whose
-    class dim is contiguous, ``(R,)`` int64 indices, no weight), same results in fewer Python
-    steps: a dense reduced call of a format the kernels read goes straight to its launch
-    (measured (32, 100) fwd+bwd: 1.28x -> 1.23x torch); any other to ``cross_entropy``, and so
-    does a large one where torch has no OpenMP team (it splits over Python threads there)."""
-    n_rows, n_cls = logits.shape
-    work = n_rows * n_cls
-    if (work == 0 or logits.dtype not in FORMATS or params.inplace_backward or params.want_lse
-            or params.reduction == "none" or not (logits.is_contiguous() and target.is_contiguous())
-            or (work >= PARALLEL_MIN and not _omp_team.usable())):
-        return cross_entropy(logits, target, weight, want_grad, params)
-    if _kdim.side_by_side(n_cls):
-        if params.softcap is None:
-            return _kdim.lane_rows(logits, target, want_grad, params)
-        return cross_entropy(logits, target, weight, want_grad, params)
-    grad = None
-    if want_grad:
-        grad = torch.empty_like(logits) if work < SMALL else new_grad_tensor(logits)
-    xa, dtype = logits.data_ptr(), logits.dtype
-    slot = loss_slot(dtype)
-    value, scale, bad, probs, bits = _plain_call(
-        xa, LIKE[dtype], n_rows, n_cls, FORMATS[dtype], target.data_ptr(), params.whole_call,
-        params.softcap or 0.0, want_grad, xa if grad is None else grad.data_ptr(),
-        0 if slot is None else slot.data_ptr(), team_threads(work, n_rows))
-    if bad >= 0:
-        raise TargetOutOfBounds(bad)
-    return (reduced_loss(value, bits, dtype) if slot is None else slot, None, grad, scale,
-            None if params.probe_tol is None else probs)
+def lane_launch(dtype: torch.dtype, n_cls: int, params: CEParams) -> Callable | None:
+    """The launch of ``crossent._core.lane``'s calls with these options: contiguous ``(R, C)``
+    logits of ``dtype`` whose rows have ``n_cls`` classes, ``(R,)`` int64 indices, no weight,
+    reduced, no lse or in-place gradient (``None`` for calls it does not take). What a launch
+    needs besides the rows is looked up here, once per plan: a small call pays per Python
+    step, and more per torch call (measured (64, 10) fwd+bwd: a torch attribute read costs
+    ~0.4 us alone and 1-2 us inside the call, in a training loop's cold caches).
+
+    ``launch(logits, target, xa, ta, n_rows, want_grad) -> (0-d loss, gradient or None,
+    probs)``, with ``xa`` and ``ta`` the tensors' addresses: the same kernels and bits as
+    ``cross_entropy``, which it hands empty calls and, without torch's OpenMP team, large ones
+    (those split over Python threads)."""
+    if (dtype not in FORMATS or params.inplace_backward or params.want_lse
+            or params.reduction == "none"):
+        return None
+    few = _kdim.side_by_side(n_cls)
+    if few and params.softcap is not None:
+        return None
+    like, fmt, tlike, opts = LIKE[dtype], FORMATS[dtype], LIKE[torch.int64], params.whole_call
+    cap = params.softcap or 0.0
+    kernel = _kdim.lane_rows_call if few else _plain_call
+    slot16 = dtype != torch.float32  # the 16-bit loss is written by the launch (``loss_slot``)
+
+    def launch(logits: Tensor, target: Tensor, xa: int, ta: int, n_rows: int, want_grad: bool
+               ) -> tuple[Tensor, Tensor | None, bool]:
+        work = n_rows * n_cls
+        if work == 0 or (work >= PARALLEL_MIN and not _omp_team.usable()):
+            loss, _, grad, _, probs = cross_entropy(logits, target, None, want_grad, params)
+            return loss.to(dtype), grad, probs  # (in the accumulation dtype)
+        grad, ga = None, xa
+        if want_grad:
+            grad = torch.empty_like(logits) if work < SMALL else new_grad_tensor(logits)
+            ga = grad.data_ptr()
+        slot = loss_slot(dtype) if slot16 else None
+        threads = 1 if work < PARALLEL_MIN else min(torch.get_num_threads(), n_rows)
+        if few:
+            total, _, bad, probs, _ = kernel(xa, like, n_rows, n_cls, fmt, ta, tlike, opts,
+                                             want_grad, ga, 0 if slot is None else slot.data_ptr(),
+                                             threads)
+        else:
+            total, _, bad, probs, _ = kernel(xa, like, n_rows, n_cls, fmt, ta, opts, cap,
+                                             want_grad, ga, 0 if slot is None else slot.data_ptr(),
+                                             threads)
+        if bad >= 0:
+            raise TargetOutOfBounds(bad)
+        return (torch.from_numpy(np.array(total, _F32)) if slot is None else slot), grad, probs
+
+    return launch
 
 
 def warm_up() -> None:
@@ -416,7 +434,8 @@ def warm_up() -> None:
         cross_entropy(torch.zeros(2, 40, dtype=dtype), target, None, True, params)  # one launch
         cross_entropy(torch.zeros(2, 3, dtype=dtype), target, None, True, params)  # few classes
         for n_cls in (3, 40):  # the lane's two launches
-            cross_entropy_rows(torch.zeros(2, n_cls, dtype=dtype), target, None, True, params)
+            x = torch.zeros(2, n_cls, dtype=dtype)
+            lane_launch(dtype, n_cls, params)(x, target, x.data_ptr(), target.data_ptr(), 2, True)
         cross_entropy(torch.zeros(1, 3, 2, dtype=dtype), target, None, True, params)  # K-dim
         _ce_forward(torch.zeros(2, 40, dtype=dtype), target, None, torch.ones(()), params)
     index_target_sums(target, None, -100, 40, torch.float32)
