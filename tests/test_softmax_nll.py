@@ -199,6 +199,56 @@ def test_gradcheck_float64(impl):
             lambda t: crossent.nll_loss(t, y, w, reduction=reduction, impl=impl), (x[:, :, 0],))
 
 
+@settings(max_examples=30, deadline=None)
+@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=3), data=st.data(),
+       family=st.sampled_from(sorted(FAMILIES)), impl=st.sampled_from(cpu_backends()),
+       dtype=st.sampled_from([torch.float32, torch.float64]), strided=st.booleans())
+def test_second_derivative_matches_torch(shape, data, family, impl, dtype, strided):
+    """create_graph=True (a gradient penalty): the gradient is differentiable and its own
+    gradient is torch's, on every backend, contiguous input (the lane) or strided."""
+    dim = data.draw(st.integers(-len(shape), len(shape) - 1))
+    gen = torch.Generator().manual_seed(sum(shape) + dim)
+    x = logits(tuple(shape), dtype, gen)
+    if strided:
+        x = torch.cat([x, x], -1)[..., ::2]  # the same values at stride 2
+    w = torch.randn(x.shape, generator=gen, dtype=dtype)
+    ours_fn, torch_fn = FAMILIES[family]
+    hessian_vectors = []
+    for fn, kw in ((ours_fn, dict(impl=impl)), (torch_fn, {})):
+        a = x.detach().clone().requires_grad_() if not strided else x.detach().requires_grad_()
+        (g,) = torch.autograd.grad((fn(a, dim, **kw) * w).sum(), a, create_graph=True)
+        assert g.requires_grad
+        hessian_vectors.append(torch.autograd.grad((g * g).sum(), a)[0])
+    torch.testing.assert_close(*hessian_vectors)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,dim", [((64, 10), 1), ((3, 5), 0), ((2, 3, 4), 1), ((7,), 0),
+                                       ((0, 4), 1), ((300, 70), 1), ((2, 40, 300), 1)], ids=str)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_softmax_lane_gives_the_general_paths_bits(family, shape, dim, dtype, monkeypatch):
+    """The common call (contiguous CPU input, ``_core.softmax._lane``) gives the general
+    path's output and gradient bit for bit; strided input is left to the general path."""
+    from crossent._core import softmax as sm
+
+    if "numba" not in cpu_backends():
+        pytest.skip("the lane runs the numba kernels")
+    x = logits(shape, dtype, torch.Generator().manual_seed(5))
+    up = torch.randn(shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+    fn = FAMILIES[family][0]
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    assert sm._lane(a, dim, "numba", family == "log_softmax") is not None
+    strided = torch.cat([x, x], -1)[..., ::2]
+    assert (sm._lane(strided, dim, "numba", True) is None) == (x.numel() > 0)
+    got = fn(a, dim, impl="numba")
+    monkeypatch.setattr(sm, "_lane", lambda *args: None)
+    want = fn(b, dim, impl="numba")
+    assert torch.equal(got, want)
+    got.backward(up)
+    want.backward(up)
+    assert torch.equal(a.grad, b.grad)
+
+
 @settings(max_examples=40, deadline=None)
 @given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=4), data=st.data(),
        family=st.sampled_from(sorted(FAMILIES)), scale=st.sampled_from([0.1, 3.0, 300.0]))

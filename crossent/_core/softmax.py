@@ -8,14 +8,15 @@ moving ``dim`` last.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import dispatch as _dispatch
-from .autograd import fast_apply
+from .autograd import c_apply, fast_apply
 
 
 def softmax_dim(name: str, ndim: int, dim: int | None) -> int:
@@ -108,6 +109,11 @@ def _backward(ctx, g: Tensor, log: bool) -> Tensor:
     (out,) = ctx.saved_tensors
     if g.dtype != out.dtype:
         g = g.to(out.dtype)
+    if torch.is_grad_enabled():
+        # create_graph=True (a gradient penalty, a Hessian-vector product): the same gradient
+        # in torch ops, differentiable, since ``out`` here is this Function's output and its
+        # graph; a kernel's result would carry no graph and drop the second derivative.
+        return _torch_backward(g, out, ctx.dim, log)
     return _kernels(ctx.name, out.dtype)[1](g.contiguous(), out, ctx.dim, log)
 
 
@@ -136,10 +142,105 @@ class Softmax(torch.autograd.Function):
         return _backward(ctx, g, False), None, None
 
 
+class _Plan(NamedTuple):
+    """The numba kernels' storage type for a dtype (``numba_softmax.LIKE``) and their two
+    entries for callers that know the dims."""
+
+    like: Any
+    forward_at: Callable[..., Tensor]
+    backward_at: Callable[..., Tensor]
+
+
+class _RowsLane(torch.autograd.Function):
+    """``(x, its address, plan, (O, C, I) dims, log) -> out``: log_softmax or softmax of a
+    contiguous CPU tensor through the numba kernels (``_lane``). Its own Function: the caller
+    knows the dims, the address and the kernels' storage type, so neither direction reads a
+    tensor attribute twice (at (64, 10) each torch call costs more than the kernel)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, xa: int, plan: _Plan, dims: tuple[int, int, int], log: bool
+                ) -> Tensor:
+        out = plan.forward_at(x, xa, plan.like, dims, log)
+        ctx.state = (plan, dims, log, out.data_ptr())
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (out,) = ctx.saved_tensors
+        plan, dims, log, oa = ctx.state
+        if torch.is_grad_enabled():  # create_graph (see _backward), on the (O, C, I) view
+            grad = _torch_backward(g.reshape(dims), out.reshape(dims), 1, log).reshape(out.shape)
+        else:
+            g = g.contiguous()  # (autograd hands it in the output's dtype)
+            grad = plan.backward_at(g.data_ptr(), out, oa, plan.like, dims, log)
+        return grad, None, None, None, None
+
+
+# (impl, dtype, dim, ndim) -> the plan, or None where the lane does not apply (float64, another
+# backend); kept once numba is ready.
+_PLANS: dict[tuple, _Plan | None] = {}
+_UNPLANNED = object()
+_lane_apply = c_apply(_RowsLane)
+_transforms_active = torch._C._are_functorch_transforms_active
+
+
+def _lane(input: Tensor, dim: int, impl: str, log: bool) -> Tensor | None:
+    """The common call (contiguous CPU input of a numba format, eager, ``dim`` in range) in
+    as few torch calls as it takes; ``None`` for every other call (``apply`` then checks and
+    dispatches it)."""
+    if torch.compiler.is_compiling() or not input.is_cpu:
+        return None
+    shape = input.shape
+    ndim = len(shape)
+    if not 0 <= dim < ndim:
+        return None
+    key = (impl, input.dtype, dim, ndim)
+    plan = _PLANS.get(key, _UNPLANNED)
+    if plan is _UNPLANNED:
+        plan = _plan(key, input)
+    if plan is None or not input.is_contiguous() or _transforms_active():
+        return None
+    try:  # (a functorch tensor that escaped its transform has no data: general path)
+        xa = input.data_ptr()
+    except RuntimeError:
+        return None
+    if ndim == 2 and dim == 1:
+        dims = (shape[0], shape[1], 1)
+    else:
+        dims = (math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:]))
+    # (under no_grad apply records nothing and the output is all forward makes: no detach)
+    return _lane_apply(input, xa, plan, dims, log)
+
+
+def _plan(key: tuple, input: Tensor) -> _Plan | None:
+    """The plan for ``key``'s calls (CPU input), or None; kept once numba is ready (before,
+    ``auto`` runs on torch)."""
+    impl, dtype, _, _ = key
+    if impl not in ("auto", "numba") or dtype not in (torch.float32, torch.bfloat16,
+                                                      torch.float16):
+        plan = None
+    elif impl == "auto" and not (_dispatch.available("numba") and _dispatch.ready("numba")):
+        return None
+    else:
+        _dispatch.resolve_backend(impl, input)  # (raises numba's explicit errors)
+        from ..backends import numba_softmax
+
+        plan = _Plan(numba_softmax.LIKE[dtype], numba_softmax.forward_at,
+                     numba_softmax.backward_at)
+    if len(_PLANS) < 64:
+        _PLANS[key] = plan
+    return plan
+
+
 def apply(run: Callable[..., Tensor], name: str, input: Tensor, dim: int | None,
           dtype: torch.dtype | None, impl: str) -> Tensor:
     """The public ``log_softmax`` / ``softmax`` (``run`` is ``LOG_SOFTMAX`` or ``SOFTMAX``):
     cast, check, 0-d handling, dispatch."""
+    if dtype is None and type(input) is Tensor and type(dim) is int:
+        out = _lane(input, dim, impl, run is LOG_SOFTMAX)
+        if out is not None:
+            return out
     if not isinstance(input, Tensor):
         raise TypeError(f"{name}(): input must be a torch.Tensor, got {type(input).__name__}")
     if dtype is not None:

@@ -17,7 +17,7 @@ from ._cpu_alloc import empty_huge
 from ._numba_softmax_kernels import (
     backward_call, backward_units, forward_call, forward_units, width,
 )
-from ._numba_threads import _split_rows, parallel_min
+from ._numba_threads import PARALLEL_MIN, _split_rows, parallel_min
 
 # Elements below which outputs are torch.empty_like without asking empty_huge (which falls
 # back to torch.empty below 16 MiB itself, after more per-call work).
@@ -77,34 +77,45 @@ def empty(shape: torch.Size, dtype: torch.dtype) -> Tensor:
 
 def forward(x: Tensor, dim: int, log: bool) -> Tensor:
     """log_softmax (``log``) or softmax of a contiguous float32/bfloat16/float16 ``x`` along
-    ``dim``; the output is contiguous, as torch's. Few Python steps: at (64, 10) they cost
-    more than the kernel."""
-    numel = x.numel()
+    ``dim``; the output is contiguous, as torch's."""
+    return forward_at(x, x.data_ptr(), LIKE[x.dtype], _dims(x.shape, dim), log)
+
+
+def forward_at(x: Tensor, xa: int, like: np.ndarray, dims: tuple[int, int, int], log: bool
+               ) -> Tensor:
+    """``forward`` of ``x`` at address ``xa``, of storage type ``like``, seen as ``(O, C, I)``
+    ``dims`` about the dim: for callers that know them (``crossent._core.softmax``'s lane),
+    since at (64, 10) each torch call here costs more than the kernel."""
+    numel = dims[0] * dims[1] * dims[2]
     out = torch.empty_like(x) if numel < _HUGE_MIN else empty_huge(x.shape, x.dtype)
     if numel == 0:
         return out
-    dims = _dims(x.shape, dim)
-    threads = _threads(numel)
+    threads = 1 if numel < PARALLEL_MIN else _threads(numel)  # (no calls when small)
     if threads:
-        forward_call(x.data_ptr(), out.data_ptr(), LIKE[x.dtype], *dims, log, threads)
+        forward_call(xa, out.data_ptr(), like, *dims, log, threads)
     else:
-        _on_pool(forward_units, (x.data_ptr(), out.data_ptr()), LIKE[x.dtype], dims, log)
+        _on_pool(forward_units, (xa, out.data_ptr()), like, dims, log)
     return out
 
 
 def backward(g: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
     """Gradient of log_softmax / softmax from the upstream ``g`` and the forward output (both
     contiguous, of one shape and dtype)."""
-    numel = out.numel()
+    return backward_at(g.data_ptr(), out, out.data_ptr(), LIKE[out.dtype], _dims(out.shape, dim),
+                       log)
+
+
+def backward_at(ga: int, out: Tensor, oa: int, like: np.ndarray, dims: tuple[int, int, int],
+                log: bool) -> Tensor:
+    """``backward`` from the upstream gradient at ``ga`` and ``out`` at ``oa`` (as
+    ``forward_at``)."""
+    numel = dims[0] * dims[1] * dims[2]
     grad = torch.empty_like(out) if numel < _HUGE_MIN else empty_huge(out.shape, out.dtype)
     if numel == 0:
         return grad
-    dims = _dims(out.shape, dim)
-    threads = _threads(numel)
+    threads = 1 if numel < PARALLEL_MIN else _threads(numel)  # (no calls when small)
     if threads:
-        backward_call(g.data_ptr(), out.data_ptr(), grad.data_ptr(), LIKE[out.dtype], *dims,
-                       log, threads)
+        backward_call(ga, oa, grad.data_ptr(), like, *dims, log, threads)
     else:
-        _on_pool(backward_units, (g.data_ptr(), out.data_ptr(), grad.data_ptr()), LIKE[out.dtype],
-                 dims, log)
+        _on_pool(backward_units, (ga, oa, grad.data_ptr()), like, dims, log)
     return grad
