@@ -257,6 +257,10 @@ def nll_loss(
         >>> crossent.nll_loss(logp, torch.tensor([0]))
         tensor(0.2413)
     """
+    if weight is None and size_average is None and reduce is None:
+        loss = _nll.lane(input, target, ignore_index, reduction, impl)
+        if loss is not None:  # the common call (``_core.nll.lane``)
+            return loss
     reduction = _validate.resolve_reduction(size_average, reduce, reduction)
     if isinstance(input, Tensor) and input.dim() == 0:
         raise ValueError(

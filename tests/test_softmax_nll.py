@@ -361,6 +361,58 @@ def test_property_nll_loss_matches_torch(shape, seed, reduction, weighted, ignor
     _check_nll(x, t, w, reduction, "auto")
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 70), c=st.integers(1, 40), reduction=st.sampled_from(["mean", "sum"]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+       target_dtype=st.sampled_from([torch.int64, torch.uint8]), strided=st.booleans(),
+       ignored=st.booleans(), grad=st.booleans())
+def test_the_nll_lane_gives_the_general_paths_bits(n, c, reduction, dtype, target_dtype, strided,
+                                                   ignored, grad):
+    """The common call (``_core.nll.lane``: (N, C) CPU input at any strides, no weight) gives
+    the general path's loss and gradient bit for bit, with an upstream factor."""
+    from crossent._core import nll
+
+    if "numba" not in cpu_backends():
+        pytest.skip("the lane runs the numba kernels")
+    gen = torch.Generator().manual_seed(n * 100 + c)
+    x = torch.randn(n, 2 * c if strided else c + 2, generator=gen).log_softmax(1).to(dtype)
+    x = x[:, ::2] if strided else x[:, :c]  # a column stride, or rows c + 2 apart
+    t = torch.randint(0, c, (n,), generator=gen).to(target_dtype)
+    if ignored and n:
+        t[::3] = 255 if target_dtype == torch.uint8 else -100
+    ignore_index = 255 if target_dtype == torch.uint8 else -100
+    results = []
+    for take in (True, False):
+        a = x.detach().clone() if not strided else x.detach()
+        a.requires_grad_()
+        with torch.set_grad_enabled(grad):
+            if take:
+                loss = nll.lane(a, t, ignore_index, reduction, "numba")
+                assert loss is not None
+            else:
+                loss = nll.nll(a, t, None, ignore_index, reduction, "numba")  # (general)
+        assert loss.requires_grad == grad
+        if grad:
+            loss.backward(torch.tensor(1.5, dtype=loss.dtype))
+        results.append((loss.detach(), a.grad))
+    (got, got_grad), (want, want_grad) = results
+    assert got.dtype == want.dtype == dtype
+    assert torch.equal(got, want) or (got.isnan() & want.isnan()).all()
+    if grad:
+        assert torch.equal(got_grad.nan_to_num(), want_grad.nan_to_num())
+
+
+def test_the_nll_lane_raises_the_general_paths_errors():
+    """An out-of-range index raises torch's class with the general path's message."""
+    x = torch.randn(3, 4).log_softmax(1)
+    t = torch.tensor([0, 9, 1])
+    with pytest.raises(IndexError) as lane_error:
+        crossent.nll_loss(x, t)
+    with pytest.raises(IndexError) as general_error:
+        crossent.nll_loss(x, t, torch.ones(4))
+    assert str(lane_error.value) == str(general_error.value)
+
+
 def test_nll_loss_errors():
     with pytest.raises(ValueError, match="Expected 1 or more dimensions.*shape \\(C,\\)"):
         crossent.nll_loss(torch.tensor(0.5), torch.tensor(0))

@@ -11,8 +11,9 @@ import functools
 import torch
 from torch import Tensor
 
+from . import dispatch as _dispatch
 from . import validate as _validate
-from .autograd import fast_apply
+from .autograd import c_apply, fast_apply
 from ..backends.torch_fused import acc_dtype
 
 
@@ -65,3 +66,62 @@ def nll(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
         _validate.check_target_values(target, n_classes, ignore_index)
         raise
     return loss.reshape(()) if input.dim() == 1 and reduction == "none" else loss
+
+
+# (impl, dtype, target dtype, ignore_index, reduction) -> (``RowsLane``'s C entry, its plan), or
+# None for calls the lane does not take; kept once numba is ready.
+_PLANS: dict[tuple, tuple | None] = {}
+_UNPLANNED = object()
+_transforms_active = torch._C._are_functorch_transforms_active
+
+
+def lane(input: Tensor, target: Tensor, ignore_index: int, reduction: str, impl: str
+         ) -> Tensor | None:
+    """The common call (``(N, C)`` CPU log-probabilities at any strides, contiguous ``(N,)``
+    int64 or uint8 indices, no weight, "mean" or "sum", eager) on the numba kernels in as few
+    torch calls as it takes (each costs more than the kernel at (64, 10)); ``None`` for every
+    other call, which the public function checks and dispatches."""
+    if torch.compiler.is_compiling() or type(input) is not Tensor or type(target) is not Tensor:
+        return None
+    shape = input.shape
+    if len(shape) != 2 or target.shape != shape[:1] or not (input.is_cpu and target.is_cpu):
+        return None
+    key = (impl, input.dtype, target.dtype, ignore_index, reduction)
+    plan = _PLANS.get(key, _UNPLANNED)
+    if plan is _UNPLANNED:
+        plan = _plan(key, input)
+    if plan is None or not target.is_contiguous() or _transforms_active():
+        return None
+    try:  # (a functorch tensor that escaped its transform has no data: general path)
+        xa, ta = input.data_ptr(), target.data_ptr()
+    except RuntimeError:
+        return None
+    st = input.stride()
+    apply, plan = plan
+    try:
+        return apply(input if torch.is_grad_enabled() else input.detach(), target, plan, xa, ta,
+                     (shape[0], shape[1], 1), (st[0], st[1], 0))
+    except IndexError:  # the kernel's own check: name the offender as the general path does
+        _validate.check_target_values(target, shape[1], ignore_index)
+        raise
+
+
+def _plan(key: tuple, input: Tensor) -> tuple | None:
+    """``RowsLane``'s C entry and plan for ``key``'s calls (CPU input), or None; kept once
+    numba is ready (before, ``auto`` runs on torch)."""
+    impl, dtype, target_dtype, ignore_index, reduction = key
+    if (impl not in ("auto", "numba") or reduction not in ("mean", "sum")
+            or target_dtype not in (torch.int64, torch.uint8)
+            or dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16)):
+        plan = None
+    elif impl == "auto" and not (_dispatch.available("numba") and _dispatch.ready("numba")):
+        return None
+    else:
+        _dispatch.resolve_backend(impl, input)  # (raises numba's explicit errors)
+        from ..backends import numba_nll
+
+        plan = c_apply(numba_nll.RowsLane), (numba_nll.LIKE[dtype], numba_nll.LIKE[target_dtype],
+                                              ignore_index, reduction, dtype)
+    if len(_PLANS) < 64:
+        _PLANS[key] = plan
+    return plan

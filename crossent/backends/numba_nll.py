@@ -15,7 +15,7 @@ from numba import njit
 from torch import Tensor
 
 from . import _omp_team
-from ._numba_threads import _split_rows, parallel_min
+from ._numba_threads import PARALLEL_MIN, _split_rows, parallel_min
 from ._numba_views import cube, rows, strided3
 from ._omp_team import team_launch
 from ._numba_softmax_kernels import f32, put
@@ -158,37 +158,82 @@ class NLLLoss(torch.autograd.Function):
         ctx.state = (w, w_sum, ignore_index, reduction, input.shape, input.dtype, dims)
         if reduction == "none":
             return loss.to(input.dtype)
-        value = total if reduction == "sum" else mean
-        if input.dtype == torch.float32:  # numpy-made 0-d: a third of torch.full's cost
-            return torch.from_numpy(np.array(value, np.float32))
-        return torch.full((), value, dtype=input.dtype)
+        return _scalar(total if reduction == "sum" else mean, input.dtype)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         (target,) = ctx.saved_tensors
         w, w_sum, ignore_index, reduction, shape, dtype, dims = ctx.state
-        # torch's layout: dense, zeros off-target, zeroed by the kernel (large buffers huge-page
-        # backed: cheaper page faults)
-        grad = empty(shape, dtype)
-        per_position = reduction == "none"
-        if per_position:
-            g = g.contiguous()
-            g_total = 0.0
-        else:
-            g_total = float(g)
-        numel = grad.numel()
-        threads = 1 if numel < parallel_min() else (
-            torch.get_num_threads() if _omp_team.usable() else 0)
-        mean = reduction == "mean"
-        if threads:
-            _backward_call(target.data_ptr(), LIKE[target.dtype], w, ignore_index, g.data_ptr(),
-                           LIKE[g.dtype], per_position, g_total, w_sum, mean, grad.data_ptr(),
-                           LIKE[dtype], dims, threads)
-        else:  # no OpenMP team (no libgomp, a forked child): the Python pool, numpy views
-            n, n_cls, n_in = dims
-            per = (as_array(g).reshape(n, n_in) if per_position
-                   else _NONE[torch.float32].reshape(0, 0))
-            args = (as_array(target).reshape(n, n_in), w, ignore_index, per, g_total, w_sum, mean,
-                    as_array(grad).reshape(n, n_cls, n_in))
-            _split_rows(_nll_backward, args, n, min(torch.get_num_threads(), n))
-        return grad, None, None, None, None
+        return _grad(target, w, ignore_index, reduction, g, w_sum, shape, dtype, dims), None, \
+            None, None, None
+
+
+class RowsLane(torch.autograd.Function):
+    """``(log-probabilities (N, C), target (N,), plan, their addresses, dims, strides) -> 0-d
+    loss``: ``NLLLoss`` for ``crossent._core.nll.lane``'s calls (CPU, eager, unweighted,
+    "mean"/"sum"), which pass what they read of the tensors: each torch call costs a small
+    call more than the kernel. ``plan`` is ``(storage type, target type, ignore_index,
+    reduction, dtype)``."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, target: Tensor, plan: tuple, xa: int, ta: int,
+                dims: tuple[int, int, int], strides: tuple[int, int, int]) -> Tensor:
+        like, tlike, ignore_index, reduction, dtype = plan
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        total, w_sum, mean = _forward_call(xa, like, dims, strides, ta, tlike, _NONE[acc],
+                                           ignore_index, 0, LIKE[acc], False)
+        ctx.save_for_backward(target)  # (its address is kept too: the version check guards it)
+        ctx.state = (plan, ta, w_sum, dims)
+        return _scalar(total if reduction == "sum" else mean, dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (target,) = ctx.saved_tensors
+        (like, tlike, ignore_index, reduction, dtype), ta, w_sum, dims = ctx.state
+        w = _NONE[torch.float64 if dtype == torch.float64 else torch.float32]
+        if dims[0] * dims[1] >= PARALLEL_MIN:  # (threads, or the pool without the team)
+            grad = _grad(target, w, ignore_index, reduction, g, w_sum, dims[:2], dtype, dims)
+        else:  # one thread, the addresses known: a (64, 10) call pays per torch call
+            grad = torch.empty(dims[0], dims[1], dtype=dtype)
+            _backward_call(ta, tlike, w, ignore_index, 0, like, False, float(g), w_sum,
+                           reduction == "mean", grad.data_ptr(), like, dims, 1)
+        return grad, None, None, None, None, None, None
+
+
+def _scalar(value: float, dtype: torch.dtype) -> Tensor:
+    """A 0-d loss of ``dtype``."""
+    if dtype == torch.float32:  # numpy-made 0-d: a third of torch.full's cost
+        return torch.from_numpy(np.array(value, np.float32))
+    return torch.full((), value, dtype=dtype)
+
+
+def _grad(target: Tensor, w: np.ndarray, ignore_index: int, reduction: str, g: Tensor,
+          w_sum: float, shape: tuple[int, ...], dtype: torch.dtype, dims: tuple[int, int, int]
+          ) -> Tensor:
+    """The input's gradient for the upstream ``g``: ``-w_y * g`` at each target, zeros
+    elsewhere."""
+    # torch's layout: dense, zeros off-target, zeroed by the kernel (large buffers huge-page
+    # backed: cheaper page faults)
+    grad = empty(shape, dtype)
+    per_position = reduction == "none"
+    if per_position:
+        g = g.contiguous()
+        g_total = 0.0
+    else:
+        g_total = float(g)
+    numel = dims[0] * dims[1] * dims[2]
+    threads = 1 if numel < parallel_min() else (
+        torch.get_num_threads() if _omp_team.usable() else 0)
+    mean = reduction == "mean"
+    if threads:
+        _backward_call(target.data_ptr(), LIKE[target.dtype], w, ignore_index, g.data_ptr(),
+                       LIKE[g.dtype], per_position, g_total, w_sum, mean, grad.data_ptr(),
+                       LIKE[dtype], dims, threads)
+    else:  # no OpenMP team (no libgomp, a forked child): the Python pool, numpy views
+        n, n_cls, n_in = dims
+        per = (as_array(g).reshape(n, n_in) if per_position
+               else _NONE[torch.float32].reshape(0, 0))
+        args = (as_array(target).reshape(n, n_in), w, ignore_index, per, g_total, w_sum, mean,
+                as_array(grad).reshape(n, n_cls, n_in))
+        _split_rows(_nll_backward, args, n, min(torch.get_num_threads(), n))
+    return grad
