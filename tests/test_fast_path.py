@@ -261,15 +261,15 @@ def test_the_lane_leaves_other_calls_to_the_general_path(case):
 
 def test_the_lane_keeps_a_bounded_number_of_plans():
     """A label-smoothing schedule (a new option value every call) gives the right loss every
-    call and keeps at most ``_MAX_PLANS`` plans."""
-    from crossent._core import lane
+    call and keeps at most ``MAX_PLANS`` plans."""
+    from crossent._core import dispatch, lane
 
     x, t = torch.randn(4, 6), torch.randint(0, 6, (4,))
-    for i in range(lane._MAX_PLANS + 20):
+    for i in range(dispatch.MAX_PLANS + 20):
         eps = i / 1000
         torch.testing.assert_close(crossent.cross_entropy(x, t, label_smoothing=eps),
                                    torch.nn.functional.cross_entropy(x, t, label_smoothing=eps))
-    assert len(lane._PLANS) <= lane._MAX_PLANS
+    assert len(lane._PLANS) <= dispatch.MAX_PLANS
 
 
 def test_the_lane_keeps_no_plan_while_the_backend_is_unsettled(monkeypatch):

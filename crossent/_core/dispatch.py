@@ -117,6 +117,32 @@ def settled_backend(impl: str) -> ModuleType | None:
     return _RESOLVED.get((impl, "cpu", None))
 
 
+def numba_lane(impl: str, tensor: Tensor) -> bool | None:
+    """Whether a lane (the common call of ``softmax``/``nll_loss``) with ``impl`` on the CPU
+    ``tensor`` runs the numba kernels: True (numba is loaded; ``numba``'s explicit errors are
+    raised here), False (another backend: the lane does not apply), or None while ``auto``
+    waits for numba to load (the lane then keeps no plan: ``auto`` runs on torch until it is
+    ready)."""
+    if impl not in ("auto", "numba"):
+        return False
+    if impl == "auto" and not (available("numba") and ready("numba")):
+        return None
+    resolve_backend(impl, tensor)
+    return True
+
+
+def keep_plan(plans: dict, key: tuple, plan: Any) -> Any:
+    """Store a lane's ``plan`` under ``key`` unless ``plans`` holds ``MAX_PLANS`` already (a
+    caller that varies an option every call would grow it without end); returns ``plan``."""
+    if len(plans) < MAX_PLANS:
+        plans[key] = plan
+    return plan
+
+
+MAX_PLANS = 64
+UNPLANNED = object()  # a lane's "no plan for this key yet" (None is the plan "not taken")
+
+
 # (impl, device type) -> backend, for eager calls: resolving imports modules and asks each
 # backend whether it can run, a few microseconds that a small call should not pay every time.
 _RESOLVED: dict[tuple[str, str, str | None], ModuleType] = {}

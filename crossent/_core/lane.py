@@ -21,7 +21,7 @@ from . import diagnostics as _diagnostics
 from . import validate as _validate
 from ..backends import TargetOutOfBounds
 from .autograd import CrossEntropyFunction, LaneFunction, c_apply, eager
-from .dispatch import settled_backend, stats_sink, whole_call
+from .dispatch import UNPLANNED, keep_plan, settled_backend, stats_sink, whole_call
 from .params import CEParams
 
 _apply = c_apply(CrossEntropyFunction)
@@ -40,12 +40,9 @@ class _Plan(NamedTuple):
 
 # (impl, dtype, target dtype, C, ignore_index, reduction, label_smoothing, z_loss, softcap,
 # whether the probe is on) -> plan, or None for calls the lane does not take (not floating-point
-# logits with int64 indices). Bounded: a caller that varies an option every call (a
-# label-smoothing schedule) would otherwise grow it without end; past the bound such calls
-# build their plan each time.
+# logits with int64 indices). Bounded (``dispatch.keep_plan``): past ``MAX_PLANS`` a caller that
+# varies an option every call (a label-smoothing schedule) builds its plan each time.
 _PLANS: dict[tuple, _Plan | None] = {}
-_MAX_PLANS = 64
-_UNPLANNED = object()
 
 
 def cross_entropy(
@@ -62,8 +59,8 @@ def cross_entropy(
     n_rows, n_cls = shape
     key = (impl, input.dtype, target.dtype, n_cls, ignore_index, reduction, label_smoothing,
            z_loss, softcap, _diagnostics._enabled and n_rows > 0)
-    plan = _PLANS.get(key, _UNPLANNED)
-    if plan is _UNPLANNED:
+    plan = _PLANS.get(key, UNPLANNED)
+    if plan is UNPLANNED:
         plan = _plan(key, input)
     if plan is None or _transforms_active() or stats_sink.get() is not None:
         return None
@@ -104,6 +101,4 @@ def _plan(key: tuple, input: Tensor) -> _Plan | None:
             return _Plan(params, call, None)
         launcher = getattr(backend, "lane_launch", None)
         plan = _Plan(params, call, None if launcher is None else launcher(dtype, n_cls, params))
-    if len(_PLANS) < _MAX_PLANS:
-        _PLANS[key] = plan
-    return plan
+    return keep_plan(_PLANS, key, plan)

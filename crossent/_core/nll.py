@@ -71,7 +71,6 @@ def nll(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
 # (impl, dtype, target dtype, ignore_index, reduction) -> (``RowsLane``'s C entry, its plan), or
 # None for calls the lane does not take; kept once numba is ready.
 _PLANS: dict[tuple, tuple | None] = {}
-_UNPLANNED = object()
 _transforms_active = torch._C._are_functorch_transforms_active
 
 
@@ -87,8 +86,8 @@ def lane(input: Tensor, target: Tensor, ignore_index: int, reduction: str, impl:
     if len(shape) != 2 or target.shape != shape[:1] or not (input.is_cpu and target.is_cpu):
         return None
     key = (impl, input.dtype, target.dtype, ignore_index, reduction)
-    plan = _PLANS.get(key, _UNPLANNED)
-    if plan is _UNPLANNED:
+    plan = _PLANS.get(key, _dispatch.UNPLANNED)
+    if plan is _dispatch.UNPLANNED:
         plan = _plan(key, input)
     if plan is None or not target.is_contiguous() or _transforms_active():
         return None
@@ -110,18 +109,14 @@ def _plan(key: tuple, input: Tensor) -> tuple | None:
     """``RowsLane``'s C entry and plan for ``key``'s calls (CPU input), or None; kept once
     numba is ready (before, ``auto`` runs on torch)."""
     impl, dtype, target_dtype, ignore_index, reduction = key
-    if (impl not in ("auto", "numba") or reduction not in ("mean", "sum")
-            or target_dtype not in (torch.int64, torch.uint8)
-            or dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16)):
-        plan = None
-    elif impl == "auto" and not (_dispatch.available("numba") and _dispatch.ready("numba")):
+    numba = _dispatch.numba_lane(impl, input)
+    if numba is None:
         return None
-    else:
-        _dispatch.resolve_backend(impl, input)  # (raises numba's explicit errors)
+    plan = None
+    if (numba and reduction in ("mean", "sum") and target_dtype in (torch.int64, torch.uint8)
+            and dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)):
         from ..backends import numba_nll
 
         plan = c_apply(numba_nll.RowsLane), (numba_nll.LIKE[dtype], numba_nll.LIKE[target_dtype],
                                               ignore_index, reduction, dtype)
-    if len(_PLANS) < 64:
-        _PLANS[key] = plan
-    return plan
+    return _dispatch.keep_plan(_PLANS, key, plan)

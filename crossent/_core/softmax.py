@@ -180,7 +180,6 @@ class _RowsLane(torch.autograd.Function):
 # (impl, dtype, dim, ndim) -> the plan, or None where the lane does not apply (float64, another
 # backend); kept once numba is ready.
 _PLANS: dict[tuple, _Plan | None] = {}
-_UNPLANNED = object()
 _lane_apply = c_apply(_RowsLane)
 _transforms_active = torch._C._are_functorch_transforms_active
 
@@ -196,8 +195,8 @@ def _lane(input: Tensor, dim: int, impl: str, log: bool) -> Tensor | None:
     if not 0 <= dim < ndim:
         return None
     key = (impl, input.dtype, dim, ndim)
-    plan = _PLANS.get(key, _UNPLANNED)
-    if plan is _UNPLANNED:
+    plan = _PLANS.get(key, _dispatch.UNPLANNED)
+    if plan is _dispatch.UNPLANNED:
         plan = _plan(key, input)
     if plan is None or not input.is_contiguous() or _transforms_active():
         return None
@@ -217,20 +216,16 @@ def _plan(key: tuple, input: Tensor) -> _Plan | None:
     """The plan for ``key``'s calls (CPU input), or None; kept once numba is ready (before,
     ``auto`` runs on torch)."""
     impl, dtype, _, _ = key
-    if impl not in ("auto", "numba") or dtype not in (torch.float32, torch.bfloat16,
-                                                      torch.float16):
-        plan = None
-    elif impl == "auto" and not (_dispatch.available("numba") and _dispatch.ready("numba")):
+    numba = _dispatch.numba_lane(impl, input)
+    if numba is None:
         return None
-    else:
-        _dispatch.resolve_backend(impl, input)  # (raises numba's explicit errors)
+    plan = None
+    if numba and dtype in (torch.float32, torch.bfloat16, torch.float16):
         from ..backends import numba_softmax
 
         plan = _Plan(numba_softmax.LIKE[dtype], numba_softmax.forward_at,
                      numba_softmax.backward_at)
-    if len(_PLANS) < 64:
-        _PLANS[key] = plan
-    return plan
+    return _dispatch.keep_plan(_PLANS, key, plan)
 
 
 def apply(run: Callable[..., Tensor], name: str, input: Tensor, dim: int | None,
