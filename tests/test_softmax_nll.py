@@ -402,6 +402,33 @@ def test_the_nll_lane_gives_the_general_paths_bits(n, c, reduction, dtype, targe
         assert torch.equal(got_grad.nan_to_num(), want_grad.nan_to_num())
 
 
+@settings(max_examples=30, deadline=None)
+@given(shape=st.sampled_from([(4, 5), (2, 5, 3), (5,), (3, 5, 2, 2)]),
+       reduction=st.sampled_from(["none", "mean", "sum"]), weighted=st.booleans(),
+       impl=st.sampled_from(cpu_backends() + ["auto"]), seed=st.integers(0, 2**16))
+def test_nll_loss_double_backward_through_the_upstream_gradient(shape, reduction, weighted, impl,
+                                                                 seed):
+    """create_graph=True with an upstream gradient that itself requires grad (a double-backward
+    Jacobian-vector product): the input's gradient is differentiable in it, as torch's."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen).log_softmax(0 if len(shape) == 1 else 1)
+    t = torch.randint(0, 5, shape[:1] + shape[2:], generator=gen) if len(shape) > 1 else \
+        torch.tensor(3)
+    t.view(-1)[-1] = -100
+    weight = torch.rand(5, generator=gen) if weighted else None
+    u = torch.randn(shape, generator=gen)
+    results = []
+    for fn in (lambda a: crossent.nll_loss(a, t, weight, reduction=reduction, impl=impl),
+               lambda a: F.nll_loss(a, t, weight, reduction=reduction)):
+        a = x.clone().requires_grad_()
+        loss = fn(a)
+        v = torch.randn(loss.shape, generator=torch.Generator().manual_seed(seed)).requires_grad_()
+        (g,) = torch.autograd.grad(loss, a, v, create_graph=True)
+        assert g.requires_grad
+        results.append(torch.autograd.grad((g * u).sum() + (v * v).sum(), v)[0])
+    torch.testing.assert_close(*results, equal_nan=True)
+
+
 def test_the_nll_lane_raises_the_general_paths_errors():
     """An out-of-range index raises torch's class with the general path's message."""
     x = torch.randn(3, 4).log_softmax(1)

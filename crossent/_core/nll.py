@@ -14,25 +14,7 @@ from torch import Tensor
 from . import dispatch as _dispatch
 from . import validate as _validate
 from .autograd import c_apply, fast_apply
-from ..backends.torch_fused import acc_dtype
-
-
-def nll_torch(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
-              reduction: str) -> Tensor:
-    """Any device: ``gather`` along the class dim, differentiable (its backward is the scatter)."""
-    acc = acc_dtype(input.dtype)
-    class_dim = 0 if input.dim() == 1 else 1
-    t = target.reshape(()) if class_dim == 0 else target
-    valid = t != ignore_index  # an int64 compare also for uint8 targets
-    safe = torch.where(valid, t.long(), 0)
-    picked = input.gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)  # target's shape
-    w_y = valid.to(acc) if weight is None else torch.where(valid, weight.detach().to(acc)[safe], 0)
-    loss = torch.where(valid, -(w_y * picked.to(acc)), 0)  # 0, not NaN, at ignored positions
-    if reduction == "none":
-        return loss.to(input.dtype)
-    total = loss.sum()
-    # torch divides by the weight sum as it is: 0 gives NaN (or +-inf), negative flips the sign.
-    return (total if reduction == "sum" else total / w_y.sum()).to(input.dtype)
+from ..backends.torch_fused import nll_loss as torch_nll
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,7 +38,7 @@ def nll(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
     n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     if name != "numba":
         _validate.check_target_values(target, n_classes, ignore_index)
-        return nll_torch(input, target, weight, ignore_index, reduction)
+        return torch_nll(input, target, weight, ignore_index, reduction)
     apply = _numba_function()
     if not torch.is_grad_enabled():
         input = input.detach()  # no graph, and no buffers kept for a backward

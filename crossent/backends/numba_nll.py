@@ -20,6 +20,7 @@ from ._numba_views import cube, rows, strided3
 from ._omp_team import team_launch
 from ._numba_softmax_kernels import f32, put
 from .numba_softmax import LIKE, as_array, empty
+from .torch_fused import nll_loss
 
 
 # error_model="numpy": a zero weight sum divides to inf/NaN as in torch, instead of raising.
@@ -191,7 +192,7 @@ class RowsLane(torch.autograd.Function):
         (target,) = ctx.saved_tensors
         (like, tlike, ignore_index, reduction, dtype), ta, w_sum, dims = ctx.state
         w = _NONE[torch.float64 if dtype == torch.float64 else torch.float32]
-        if dims[0] * dims[1] >= PARALLEL_MIN:  # (threads, or the pool without the team)
+        if dims[0] * dims[1] >= PARALLEL_MIN or g.requires_grad:  # (see _grad)
             grad = _grad(target, w, ignore_index, reduction, g, w_sum, dims[:2], dtype, dims)
         else:  # one thread, the addresses known: a (64, 10) call pays per torch call
             grad = torch.empty(dims[0], dims[1], dtype=dtype)
@@ -212,6 +213,8 @@ def _grad(target: Tensor, w: np.ndarray, ignore_index: int, reduction: str, g: T
           ) -> Tensor:
     """The input's gradient for the upstream ``g``: ``-w_y * g`` at each target, zeros
     elsewhere."""
+    if g.requires_grad and torch.is_grad_enabled():
+        return _differentiable_grad(target, w, ignore_index, reduction, g, shape, dtype)
     # torch's layout: dense, zeros off-target, zeroed by the kernel (large buffers huge-page
     # backed: cheaper page faults)
     grad = empty(shape, dtype)
@@ -237,3 +240,15 @@ def _grad(target: Tensor, w: np.ndarray, ignore_index: int, reduction: str, g: T
                 as_array(grad).reshape(n, n_cls, n_in))
         _split_rows(_nll_backward, args, n, min(torch.get_num_threads(), n))
     return grad
+
+
+def _differentiable_grad(target: Tensor, w: np.ndarray, ignore_index: int, reduction: str,
+                         g: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """``_grad`` as a function of ``g`` that autograd can differentiate, for a backward under
+    ``create_graph=True`` whose upstream gradient itself requires grad (a double-backward
+    Jacobian-vector product): nll_loss is linear in its input, so its gradient is the torch
+    gather's gradient at any input, here zeros; the kernels' result would carry no graph."""
+    weight = torch.from_numpy(w) if w.size else None
+    point = torch.zeros(shape, dtype=dtype, requires_grad=True)
+    loss = nll_loss(point, target, weight, ignore_index, reduction)
+    return torch.autograd.grad(loss, point, g, create_graph=True)[0]

@@ -218,6 +218,24 @@ def prob_target_grad(
 
 
 # The whole-call contract; imported last, as the composer itself uses acc_dtype from here.
+def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
+              reduction: str) -> Tensor:
+    """Any device: ``gather`` along the class dim, differentiable (its backward is the scatter)."""
+    acc = acc_dtype(input.dtype)
+    class_dim = 0 if input.dim() == 1 else 1
+    t = target.reshape(()) if class_dim == 0 else target
+    valid = t != ignore_index  # an int64 compare also for uint8 targets
+    safe = torch.where(valid, t.long(), 0)
+    picked = input.gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)  # target's shape
+    w_y = valid.to(acc) if weight is None else torch.where(valid, weight.detach().to(acc)[safe], 0)
+    loss = torch.where(valid, -(w_y * picked.to(acc)), 0)  # 0, not NaN, at ignored positions
+    if reduction == "none":
+        return loss.to(input.dtype)
+    total = loss.sum()
+    # torch divides by the weight sum as it is: 0 gives NaN (or +-inf), negative flips the sign.
+    return (total if reduction == "sum" else total / w_y.sum()).to(input.dtype)
+
+
 from ._reduced import reduced  # noqa: E402
 
 cross_entropy = reduced(ce_forward, index_target_sums)
