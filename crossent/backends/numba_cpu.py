@@ -36,7 +36,8 @@ from ._numba_host import (
 from ._numba_views import LIKE, flat, rows
 from ._numba_math import finite_f32, scaled_difference
 from ._numba_probe import probe_rows
-from ._numba_threads import PARALLEL_MIN, _split_rows, parallel_min, team_threads, threads
+from . import _numba_threads
+from ._numba_threads import _split_rows, parallel_min, team_threads, threads
 from . import _omp_team
 from ._omp_team import team_launch
 from ._numba_rows import (
@@ -400,7 +401,8 @@ def lane_launch(dtype: torch.dtype, n_cls: int, params: CEParams) -> Callable | 
     def launch(logits: Tensor, target: Tensor, xa: int, ta: int, n_rows: int, want_grad: bool
                ) -> tuple[Tensor, Tensor | None, bool]:
         work = n_rows * n_cls
-        if work == 0 or (work >= PARALLEL_MIN and not _omp_team.usable()):
+        split = work >= _numba_threads.PARALLEL_MIN  # (read here: tests lower it)
+        if work == 0 or (split and not _omp_team.usable()):
             loss, _, grad, _, probs = cross_entropy(logits, target, None, want_grad, params)
             return loss.to(dtype), grad, probs  # (in the accumulation dtype)
         grad, ga = None, xa
@@ -408,7 +410,7 @@ def lane_launch(dtype: torch.dtype, n_cls: int, params: CEParams) -> Callable | 
             grad = torch.empty_like(logits) if work < SMALL else new_grad_tensor(logits)
             ga = grad.data_ptr()
         slot = loss_slot(dtype) if slot16 else None
-        threads = 1 if work < PARALLEL_MIN else min(torch.get_num_threads(), n_rows)
+        threads = min(torch.get_num_threads(), n_rows) if split else 1
         if few:
             total, _, bad, probs, _ = kernel(xa, like, n_rows, n_cls, fmt, ta, tlike, opts,
                                              want_grad, ga, 0 if slot is None else slot.data_ptr(),

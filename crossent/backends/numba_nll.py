@@ -15,7 +15,8 @@ from numba import njit
 from torch import Tensor
 
 from . import _omp_team
-from ._numba_threads import PARALLEL_MIN, _split_rows, parallel_min
+from . import _numba_threads
+from ._numba_threads import _split_rows, parallel_min
 from ._numba_views import cube, rows, strided3
 from ._omp_team import team_launch
 from ._numba_softmax_kernels import f32, put
@@ -192,7 +193,7 @@ class RowsLane(torch.autograd.Function):
         (target,) = ctx.saved_tensors
         (like, tlike, ignore_index, reduction, dtype), ta, w_sum, dims = ctx.state
         w = _NONE[torch.float64 if dtype == torch.float64 else torch.float32]
-        if dims[0] * dims[1] >= PARALLEL_MIN or g.requires_grad:  # (see _grad)
+        if dims[0] * dims[1] >= _numba_threads.PARALLEL_MIN or g.requires_grad:  # (_grad)
             grad = _grad(target, w, ignore_index, reduction, g, w_sum, dims[:2], dtype, dims)
         else:  # one thread, the addresses known: a (64, 10) call pays per torch call
             grad = torch.empty(dims[0], dims[1], dtype=dtype)

@@ -17,7 +17,8 @@ from ._cpu_alloc import empty_huge
 from ._numba_softmax_kernels import (
     backward_call, backward_units, forward_call, forward_units, width,
 )
-from ._numba_threads import PARALLEL_MIN, _split_rows, parallel_min
+from . import _numba_threads
+from ._numba_threads import _split_rows, parallel_min
 
 # Elements below which outputs are torch.empty_like without asking empty_huge (which falls
 # back to torch.empty below 16 MiB itself, after more per-call work).
@@ -90,7 +91,7 @@ def forward_at(x: Tensor, xa: int, like: np.ndarray, dims: tuple[int, int, int],
     out = torch.empty_like(x) if numel < _HUGE_MIN else empty_huge(x.shape, x.dtype)
     if numel == 0:
         return out
-    threads = 1 if numel < PARALLEL_MIN else _threads(numel)  # (no calls when small)
+    threads = 1 if numel < _numba_threads.PARALLEL_MIN else _threads(numel)  # (no calls)
     if threads:
         forward_call(xa, out.data_ptr(), like, *dims, log, threads)
     else:
@@ -113,7 +114,7 @@ def backward_at(ga: int, out: Tensor, oa: int, like: np.ndarray, dims: tuple[int
     grad = torch.empty_like(out) if numel < _HUGE_MIN else empty_huge(out.shape, out.dtype)
     if numel == 0:
         return grad
-    threads = 1 if numel < PARALLEL_MIN else _threads(numel)  # (no calls when small)
+    threads = 1 if numel < _numba_threads.PARALLEL_MIN else _threads(numel)  # (no calls)
     if threads:
         backward_call(ga, oa, grad.data_ptr(), like, *dims, log, threads)
     else:
