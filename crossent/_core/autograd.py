@@ -118,7 +118,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return grad_logits, grad_target, None, None, None, None
 
 
-class LaneFunction(torch.autograd.Function):
+class CrossEntropyLane(torch.autograd.Function):
     """``(logits (R, C), target (R,), launch, their addresses, R) -> (0-d loss, probs)`` for
     ``crossent._core.lane``'s calls, through a backend's ``lane_launch`` (the loss made and
     its gradient scaled in forward, as ``CrossEntropyFunction``). Its own Function, not that

@@ -20,12 +20,12 @@ from torch import Tensor
 from . import diagnostics as _diagnostics
 from . import validate as _validate
 from ..backends import TargetOutOfBounds
-from .autograd import CrossEntropyFunction, LaneFunction, c_apply, eager
+from .autograd import CrossEntropyFunction, CrossEntropyLane, c_apply, eager
 from .dispatch import UNPLANNED, keep_plan, settled_backend, stats_sink, whole_call
 from .params import CEParams
 
 _apply = c_apply(CrossEntropyFunction)
-_lane_apply = c_apply(LaneFunction)
+_lane_apply = c_apply(CrossEntropyLane)
 _transforms_active = torch._C._are_functorch_transforms_active
 
 

@@ -50,7 +50,7 @@ def nll(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
     return loss.reshape(()) if input.dim() == 1 and reduction == "none" else loss
 
 
-# (impl, dtype, target dtype, ignore_index, reduction) -> (``RowsLane``'s C entry, its plan), or
+# (impl, dtype, target dtype, ignore_index, reduction) -> (``NLLLossLane``'s C entry, its plan), or
 # None for calls the lane does not take; kept once numba is ready.
 _PLANS: dict[tuple, tuple | None] = {}
 _transforms_active = torch._C._are_functorch_transforms_active
@@ -88,7 +88,7 @@ def lane(input: Tensor, target: Tensor, ignore_index: int, reduction: str, impl:
 
 
 def _plan(key: tuple, input: Tensor) -> tuple | None:
-    """``RowsLane``'s C entry and plan for ``key``'s calls (CPU input), or None; kept once
+    """``NLLLossLane``'s C entry and plan for ``key``'s calls (CPU input), or None; kept once
     numba is ready (before, ``auto`` runs on torch)."""
     impl, dtype, target_dtype, ignore_index, reduction = key
     numba = _dispatch.numba_lane(impl, input)
@@ -99,6 +99,6 @@ def _plan(key: tuple, input: Tensor) -> tuple | None:
             and dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)):
         from ..backends import numba_nll
 
-        plan = c_apply(numba_nll.RowsLane), (numba_nll.LIKE[dtype], numba_nll.LIKE[target_dtype],
+        plan = c_apply(numba_nll.NLLLossLane), (numba_nll.LIKE[dtype], numba_nll.LIKE[target_dtype],
                                               ignore_index, reduction, dtype)
     return _dispatch.keep_plan(_PLANS, key, plan)

@@ -151,7 +151,7 @@ class _Plan(NamedTuple):
     backward_at: Callable[..., Tensor]
 
 
-class _RowsLane(torch.autograd.Function):
+class SoftmaxLane(torch.autograd.Function):
     """``(x, its address, plan, (O, C, I) dims, log) -> out``: log_softmax or softmax of a
     contiguous CPU tensor through the numba kernels (``_lane``). Its own Function: the caller
     knows the dims, the address and the kernels' storage type, so neither direction reads a
@@ -177,10 +177,14 @@ class _RowsLane(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+class LogSoftmaxLane(SoftmaxLane):
+    """``SoftmaxLane`` for log_softmax (its own class: a graph shows ``LogSoftmaxLaneBackward``)."""
+
+
 # (impl, dtype, dim, ndim) -> the plan, or None where the lane does not apply (float64, another
 # backend); kept once numba is ready.
 _PLANS: dict[tuple, _Plan | None] = {}
-_lane_apply = c_apply(_RowsLane)
+_LANE_APPLY = {True: c_apply(LogSoftmaxLane), False: c_apply(SoftmaxLane)}  # by ``log``
 _transforms_active = torch._C._are_functorch_transforms_active
 
 
@@ -209,7 +213,7 @@ def _lane(input: Tensor, dim: int, impl: str, log: bool) -> Tensor | None:
     else:
         dims = (math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:]))
     # (under no_grad apply records nothing and the output is all forward makes: no detach)
-    return _lane_apply(input, xa, plan, dims, log)
+    return _LANE_APPLY[log](input, xa, plan, dims, log)
 
 
 def _plan(key: tuple, input: Tensor) -> _Plan | None:

@@ -170,7 +170,7 @@ class NLLLoss(torch.autograd.Function):
             None, None, None
 
 
-class RowsLane(torch.autograd.Function):
+class NLLLossLane(torch.autograd.Function):
     """``(log-probabilities (N, C), target (N,), plan, their addresses, dims, strides) -> 0-d
     loss``: ``NLLLoss`` for ``crossent._core.nll.lane``'s calls (CPU, eager, unweighted,
     "mean"/"sum"), which pass what they read of the tensors: each torch call costs a small
