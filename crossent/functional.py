@@ -126,6 +126,8 @@ def _cross_entropy(
     if size_average is not None or reduce is not None or reduction not in REDUCTIONS:
         # torch's legacy pair (and its warning), or torch's error for an unknown reduction
         reduction = _validate.resolve_reduction(size_average, reduce, reduction)
+    input, target, weight = (_validate.resolved(input), _validate.resolved(target),
+                             _validate.resolved(weight))
     plain = weight is None and _validate.plain_rows(input, target)
     if plain:  # (N, C) logits, (N,) int64 indices, CPU, no weight: the checks below all pass
         probs = False
@@ -262,6 +264,7 @@ def nll_loss(
         if loss is not None:  # the common call (``_core.nll.lane``)
             return loss
     reduction = _validate.resolve_reduction(size_average, reduce, reduction)
+    input, weight = _validate.resolved(input), _validate.resolved(weight)
     if isinstance(input, Tensor) and input.dim() == 0:
         raise ValueError(
             "Expected 1 or more dimensions (got 0): nll_loss needs log-probabilities of shape "

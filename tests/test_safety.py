@@ -191,3 +191,57 @@ def test_a_row_beyond_float32_does_not_make_the_reduction_nan(impl, n_classes, p
                                   ignore_index=-100, reduction=reduction, label_smoothing=0.0,
                                   z_loss=1e-3, softcap=None)
     torch.testing.assert_close(ours, ref.float(), equal_nan=False)
+
+
+def _negative_bit_view(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """``x``'s values in a view with the negative bit set (memory holds ``-x``): ``z.conj().imag``
+    of a complex ``z`` (public API, strided) or ``_neg_view`` (contiguous); differentiable."""
+    if kind == "conj().imag":
+        return torch.complex(torch.zeros_like(x), -x).conj().imag
+    return (-x)._neg_view()
+
+
+_NEG_CALLS = {
+    "cross_entropy": (lambda a, t, p, w, i: crossent.cross_entropy(a, t, impl=i),
+                      lambda a, t, p, w: F.cross_entropy(a, t), (8, 10)),
+    "cross_entropy weight none": (
+        lambda a, t, p, w, i: crossent.cross_entropy(a, t, w, reduction="none", impl=i),
+        lambda a, t, p, w: F.cross_entropy(a, t, w, reduction="none"), (8, 10)),
+    "cross_entropy probabilities": (lambda a, t, p, w, i: crossent.cross_entropy(a, p, impl=i),
+                                    lambda a, t, p, w: F.cross_entropy(a, p), (8, 10)),
+    "cross_entropy k-dim": (lambda a, t, p, w, i: crossent.cross_entropy(a, t, impl=i),
+                            lambda a, t, p, w: F.cross_entropy(a, t), (2, 5, 3, 4)),
+    "log_softmax": (lambda a, t, p, w, i: crossent.log_softmax(a, 1, impl=i),
+                    lambda a, t, p, w: F.log_softmax(a, 1), (8, 10)),
+    "softmax k-dim": (lambda a, t, p, w, i: crossent.softmax(a, 1, impl=i),
+                      lambda a, t, p, w: F.softmax(a, 1), (2, 5, 3, 4)),
+    "nll_loss": (lambda a, t, p, w, i: crossent.nll_loss(a, t, impl=i),
+                 lambda a, t, p, w: F.nll_loss(a, t), (8, 10)),
+    "nll_loss k-dim weight": (lambda a, t, p, w, i: crossent.nll_loss(a, t, w, impl=i),
+                              lambda a, t, p, w: F.nll_loss(a, t, w), (2, 5, 3, 4)),
+}
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("kind", ["conj().imag", "_neg_view"])
+@pytest.mark.parametrize("call", sorted(_NEG_CALLS))
+def test_negative_bit_views_are_read_as_their_values(call, kind, impl):
+    """A real view whose memory holds the negated values (the negative bit) gives torch's loss
+    and gradient: the kernels read memory through addresses, so such input is resolved first
+    (it was read raw: a silently wrong loss)."""
+    ours, ref, shape = _NEG_CALLS[call]
+    gen = torch.Generator().manual_seed(len(shape))
+    base = torch.randn(shape, generator=gen)
+    t = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=gen)
+    p = torch.softmax(torch.randn(shape, generator=gen), 1)
+    w = torch.rand(shape[1], generator=gen)
+    results = []
+    for view in (True, False):
+        x = base.clone().requires_grad_()
+        out = ours(_negative_bit_view(x, kind), t, p, w, impl) if view else ref(x, t, p, w)
+        up = torch.linspace(-1, 1, out.numel()).view(out.shape)
+        (grad,) = torch.autograd.grad(out, x, up)
+        results.append((out.detach(), grad))
+    (got, got_grad), (want, want_grad) = results
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)

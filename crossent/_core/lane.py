@@ -62,8 +62,8 @@ def cross_entropy(
     plan = _PLANS.get(key, UNPLANNED)
     if plan is UNPLANNED:
         plan = _plan(key, input)
-    if plan is None or _transforms_active() or stats_sink.get() is not None:
-        return None
+    if plan is None or input.is_neg() or _transforms_active() or stats_sink.get() is not None:
+        return None  # (a negative-bit view: see ``_validate.resolved``)
     logits = input if torch.is_grad_enabled() else input.detach()  # see _cross_entropy
     try:
         if plan.launch is not None and input.is_contiguous() and target.is_contiguous():

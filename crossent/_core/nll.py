@@ -71,8 +71,8 @@ def lane(input: Tensor, target: Tensor, ignore_index: int, reduction: str, impl:
     plan = _PLANS.get(key, _dispatch.UNPLANNED)
     if plan is _dispatch.UNPLANNED:
         plan = _plan(key, input)
-    if plan is None or not target.is_contiguous() or _transforms_active():
-        return None
+    if plan is None or not target.is_contiguous() or input.is_neg() or _transforms_active():
+        return None  # (a negative-bit view: see ``_validate.resolved``)
     try:  # (a functorch tensor that escaped its transform has no data: general path)
         xa, ta = input.data_ptr(), target.data_ptr()
     except RuntimeError:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch as _dispatch
+from . import validate as _validate
 from .autograd import c_apply, fast_apply
 
 
@@ -202,8 +203,8 @@ def _lane(input: Tensor, dim: int, impl: str, log: bool) -> Tensor | None:
     plan = _PLANS.get(key, _dispatch.UNPLANNED)
     if plan is _dispatch.UNPLANNED:
         plan = _plan(key, input)
-    if plan is None or not input.is_contiguous() or _transforms_active():
-        return None
+    if plan is None or not input.is_contiguous() or input.is_neg() or _transforms_active():
+        return None  # (a negative-bit view: see ``_validate.resolved``)
     try:  # (a functorch tensor that escaped its transform has no data: general path)
         xa = input.data_ptr()
     except RuntimeError:
@@ -242,6 +243,7 @@ def apply(run: Callable[..., Tensor], name: str, input: Tensor, dim: int | None,
             return out
     if not isinstance(input, Tensor):
         raise TypeError(f"{name}(): input must be a torch.Tensor, got {type(input).__name__}")
+    input = _validate.resolved(input)
     if dtype is not None:
         input = input.to(dtype)
     if not input.is_floating_point():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -59,6 +60,17 @@ def check_input(input: Tensor, name: str = "input") -> None:
         raise RuntimeError(
             f"{name} is a 0-d tensor; expected logits of shape (C,), (N, C) or (N, C, d1, ..., dk)"
         )
+
+
+def resolved(t: Any) -> Any:
+    """``t`` with a negative-bit view materialised (``z.conj().imag`` of a complex ``z`` is one;
+    ``resolve_neg`` is differentiable), anything else as it is. The kernels read memory through
+    addresses, where such a view holds the negated values: read raw, the result is silently
+    wrong. (Traced calls run torch ops, which read the bit themselves; Dynamo cannot trace
+    ``is_neg``.)"""
+    if torch.compiler.is_compiling() or not isinstance(t, Tensor):
+        return t
+    return t.resolve_neg() if t.is_neg() else t
 
 
 def plain_rows(input: Tensor, target: Tensor) -> bool:
