@@ -69,6 +69,7 @@ def cross_entropy(
         >>> crossent.cross_entropy(logits, torch.tensor([0, 2]))
         tensor(0.1755)
     """
+    ignore_index = _validate.ignore_index_arg(ignore_index)
     if (weight is None and size_average is None and reduce is None and not inplace_backward
             and reduction in REDUCTIONS):
         loss = _lane.cross_entropy(input, target, ignore_index, reduction, label_smoothing,
@@ -109,8 +110,8 @@ def cross_entropy_with_lse(
         tensor([1.3863, 1.3863])
     """
     return _cross_entropy(
-        input, target, weight, None, ignore_index, None, reduction, label_smoothing,
-        impl, z_loss, softcap, inplace_backward,
+        input, target, weight, None, _validate.ignore_index_arg(ignore_index), None, reduction,
+        label_smoothing, impl, z_loss, softcap, inplace_backward,
     )
 
 
@@ -259,6 +260,7 @@ def nll_loss(
         >>> crossent.nll_loss(logp, torch.tensor([0]))
         tensor(0.2413)
     """
+    ignore_index = _validate.ignore_index_arg(ignore_index)
     if weight is None and size_average is None and reduce is None:
         loss = _nll.lane(input, target, ignore_index, reduction, impl)
         if loss is not None:  # the common call (``_core.nll.lane``)

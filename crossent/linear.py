@@ -194,7 +194,7 @@ def _linear_cross_entropy(
     out_features = check_tensors(input, linear_weight, linear_bias, weight)
     n_classes, n_features = linear_weight.shape[0], linear_weight.shape[-1]
     probs = target_is_probabilities(input, target, n_classes, out_features, ignore_index)
-    ignore_index = -100 if ignore_index is None else ignore_index
+    ignore_index = -100 if ignore_index is None else _validate.ignore_index_arg(ignore_index)
     backend = resolve_backend(impl, input)
     n_pos = math.prod(out_features)  # D positions per row (1 without out_features)
     # One position: the backend's pass over the targets both checks them and sums the "mean"

@@ -10,7 +10,7 @@ from .functional import cross_entropy
 from .linear import linear_cross_entropy
 from ._core import lane as _lane
 from ._core.params import REDUCTIONS
-from ._core.validate import resolve_reduction
+from ._core.validate import ignore_index_arg, resolve_reduction
 
 
 class CrossEntropyLoss(nn.Module):
@@ -59,14 +59,15 @@ class CrossEntropyLoss(nn.Module):
         # The common call straight to its lane (``crossent._core.lane``), as the functional
         # layer would send it: its ten keyword arguments cost a small call ~1 us, twice that in
         # a training loop's cold caches (measured, the seeds' loop).
+        ignore_index = ignore_index_arg(self.ignore_index)  # (an attribute: set at any time)
         if (self._buffers["weight"] is None and not self.inplace_backward
                 and self.reduction in REDUCTIONS):
-            loss = _lane.cross_entropy(input, target, self.ignore_index, self.reduction,
+            loss = _lane.cross_entropy(input, target, ignore_index, self.reduction,
                                        self.label_smoothing, self.z_loss, self.softcap, self.impl)
             if loss is not None:
                 return loss
         return cross_entropy(
-            input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+            input, target, self.weight, ignore_index=ignore_index, reduction=self.reduction,
             label_smoothing=self.label_smoothing, impl=self.impl, z_loss=self.z_loss,
             softcap=self.softcap, inplace_backward=self.inplace_backward,
         )

@@ -141,3 +141,45 @@ def test_the_common_call_shortcut_implies_every_check():
         F.nll_loss(x.float(), t)
 
     check()
+
+
+_IGNORE_INDEX_CALLS = {
+    "cross_entropy": (crossent.cross_entropy, F.cross_entropy, "rows"),
+    "cross_entropy_with_lse": (lambda *a, **k: crossent.cross_entropy_with_lse(*a, **k)[0],
+                               F.cross_entropy, "rows"),
+    "CrossEntropyLoss": (lambda x, t, ignore_index: crossent.CrossEntropyLoss(
+        ignore_index=ignore_index)(x, t), F.cross_entropy, "rows"),
+    "nll_loss": (crossent.nll_loss, F.nll_loss, "rows"),
+    "linear_cross_entropy": (crossent.linear_cross_entropy, F.linear_cross_entropy, "linear"),
+}
+
+
+@pytest.mark.parametrize("value", [2, -100, (1 << 63) - 1, -(1 << 63), "np.int64", "np.int32",
+                                   "0-d tensor", 1 << 63, -(1 << 63) - 1, 1 << 70, 2.0, 1.5, True,
+                                   False, None, "text", "0-d float tensor"], ids=str)
+@pytest.mark.parametrize("call", sorted(_IGNORE_INDEX_CALLS))
+def test_ignore_index_is_taken_or_refused_as_torch_does(call, value):
+    """ignore_index: ints and anything with ``__index__`` (numpy integers, 0-d integer tensors)
+    give torch's loss; a float, a bool, None or a string raise torch's TypeError, a value
+    outside int64 its ValueError (it was taken: 1.5 and True silently, and numba's own
+    TypingError and OverflowError for the others)."""
+    import numpy as np
+
+    value = {"np.int64": np.int64(2), "np.int32": np.int32(-100), "0-d tensor": torch.tensor(2),
+             "0-d float tensor": torch.tensor(2.0)}.get(value, value) if isinstance(value, str) \
+        and value != "text" else value
+    ours, ref, kind = _IGNORE_INDEX_CALLS[call]
+    if call == "linear_cross_entropy" and value is None:
+        pytest.skip("None is linear_cross_entropy's own default (no index ignored)")
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(6, 5, generator=gen), torch.randint(0, 5, (6,), generator=gen)
+    t[0] = 2
+    args = (x, t) if kind == "rows" else (torch.randn(6, 3, generator=gen),
+                                          torch.randn(5, 3, generator=gen), t)
+    try:
+        want = ref(*args, ignore_index=value)
+    except (TypeError, ValueError) as e:
+        with pytest.raises(type(e)):
+            ours(*args, ignore_index=value)
+        return
+    torch.testing.assert_close(ours(*args, ignore_index=value), want)

@@ -6,6 +6,7 @@ Every check raises the exception class torch raises for the same input (or a sub
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from typing import Any
 
@@ -60,6 +61,25 @@ def check_input(input: Tensor, name: str = "input") -> None:
         raise RuntimeError(
             f"{name} is a 0-d tensor; expected logits of shape (C,), (N, C) or (N, C, d1, ..., dk)"
         )
+
+
+def ignore_index_arg(value: Any) -> int:
+    """``ignore_index`` as torch's argument parser takes it: an int, or anything with
+    ``__index__`` (numpy integers, 0-d integer tensors) but a bool. torch's classes otherwise:
+    TypeError for another type (a float, a bool, None), ValueError outside int64."""
+    if type(value) is not int:
+        if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+            raise TypeError(f"ignore_index must be an int (the target value to skip, e.g. -100), "
+                            f"got {type(value).__name__} {value!r}")
+        try:
+            value = operator.index(value)
+        except TypeError:  # (a floating-point tensor, say)
+            raise TypeError(f"ignore_index must be an int (the target value to skip, e.g. "
+                            f"-100), got {value!r}") from None
+    if not -(1 << 63) <= value < 1 << 63:
+        raise ValueError(f"ignore_index {value} does not fit in int64 (torch: Overflow when "
+                         f"unpacking long long)")
+    return value
 
 
 def resolved(t: Any) -> Any:
