@@ -143,8 +143,9 @@ def _cross_entropy(
     # Checked and built once per distinct set of options (a training loop has one; checks and
     # a dataclass cost a microsecond); torch.compile cannot trace the cache and builds one.
     make = _options if not torch.compiler.is_compiling() else options
-    params = make(ignore_index, reduction, float(label_smoothing), float(z_loss), softcap,
-                  inplace_backward, want_lse, probe_tol)
+    params = make(ignore_index, reduction, _validate.real_arg("label_smoothing", label_smoothing),
+                  _validate.real_arg("z_loss", z_loss), softcap, inplace_backward, want_lse,
+                  probe_tol)
     call = whole_call(impl, input)
     if plain and input.stride(1) == 1:  # rows already, the target too: nothing to reshape
         logits, rows_target, out_shape = input, target, (input.shape[0],)

@@ -183,3 +183,40 @@ def test_ignore_index_is_taken_or_refused_as_torch_does(call, value):
             ours(*args, ignore_index=value)
         return
     torch.testing.assert_close(ours(*args, ignore_index=value), want)
+
+
+def _bad_argument_cases():
+    import numpy as np
+
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0, 4, 2, 1])
+    cases = []
+    for v in (0.1, 0, True, np.float32(0.1), torch.tensor(0.1), "0.1", None):
+        cases.append((f"label_smoothing={v!r}",
+                      lambda m, v=v: m.cross_entropy(x, t, label_smoothing=v)))
+    for v in ("mean", "elementwise_mean", "MEAN", None):
+        cases.append((f"reduction={v!r}", lambda m, v=v: m.cross_entropy(x, t, reduction=v)))
+        cases.append((f"nll reduction={v!r}", lambda m, v=v: m.nll_loss(x, t, reduction=v)))
+    for v in (1, -1, np.int64(1), torch.tensor(1), True, 1.0, "1", 2):
+        cases.append((f"log_softmax dim={v!r}", lambda m, v=v: m.log_softmax(x, v)))
+        cases.append((f"softmax dim={v!r}", lambda m, v=v: m.softmax(x, v)))
+    return cases
+
+
+@pytest.mark.parametrize("name,call", _bad_argument_cases(),
+                         ids=lambda c: c if isinstance(c, str) else "")
+def test_option_types_taken_or_refused_as_torch_does(name, call):
+    """Options of the wrong type raise torch's class instead of being converted (a string
+    label_smoothing, a bool or float dim were taken); torch's deprecated
+    reduction='elementwise_mean' is taken, with its warning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            want = call(F)
+        except (TypeError, ValueError, IndexError, RuntimeError) as e:
+            with pytest.raises(type(e)):
+                call(crossent)
+            return
+        torch.testing.assert_close(call(crossent), want)

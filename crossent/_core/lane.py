@@ -93,8 +93,9 @@ def _plan(key: tuple, input: Tensor) -> _Plan | None:
         plan = None
     else:
         probe_tol = _diagnostics.row_probe_tolerance(dtype, 1, n_cls) if probe else None
-        params = _options(ignore_index, reduction, float(label_smoothing), float(z_loss),
-                          softcap, False, False, probe_tol)
+        params = _options(ignore_index, reduction,
+                          _validate.real_arg("label_smoothing", label_smoothing),
+                          _validate.real_arg("z_loss", z_loss), softcap, False, False, probe_tol)
         call = whole_call(impl, input)
         backend = settled_backend(impl)
         if backend is None or call is not backend.cross_entropy:  # for this call only

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import warnings
 from typing import Any, Callable, NamedTuple
 
@@ -21,9 +22,12 @@ from .autograd import c_apply, fast_apply
 
 
 def softmax_dim(name: str, ndim: int, dim: int | None) -> int:
-    """torch's rule for ``dim=None`` (deprecated there too): 0 for 0-, 1- and 3-d input, else 1."""
+    """``dim`` as an int (TypeError for a bool, a float, ...: torch's class), or torch's rule for
+    ``dim=None`` (deprecated there too): 0 for 0-, 1- and 3-d input, else 1."""
     if dim is not None:
-        return dim
+        if isinstance(dim, bool) or not hasattr(type(dim), "__index__"):
+            raise TypeError(f"{name}(): dim must be an int, got {type(dim).__name__} {dim!r}")
+        return operator.index(dim)
     warnings.warn(
         f"Implicit dimension choice for {name} has been deprecated. "
         "Change the call to include dim=X as an argument.",

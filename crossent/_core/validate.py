@@ -30,11 +30,24 @@ def resolve_reduction(size_average: bool | None, reduce: bool | None, reduction:
         from torch.nn import _reduction
 
         reduction = _reduction.legacy_get_string(size_average, reduce)
+    if reduction == "elementwise_mean":  # torch's deprecated spelling, with its warning
+        warnings.warn("reduction='elementwise_mean' is deprecated, please use reduction='mean' "
+                      "instead.", stacklevel=4)
+        reduction = "mean"
     if reduction not in REDUCTIONS:
         raise ValueError(
             f"{reduction!r} is not a valid value for reduction: use one of 'none', 'mean', 'sum'"
         )
     return reduction
+
+
+def real_arg(name: str, value: Any) -> float:
+    """A float option (``label_smoothing``, ``z_loss``) as torch's argument parser takes it: a
+    real number, numpy scalar or 0-d tensor; TypeError otherwise (``float("0.1")`` would
+    quietly take a string)."""
+    if isinstance(value, (str, bytes)) or not hasattr(type(value), "__float__"):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    return float(value)
 
 
 def check_options(label_smoothing: float, z_loss: float, softcap: float | None) -> None:
