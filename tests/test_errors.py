@@ -220,3 +220,43 @@ def test_option_types_taken_or_refused_as_torch_does(name, call):
                 call(crossent)
             return
         torch.testing.assert_close(call(crossent), want)
+
+
+_GRID_INPUTS = {"(4, 5)": (4, 5), "(5,)": (5,), "(0, 5)": (0, 5), "(4, 0)": (4, 0),
+                "(2, 5, 3)": (2, 5, 3), "()": (), "(4, 1)": (4, 1)}
+_GRID_TARGETS = {"(4,)": [0, 4, 2, 1], "(3,)": [0, 1, 2], "()": 2,
+                 "(4,) out of range": [0, 5, 2, 1], "(4,) negative": [0, -1, 2, 1], "(4,) all ignored": [-100] * 4,
+                 "(4,) float": [0.0, 1.0, 2.0, 3.0], "(4,) int32": "int32", "(4,) uint8": "uint8",
+                 "(0,)": [], "(2, 3)": [[0, 1, 2], [3, 4, 0]], "(2,)": [0, 1],
+                 "(4,) bool": [True, False, True, False], "(4, 5) probabilities": "probs"}
+
+
+def _grid_target(spec):
+    if spec == "int32":
+        return torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+    if spec == "uint8":
+        return torch.tensor([0, 1, 2, 3], dtype=torch.uint8)
+    if spec == "probs":
+        return torch.softmax(torch.randn(4, 5, generator=torch.Generator().manual_seed(2)), 1)
+    return torch.tensor(spec, dtype=torch.int64) if spec != [] else torch.zeros(0, dtype=torch.long)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("target", sorted(_GRID_TARGETS))
+@pytest.mark.parametrize("shape", sorted(_GRID_INPUTS))
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
+def test_input_and_target_shapes_give_torchs_result_or_class(fn, shape, target, reduction):
+    """Every pairing of these inputs and targets gives torch's result, or raises torch's class
+    (or a subclass; messages are ours). Found by this grid: 0-d logits raised RuntimeError where
+    torch raises IndexError, an empty batch with a 0-d target was taken, and a 1-d input with
+    a target of the wrong dtype and size named the size (torch names the dtype first)."""
+    x = torch.randn(_GRID_INPUTS[shape], generator=torch.Generator().manual_seed(1))
+    t = _grid_target(_GRID_TARGETS[target])
+    ours, ref = getattr(crossent, fn), getattr(F, fn)
+    try:
+        want = ref(x, t, reduction=reduction)
+    except Exception as e:  # noqa: BLE001 - the class itself is what is compared
+        with pytest.raises(type(e)):
+            ours(x, t, reduction=reduction)
+        return
+    torch.testing.assert_close(ours(x, t, reduction=reduction), want, equal_nan=True)

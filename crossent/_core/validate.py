@@ -62,6 +62,11 @@ def check_options(label_smoothing: float, z_loss: float, softcap: float | None) 
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
 
 
+class ZeroDimLogitsError(IndexError, RuntimeError):
+    """0-d logits: torch raises IndexError ("Dimension out of range") or, with a 0-d target read
+    as probabilities, RuntimeError; this is both."""
+
+
 def check_input(input: Tensor, name: str = "input") -> None:
     if not isinstance(input, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of logits, got {type(input).__name__}")
@@ -71,7 +76,7 @@ def check_input(input: Tensor, name: str = "input") -> None:
             f"(float32, float64, bfloat16 or float16): pass {name}.float()"
         )
     if input.dim() == 0:
-        raise RuntimeError(
+        raise ZeroDimLogitsError(
             f"{name} is a 0-d tensor; expected logits of shape (C,), (N, C) or (N, C, d1, ..., dk)"
         )
 
@@ -151,26 +156,7 @@ def _index_shape(input: Tensor) -> tuple[int, ...]:
     return () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
 
 
-def check_index_target(input: Tensor, target: Tensor, reduction: str = "none") -> None:
-    """Class-index target: dtype int64/uint8 and shape (), (N,) or (N, d1..dk) matching input.
-
-    Exception classes and their order are torch's: batch size (``ValueError``), then dtype and
-    rank (``RuntimeError``)."""
-    in_dim, t_dim = input.dim(), target.dim()
-    if in_dim == 1 and t_dim == 1 and target.shape[0] != 1:
-        raise ValueError(
-            f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}: "
-            f"input {_shape(input)} is one sample of {input.shape[0]} classes, so target must "
-            f"be one class index, shape () or (1,)"
-        )
-    batch = target.shape[0] if t_dim else 0
-    if in_dim >= 2 and batch != input.shape[0]:
-        raise ValueError(
-            f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
-            f"({batch}): input {_shape(input)} needs class indices of shape "
-            f"{_shape(_index_shape(input))}{_probs_hint(input, target)}, got target "
-            f"{_shape(target)}"
-        )
+def _check_index_dtype(input: Tensor, target: Tensor) -> None:
     if target.dtype not in _INDEX_DTYPES:
         expected = _index_shape(input)
         hint = (
@@ -183,6 +169,37 @@ def check_index_target(input: Tensor, target: Tensor, reduction: str = "none") -
             f"to be Long or Byte holding class indices: {hint}, or pass class probabilities of the "
             f"input's shape {_shape(input)}"
         )
+
+
+def check_index_target(input: Tensor, target: Tensor, reduction: str = "none") -> None:
+    """Class-index target: dtype int64/uint8 and shape (), (N,) or (N, d1..dk) matching input.
+
+    Exception classes and their order are torch's: batch size (``ValueError``), then dtype and
+    rank (``RuntimeError``)."""
+    in_dim, t_dim = input.dim(), target.dim()
+    if in_dim == 1:  # torch checks the dtype first here, the batch size first otherwise
+        _check_index_dtype(input, target)
+    if in_dim == 1 and t_dim == 1 and target.shape[0] != 1:
+        raise ValueError(
+            f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}: "
+            f"input {_shape(input)} is one sample of {input.shape[0]} classes, so target must "
+            f"be one class index, shape () or (1,)"
+        )
+    if in_dim >= 2 and t_dim == 0 and input.shape[0] == 0:  # (torch: IndexError; a batch
+        # of N > 0 gets the ValueError below)
+        raise IndexError(
+            f"target is a 0-d tensor but input {_shape(input)} has a batch dim: pass class "
+            f"indices of shape {_shape(_index_shape(input))}"
+        )
+    batch = target.shape[0] if t_dim else 0
+    if in_dim >= 2 and batch != input.shape[0]:
+        raise ValueError(
+            f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+            f"({batch}): input {_shape(input)} needs class indices of shape "
+            f"{_shape(_index_shape(input))}{_probs_hint(input, target)}, got target "
+            f"{_shape(target)}"
+        )
+    _check_index_dtype(input, target)
     if in_dim <= 2 and t_dim <= 1:
         return  # the common case: nothing below applies
     expected = _index_shape(input)
