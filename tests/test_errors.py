@@ -260,3 +260,41 @@ def test_input_and_target_shapes_give_torchs_result_or_class(fn, shape, target, 
             ours(x, t, reduction=reduction)
         return
     torch.testing.assert_close(ours(x, t, reduction=reduction), want, equal_nan=True)
+
+
+_SOFTMAX_GRID = {"(4, 5)": ((4, 5), torch.float32), "(5,)": ((5,), torch.float32),
+                 "(0, 5)": ((0, 5), torch.float32), "(2, 5, 3)": ((2, 5, 3), torch.float32),
+                 "()": ((), torch.float32), "int64": ((4, 5), torch.int64),
+                 "bool": ((4, 5), torch.bool), "float64": ((4, 5), torch.float64),
+                 "bfloat16": ((4, 5), torch.bfloat16)}
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float64, torch.int64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dim", [None, 0, 1, -1, 2, -3])
+@pytest.mark.parametrize("input", sorted(_SOFTMAX_GRID))
+@pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
+def test_softmax_inputs_dims_and_dtypes_give_torchs_result_or_class(fn, input, dim, dtype):
+    """Every pairing gives torch's output (dtype and shape too), or raises torch's class: a dim
+    out of range is an IndexError before any dtype error (it was NotImplementedError for an
+    integer input), and an empty integer input gives an empty output, as torch's."""
+    import warnings
+
+    shape, in_dtype = _SOFTMAX_GRID[input]
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 3).to(in_dtype)
+    ours, ref = getattr(crossent, fn), getattr(F, fn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (dim=None's deprecation warning, tested elsewhere)
+        try:
+            want = ref(x, dim, dtype=dtype)
+        except Exception as e:  # noqa: BLE001 - the class itself is what is compared
+            with pytest.raises(type(e)):
+                ours(x, dim, dtype=dtype)
+            return
+        got = ours(x, dim, dtype=dtype)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    tol = {}
+    if want.dtype in (torch.bfloat16, torch.float16) and want.numel():
+        # computed in float32 and rounded once, as torch's; the two may round one value apart
+        ulp = 2.0 ** -7 * max(1.0, float(want.float().abs().nan_to_num().max()))
+        tol = dict(rtol=2.0 ** -7, atol=ulp)
+    torch.testing.assert_close(got, want, equal_nan=True, **tol)

@@ -250,15 +250,18 @@ def apply(run: Callable[..., Tensor], name: str, input: Tensor, dim: int | None,
     input = _validate.resolved(input)
     if dtype is not None:
         input = input.to(dtype)
+    ndim = input.dim()
+    # (an in-range int, the usual dim=1 or dim=-1 of 2-d input, needs no call; torch checks
+    # the dim before the dtype)
+    d = dim if type(dim) is int and 0 <= dim < ndim else wrap_dim(softmax_dim(name, ndim, dim),
+                                                                  ndim)
     if not input.is_floating_point():
+        if input.numel() == 0:
+            return torch.empty_like(input)  # torch's kernel never sees the dtype then
         raise NotImplementedError(
             f"{name} needs a floating-point input, got {input.dtype}: pass input.float() or "
             f"dtype=torch.float32"
         )
-    ndim = input.dim()
-    # (an in-range int, the usual dim=1 or dim=-1 of 2-d input, needs no call)
-    d = dim if type(dim) is int and 0 <= dim < ndim else wrap_dim(softmax_dim(name, ndim, dim),
-                                                                  ndim)
     if ndim == 0:
         # A single value: torch gives 0 (log_softmax) / 1 (softmax), and NaN for inf or NaN.
         return run(input.reshape(1), 0, backend(impl, input)).reshape(())
