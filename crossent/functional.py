@@ -135,7 +135,7 @@ def _cross_entropy(
     else:
         _validate.check_input(input)
         probs = _validate.target_is_probabilities(input, target, ignore_index, reduction)
-        _validate.check_weight(weight, input, probs)
+        weight = _validate.check_weight(weight, input, probs)
         _validate.warn_weight_grad(weight)
     if inplace_backward:
         _validate.check_inplace(input, probs and target.requires_grad)
@@ -276,7 +276,7 @@ def nll_loss(
     if weight is not None or not _validate.plain_rows(input, target):  # else they all pass
         _validate.check_input(input)
         _validate.check_index_target(input, target, reduction)
-        _validate.check_weight(weight, input)
+        weight = _validate.check_weight(weight, input)
     return _nll.nll(input, target, weight, ignore_index, reduction, _softmax.backend(impl, input))
 
 

@@ -298,3 +298,23 @@ def test_softmax_inputs_dims_and_dtypes_give_torchs_result_or_class(fn, input, d
         ulp = 2.0 ** -7 * max(1.0, float(want.float().abs().nan_to_num().max()))
         tol = dict(rtol=2.0 ** -7, atol=ulp)
     torch.testing.assert_close(got, want, equal_nan=True, **tol)
+
+
+@pytest.mark.parametrize("weight_shape", [(5,), (5, 1), (1, 5), (4,), (5, 2)], ids=str)
+@pytest.mark.parametrize("shape", [(4, 5), (2, 5, 3)], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
+def test_weight_shapes_as_torch(fn, shape, reduction, weight_shape):
+    """torch takes any shape of C class weights for K-dimensional input and only (C,) for
+    (N, C); so does crossent (it refused (C, 1) weights for K-dimensional input)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=gen)
+    t = torch.randint(0, 5, shape[:1] + shape[2:], generator=gen)
+    w = torch.rand(weight_shape, generator=gen)
+    try:
+        want = getattr(F, fn)(x, t, w, reduction=reduction)
+    except RuntimeError:
+        with pytest.raises(RuntimeError):
+            getattr(crossent, fn)(x, t, w, reduction=reduction)
+        return
+    torch.testing.assert_close(getattr(crossent, fn)(x, t, w, reduction=reduction), want)

@@ -241,14 +241,17 @@ def _swap_hint(input: Tensor, target: Tensor) -> str:
     return ""
 
 
-def check_weight(weight: Tensor | None, input: Tensor, probs: bool = False) -> None:
-    """``weight`` is ``(C,)`` on input's device; its dtype is input's for class indices (as
-    torch: a RuntimeError), any floating dtype for probabilities (the result is promoted)."""
+def check_weight(weight: Tensor | None, input: Tensor, probs: bool = False) -> Tensor | None:
+    """``weight`` as ``(C,)`` (torch takes any shape of ``C`` values for K-dimensional input,
+    ``(C,)`` otherwise) on input's device; its dtype is input's for class indices (as torch: a
+    RuntimeError), any floating dtype for probabilities (the result is promoted)."""
     if weight is None:
-        return
+        return None
     n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a 1-D torch.Tensor of {n_classes} class weights")
+    if input.dim() >= 3 and weight.dim() != 1 and weight.numel() == n_classes:
+        weight = weight.reshape(n_classes)
     if weight.dim() != 1 or weight.shape[0] != n_classes:
         raise RuntimeError(
             f"weight tensor should be defined either for all {n_classes} classes or no classes "
@@ -264,6 +267,7 @@ def check_weight(weight: Tensor | None, input: Tensor, probs: bool = False) -> N
         raise RuntimeError(
             f"weight is on {weight.device} but input is on {input.device}: move both to one device"
         )
+    return weight
 
 
 def check_target_values(target: Tensor, n_classes: int, ignore_index: int) -> None:
