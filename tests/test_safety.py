@@ -245,3 +245,34 @@ def test_negative_bit_views_are_read_as_their_values(call, kind, impl):
     (got, got_grad), (want, want_grad) = results
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_grad, want_grad)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("case", ["indices", "smoothing", "probabilities", "k-dim", "weights"])
+@pytest.mark.parametrize("n_cls", [3, 50])  # few-class rows side by side, and the row kernel
+@pytest.mark.parametrize("magnitude", [1e4, 1e10, 1e20, 1e30, 3e38], ids=str)
+def test_equal_large_logits_keep_their_log_c(magnitude, n_cls, case, dtype, impl):
+    """Rows of equal logits far from 0 have the loss log C whatever their magnitude (torch's,
+    and the float64 reference's). The kernels compute it as (m - x_y) + log s; reassociated
+    into (m + log s) - x_y, log s vanished next to m: a loss of 0 from about 1e20 on (and
+    1.098611 instead of 1.098612 at 1e10)."""
+    gen = torch.Generator().manual_seed(n_cls)
+    x = torch.full((6, n_cls), magnitude).to(dtype)
+    x[3:, 0] = x[3, 0] * 0.5  # rows whose target is not at the max too
+    t = torch.randint(0, n_cls, (6,), generator=gen)
+    w = torch.rand(n_cls, generator=gen).to(dtype) + 0.5
+    kw = {"indices": dict(reduction="none"),
+          "smoothing": dict(reduction="none", label_smoothing=0.1),
+          "probabilities": dict(reduction="none"), "k-dim": dict(reduction="none"),
+          "weights": dict(reduction="none", weight=w)}[case]
+    if case == "probabilities":
+        t = torch.softmax(torch.randn(6, n_cls, generator=gen), 1).to(dtype)
+    if case == "k-dim":
+        x, t = x.t().unsqueeze(0).contiguous(), t.unsqueeze(0)  # (1, C, 6)
+    got = crossent.cross_entropy(x, t, impl=impl, **kw)
+    want = F.cross_entropy(x.double(), t.double() if case == "probabilities" else t,
+                           **{k: v.double() if k == "weight" else v for k, v in kw.items()})
+    # bf16 losses are rounded once, from float32 work: ~3 significant digits
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), want.to(got.dtype).double(), **tol)

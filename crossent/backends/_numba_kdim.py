@@ -24,7 +24,7 @@ from numba import njit
 from numba.extending import overload
 
 from ._numba_math import (
-    bf16_to_f32, exp_f32, f16_to_f32, f32_to_bf16, f32_to_f16, log_f32, max_f32,
+    bf16_to_f32, exp_f32, f16_to_f32, f32_to_bf16, f32_to_f16, log_f32, margin, max_f32,
     scaled_difference, scaled_gap,
 )
 from ._numba_rows import BF16, FM
@@ -146,7 +146,7 @@ def kdim_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, gscale, finite
             w_y = w[ys[j]] if has_w else _F32(1.0)
             coef = keep * w_y
             # In float64, as the row kernel: m - x_y and lse**2 overflow float32 near 3e38.
-            row_loss = np.float64(coef) * ((np.float64(m[j]) - np.float64(x_y[j])) + log_s)
+            row_loss = np.float64(coef) * margin(m[j], x_y[j], log_s)
             if eps > 0:
                 row_loss += np.float64(gap[j]) + np.float64(eps_c * w_total) * log_s
                 coef += eps_c * w_total

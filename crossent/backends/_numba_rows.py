@@ -12,7 +12,8 @@ from numba import njit
 from numba.extending import overload
 
 from ._numba_math import (
-    bf16_to_f32, exp_f32, f16_to_f32, f32_to_bf16, f32_to_f16, max_f32, scaled_gap, tanh_f32,
+    bf16_to_f32, exp_f32, f16_to_f32, f32_to_bf16, f32_to_f16, margin, max_f32, scaled_gap,
+    tanh_f32,
 )
 
 # Reassociation lets LLVM split the sums and the max into vector lanes; nnan/ninf are left out
@@ -178,7 +179,7 @@ def soft_target_terms(x, m, t, w, a, b, log_s):
     d = 0.0
     for c in range(x.size):
         u = np.float64((a * t[c] + b) * w[c])
-        d += u * ((np.float64(m) - np.float64(x[c])) + np.float64(log_s))
+        d += u * margin(m, x[c], log_s)
     return d
 
 

@@ -34,7 +34,7 @@ from ._numba_host import (
     target_pass,
 )
 from ._numba_views import LIKE, flat, rows
-from ._numba_math import finite_f32, scaled_difference
+from ._numba_math import finite_f32, margin, scaled_difference
 from ._numba_probe import probe_rows
 from . import _numba_threads
 from ._numba_threads import _split_rows, parallel_min, team_threads, threads
@@ -114,7 +114,7 @@ def _index_kernel(x, fmt, target, w, w_total, ignore_index, eps, z, cap, gscale,
         # lse**2 overflow float32, and 0 * inf would be a NaN the maths does not have. Terms
         # whose coefficient is 0 are not computed (an inf class weight absent from the row).
         coef = keep * w_y
-        row_loss = np.float64(coef) * ((np.float64(m) - np.float64(x_y)) + log_s)
+        row_loss = np.float64(coef) * margin(m, x_y, log_s)
         if eps > 0:
             if exact_smooth:  # gaps already holds sum_c w_c eps_c (m - x_c + log s)
                 row_loss += np.float64(gaps)
