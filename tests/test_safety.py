@@ -276,3 +276,26 @@ def test_equal_large_logits_keep_their_log_c(magnitude, n_cls, case, dtype, impl
     # bf16 losses are rounded once, from float32 work: ~3 significant digits
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.double(), want.to(got.dtype).double(), **tol)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("call", ["rows", "few classes", "k-dim", "nll_loss"])
+def test_a_loss_beyond_float32_is_inf_without_a_numpy_warning(call, reduction, impl):
+    """A float32 loss beyond float32's range (z-loss of 1e30 logits, sums of -3e38) is inf, as
+    torch's, and the float64 totals' cast raised numpy's "overflow encountered in cast"
+    RuntimeWarning to the user (an error under ``-W error``)."""
+    import warnings
+
+    t = torch.tensor([0, 1, 0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if call == "nll_loss":
+            out = crossent.nll_loss(torch.full((4, 5), -3e38), t, reduction="sum", impl=impl)
+            assert out.isinf().all()
+            return
+        x = torch.full((4, 50 if call == "rows" else 3), 1e30)
+        if call == "k-dim":
+            x, t = x.t().unsqueeze(0).contiguous(), t.unsqueeze(0)
+        out = crossent.cross_entropy(x, t, reduction=reduction, z_loss=1e-4, impl=impl)
+    assert out.isinf().all()

@@ -2,6 +2,8 @@
 buffers, and the one pass over the class indices (range check and "mean" denominator)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from numba import njit
@@ -41,11 +43,24 @@ def new_grad_tensor(logits: Tensor) -> Tensor:
     return empty_huge(logits.shape, logits.dtype)
 
 
+# float64 values of at least this magnitude round to float32's inf (its max plus half an ulp)
+_F32_OVERFLOW = 3.4028235677973366e38
+
+
+def f32_scalar(total: float) -> np.ndarray:
+    """``total`` as a 0-d float32 array, rounded as numpy rounds, without numpy's "overflow
+    encountered in cast" warning: a loss beyond float32's range is inf, as torch's (and a
+    warning from numpy would reach the user; under ``-W error`` it would raise)."""
+    if abs(total) >= _F32_OVERFLOW:  # (False for NaN, which stays NaN)
+        total = math.copysign(math.inf, total)
+    return np.array(total, np.float32)
+
+
 def reduced_loss(total: float, bits: int, dtype: torch.dtype) -> Tensor:
     """The 0-d reduced loss: float32 ``total`` for float32 logits, else the 16-bit ``bits``
     the kernel rounded it to (a cast here would be one more torch op, ~1.5 us)."""
     if dtype == torch.float32:
-        return torch.from_numpy(np.array(total, np.float32))
+        return torch.from_numpy(f32_scalar(total))
     return torch.from_numpy(np.array(bits, np.uint16)).view(dtype)
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from .._core.params import CEParams
 from . import TargetOutOfBounds
 from ._numba_host import (
-    EMPTY, FORMATS, SMALL, as_array, new_grad_tensor, put_loss_bits, reduced_loss,
+    EMPTY, FORMATS, SMALL, as_array, f32_scalar, new_grad_tensor, put_loss_bits, reduced_loss,
     target_pass,
 )
 from ._numba_kdim import block_width, kdim_kernel
@@ -112,7 +112,7 @@ def cross_entropy(
         _split_rows(copied_rows_kernel if rows else kdim_kernel, args, blocks,
                     min(torch.get_num_threads(), blocks))
         total = _kdim_total(loss, opts[4], scale if opts[3] else 1.0)
-        out16 = f32_bits(np.float32(total), FORMATS[logits.dtype])
+        out16 = f32_bits(f32_scalar(total)[()], FORMATS[logits.dtype])
     out_loss = reduced_loss(total, out16, dtype) if opts[4] else torch.from_numpy(loss)
     return (out_loss, torch.from_numpy(lse) if params.want_lse else None, grad, scale,
             None if params.probe_tol is None else probs)

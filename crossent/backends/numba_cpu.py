@@ -30,8 +30,8 @@ from . import _numba_kdim_call as _kdim
 from ._cpu_alloc import empty_huge
 from ._opaque import opaque_kernel
 from ._numba_host import (
-    EMPTY, FORMATS, SMALL, as_array, loss_slot, new_grad_tensor, put_loss_bits, reduced_loss,
-    target_pass,
+    EMPTY, FORMATS, SMALL, as_array, f32_scalar, loss_slot, new_grad_tensor, put_loss_bits,
+    reduced_loss, target_pass,
 )
 from ._numba_views import LIKE, flat, rows
 from ._numba_math import finite_f32, margin, scaled_difference
@@ -368,7 +368,8 @@ def cross_entropy(
     if bad >= 0:
         raise TargetOutOfBounds(bad)
     if per_row:
-        out = torch.from_numpy(loss.astype(np.float32))  # the contract's accumulation dtype
+        with np.errstate(over="ignore"):  # (rows beyond float32 are inf: no numpy warning)
+            out = torch.from_numpy(loss.astype(np.float32))  # the contract's accumulation dtype
     else:
         out = reduced_loss(value, bits, dtype)
     return (out, torch.from_numpy(lse) if params.want_lse else None, grad, scale,
@@ -421,7 +422,7 @@ def lane_launch(dtype: torch.dtype, n_cls: int, params: CEParams) -> Callable | 
                                              threads)
         if bad >= 0:
             raise TargetOutOfBounds(bad)
-        return (torch.from_numpy(np.array(total, _F32)) if slot is None else slot), grad, probs
+        return (torch.from_numpy(f32_scalar(total)) if slot is None else slot), grad, probs
 
     return launch
 

@@ -20,6 +20,7 @@ from ._numba_threads import _split_rows, parallel_min
 from ._numba_views import cube, rows, strided3
 from ._omp_team import team_launch
 from ._numba_softmax_kernels import f32, put
+from ._numba_host import f32_scalar
 from .numba_softmax import LIKE, as_array, empty
 from .torch_fused import nll_loss
 
@@ -205,7 +206,7 @@ class NLLLossLane(torch.autograd.Function):
 def _scalar(value: float, dtype: torch.dtype) -> Tensor:
     """A 0-d loss of ``dtype``."""
     if dtype == torch.float32:  # numpy-made 0-d: a third of torch.full's cost
-        return torch.from_numpy(np.array(value, np.float32))
+        return torch.from_numpy(f32_scalar(value))
     return torch.full((), value, dtype=dtype)
 
 
