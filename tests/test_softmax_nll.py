@@ -338,6 +338,12 @@ def test_nll_loss_weights_ignore_and_uint8(reduction, impl):
         _check_nll(x, t, w, reduction, impl)
     _check_nll(x, torch.full((6,), -100), None, reduction, impl)  # all ignored: mean is NaN
     _check_nll(x, t.to(torch.uint8), torch.rand(3, generator=gen), reduction, impl)
+    # uint8 class 156 is -100 as uint8: a class like any other, never ignore_index
+    wide = F.log_softmax(logits((3, 200), torch.float32, gen), 1)
+    t8 = torch.tensor([156, 3, 199], dtype=torch.uint8)
+    for w in (None, torch.rand(200, generator=gen)):
+        _check_nll(wide, t8, w, reduction, impl)
+        _check_nll(wide[0], t8[0], w, reduction, impl)
     _check_nll(x, torch.tensor([2, 1, 1, 2, 1, 0]), None, reduction, impl, ignore_index=1)
     x4 = F.log_softmax(logits((2, 3, 4, 2), torch.float32, gen), 1)
     t4 = torch.randint(0, 3, (2, 4, 2), generator=gen)

@@ -223,9 +223,10 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index:
     """Any device: ``gather`` along the class dim, differentiable (its backward is the scatter)."""
     acc = acc_dtype(input.dtype)
     class_dim = 0 if input.dim() == 1 else 1
-    t = target.reshape(()) if class_dim == 0 else target
-    valid = t != ignore_index  # an int64 compare also for uint8 targets
-    safe = torch.where(valid, t.long(), 0)
+    t = (target.reshape(()) if class_dim == 0 else target).long()
+    # In int64: a uint8 compare would wrap ignore_index (-100 == 156 as uint8) and drop class 156
+    valid = t != ignore_index
+    safe = torch.where(valid, t, 0)
     picked = input.gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)  # target's shape
     w_y = valid.to(acc) if weight is None else torch.where(valid, weight.detach().to(acc)[safe], 0)
     loss = torch.where(valid, -(w_y * picked.to(acc)), 0)  # 0, not NaN, at ignored positions
