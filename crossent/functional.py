@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor
 
+from ._core import composite as _composite
 from ._core import diagnostics as _diagnostics
 from ._core import lane as _lane
 from ._core import nll as _nll
@@ -146,6 +147,11 @@ def _cross_entropy(
     params = make(ignore_index, reduction, _validate.real_arg("label_smoothing", label_smoothing),
                   _validate.real_arg("z_loss", z_loss), softcap, inplace_backward, want_lse,
                   probe_tol)
+    if _composite.active():  # vmap, grad, jvp, ...: no kernel reads a transformed tensor
+        loss, lse = _composite.cross_entropy(
+            input, target, weight, ignore_index, reduction, params.label_smoothing,
+            params.z_loss, softcap, probs)
+        return loss, (lse if want_lse else None)
     call = whole_call(impl, input)
     if plain and input.stride(1) == 1:  # rows already, the target too: nothing to reshape
         logits, rows_target, out_shape = input, target, (input.shape[0],)

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor
 
+from ._core import composite as _composite
 from ._core import validate as _validate
 from ._core.autograd import fast_apply
 from ._core.dispatch import observed, resolve_backend
@@ -200,6 +201,10 @@ def _linear_cross_entropy(
     # One position: the backend's pass over the targets both checks them and sums the "mean"
     # denominator below (numba: one launch, where the torch ops of both cost ~30 us a call).
     fused_check = not probs and n_pos == 1
+    if _composite.active():  # vmap, grad, jvp, ...: the logits materialised, elementary ops
+        return _composite_linear(input, linear_weight, target, linear_bias, weight, reduction,
+                                 ignore_index, label_smoothing, z_loss, softcap, logit_scale,
+                                 probs, out_features)
     if not probs and not fused_check:
         _validate.check_target_values(target, n_classes, ignore_index)
     _validate.warn_weight_grad(weight)
@@ -277,6 +282,29 @@ def _linear_cross_entropy(
         lse = torch.where(pos_target.t().reshape(lse.shape) == ignore_index, float("nan"), lse)
     out_dtype = torch.result_type(input, target) if probs else input.dtype
     return loss.to(out_dtype), lse.reshape((*lead, *out_features))
+
+
+def _composite_linear(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                      label_smoothing, z_loss, softcap, logit_scale, probs, out_features
+                      ) -> tuple[Tensor, Tensor]:
+    """The call under a functorch transform (``_core.composite``): ``(R, C, *out_features)``
+    logits from one ``linear``, then the composite cross-entropy; lse NaN at ignored rows."""
+    n_classes, n_features = linear_weight.shape[0], linear_weight.shape[-1]
+    lead = input.shape[:-1]
+    flat_bias = None if linear_bias is None else linear_bias.reshape(-1)
+    logits = torch.nn.functional.linear(input.reshape(-1, n_features),
+                                        linear_weight.reshape(-1, n_features), flat_bias)
+    logits = logits.reshape(logits.shape[0], n_classes, *out_features)
+    if logit_scale is not None:
+        logits = logits * logit_scale
+    rows_target = target.reshape(logits.shape if probs else (logits.shape[0], *out_features))
+    loss, lse = _composite.cross_entropy(logits, rows_target, weight, ignore_index, reduction,
+                                         float(label_smoothing), float(z_loss), softcap, probs)
+    if not probs:
+        lse = torch.where(rows_target == ignore_index, float("nan"), lse)
+    shape = (*lead, *out_features)
+    out_dtype = torch.result_type(input, target) if probs else input.dtype
+    return (loss.reshape(shape) if reduction == "none" else loss).to(out_dtype), lse.reshape(shape)
 
 
 def _no_positions(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,

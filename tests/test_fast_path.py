@@ -113,14 +113,11 @@ def test_fast_apply_gives_what_apply_gives():
 
 def test_fast_apply_under_functorch_transforms():
     """vmap and grad need ``Function.apply``'s own routing: the fast apply defers to it (and
-    raises what it raises for a Function without ``setup_context``)."""
+    raises what it raises for a Function without ``setup_context``; crossent's public
+    functions compute elementary ops under transforms instead, see test_transforms)."""
     x = torch.randn(4, 3)
     with pytest.raises(RuntimeError, match="setup_context"):
         torch.func.vmap(lambda r: _scale(r, torch.arange(2), 3.0)[0])(x)
-    # crossent's loss under vmap raises as Function.apply did before the fast path existed
-    # (its Functions define no setup_context: vmap of crossent is not supported yet)
-    with pytest.raises(RuntimeError, match="setup_context"):
-        torch.func.vmap(crossent.cross_entropy)(torch.randn(5, 4, 6), torch.randint(0, 6, (5, 4)))
 
 
 def test_fast_apply_with_an_escaped_functorch_tensor():

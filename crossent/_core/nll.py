@@ -11,6 +11,7 @@ import functools
 import torch
 from torch import Tensor
 
+from . import composite as _composite
 from . import dispatch as _dispatch
 from . import validate as _validate
 from .autograd import c_apply, fast_apply
@@ -36,6 +37,9 @@ def nll(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
     dominate small calls), and the shared check runs to name the offender when it raises.
     """
     n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if _composite.active():  # the gather is all elementary ops: vmap, grad, jvp follow
+        _composite.check_targets(target, n_classes, ignore_index)
+        return torch_nll(input, target, weight, ignore_index, reduction)
     if name != "numba":
         _validate.check_target_values(target, n_classes, ignore_index)
         return torch_nll(input, target, weight, ignore_index, reduction)

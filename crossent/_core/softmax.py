@@ -16,6 +16,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from . import composite as _composite
 from . import dispatch as _dispatch
 from . import validate as _validate
 from .autograd import c_apply, fast_apply
@@ -262,6 +263,8 @@ def apply(run: Callable[..., Tensor], name: str, input: Tensor, dim: int | None,
             f"{name} needs a floating-point input, got {input.dtype}: pass input.float() or "
             f"dtype=torch.float32"
         )
+    if _composite.active():  # vmap, grad, jvp, ...: elementary ops (``_core.composite``)
+        return _composite.log_softmax(input, d if ndim else 0, run is LOG_SOFTMAX)
     if ndim == 0:
         # A single value: torch gives 0 (log_softmax) / 1 (softmax), and NaN for inf or NaN.
         return run(input.reshape(1), 0, backend(impl, input)).reshape(())

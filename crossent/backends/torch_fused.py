@@ -228,7 +228,8 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index:
     valid = t != ignore_index
     safe = torch.where(valid, t, 0)
     picked = input.gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)  # target's shape
-    w_y = valid.to(acc) if weight is None else torch.where(valid, weight.detach().to(acc)[safe], 0)
+    w_y = valid.to(acc) if weight is None else torch.where(
+        valid, weight.detach().to(acc).gather(0, safe.reshape(-1)).reshape(safe.shape), 0)
     loss = torch.where(valid, -(w_y * picked.to(acc)), 0)  # 0, not NaN, at ignored positions
     if reduction == "none":
         return loss.to(input.dtype)
