@@ -64,11 +64,15 @@ class _Sink:
             valid = (target != params.ignore_index).unsqueeze(1)  # (r, 1)
             part = torch.stack([lse, rows[:, 0], torch.ones_like(lse), rows[:, 1]], 1)  # (r, 4)
             # where, not multiply: ignored rows may hold NaN (the linear loss skips them).
-            part = torch.where(valid, part, 0).sum(0, dtype=torch.float32)  # (4,)
-            self.total = part if self.total is None else self.total + part
+            self.add(torch.where(valid, part, 0).sum(0, dtype=torch.float32))
             return loss, lse, grad
 
         return with_stats
+
+    def add(self, part: Tensor) -> None:
+        """Add ``(lse_sum, correct, count, entropy_sum)`` (4,) float32 of some rows (also
+        the composite path's, under torch.func transforms)."""
+        self.total = part if self.total is None else self.total + part
 
     def result(self, device: torch.device) -> TokenStats:
         self.open = False

@@ -247,3 +247,32 @@ def test_out_of_range_target_raises_torchs_class():
                 run(theirs)
             with pytest.raises(expected.type):
                 run(ours)
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_token_stats_under_transforms(linear):
+    """``*_with_stats`` under vmap (per sample) and grad (``has_aux``) give the kernels' eager
+    statistics of each sample, not the empty sums of a pass that never ran."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 4, 5, generator=gen)
+    w = torch.randn(7, 5, generator=gen)
+    n_cls = 7 if linear else 5
+    t = torch.randint(0, n_cls, (3, 4), generator=gen)
+    t[0, 1] = -100
+    x[1, 2, 0] = -math.inf
+
+    def fn(a, b):
+        if linear:
+            return crossent.linear_cross_entropy_with_stats(a, w, b)
+        return crossent.cross_entropy_with_stats(a, b)
+
+    eager = [fn(x[i], t[i])[1] for i in range(3)]
+    batched = torch.func.vmap(lambda a, b: fn(a, b)[1])(x, t)
+    for field in eager[0]._fields:
+        torch.testing.assert_close(getattr(batched, field),
+                                   torch.stack([getattr(s, field) for s in eager]),
+                                   equal_nan=True)  # the -inf feature: a NaN row, as torch
+    _, stats = torch.func.grad(lambda a: fn(a, t[0]), has_aux=True)(x[0])
+    for field in eager[0]._fields:
+        torch.testing.assert_close(getattr(stats, field), getattr(eager[0], field),
+                                   equal_nan=True)

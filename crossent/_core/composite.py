@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import validate as _validate
+from .dispatch import stats_sink
 from ..backends.torch_fused import acc_dtype
 
 
@@ -108,6 +109,11 @@ def cross_entropy(
     if z_loss > 0:
         loss = loss + z_loss * lse * lse
     loss = torch.where(valid, loss, 0.0)  # 0, not NaN, at ignored positions
+    sink = stats_sink.get()
+    if sink is not None:  # crossent.cross_entropy_with_stats: the kernels' per-row numbers
+        part = torch.stack([lse, (x.argmax(1) == t).to(acc), torch.ones_like(lse),
+                            torch.special.entr(logp.exp()).sum(1)]).detach()  # (4, N, ...)
+        sink.add(torch.where(valid, part, 0.0).flatten(1).sum(1, dtype=torch.float32))
     if reduction == "mean":
         loss = loss.sum() / w_y.sum()  # torch's: 0 gives NaN, a negative sum flips the sign
     return _reduced(loss, reduction).to(input.dtype), lse.detach()
