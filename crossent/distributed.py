@@ -94,7 +94,7 @@ def vocab_parallel_cross_entropy(
     loss = VocabParallelCrossEntropy.apply(logits, rows_target, w, shard, params)
     if reduction == "none":
         loss = loss.reshape(out_shape)
-    return loss.to(torch.result_type(local_logits, target) if probs else local_logits.dtype)
+    return loss.to(torch.promote_types(local_logits.dtype, target.dtype) if probs else local_logits.dtype)
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -188,7 +188,7 @@ def vocab_parallel_linear_cross_entropy(
         loss = VocabParallelCrossEntropy.apply(logits, rows_target, w, shard, params)
         if reduction == "none":
             loss = loss.reshape(lead)
-    return loss.to(torch.result_type(input, target) if probs else input.dtype)
+    return loss.to(torch.promote_types(input.dtype, target.dtype) if probs else input.dtype)
 
 
 def vocab_shard_range(

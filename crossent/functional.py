@@ -166,7 +166,7 @@ def _cross_entropy(
         w = weight.detach().to(acc_dtype(input.dtype))
     if probs:
         rows_target = rows_target.to(acc_dtype(input.dtype))
-        out_dtype = torch.result_type(input, target)
+        out_dtype = torch.promote_types(input.dtype, target.dtype)
         if weight is not None:
             out_dtype = torch.promote_types(out_dtype, weight.dtype)  # torch promotes, too
     else:

@@ -280,7 +280,7 @@ def _linear_cross_entropy(
     if not probs and input.device.type not in SKIP_IGNORED_ON:
         # Ignored rows: NaN (where they were skipped, the chunk loop left them NaN already).
         lse = torch.where(pos_target.t().reshape(lse.shape) == ignore_index, float("nan"), lse)
-    out_dtype = torch.result_type(input, target) if probs else input.dtype
+    out_dtype = torch.promote_types(input.dtype, target.dtype) if probs else input.dtype
     return loss.to(out_dtype), lse.reshape((*lead, *out_features))
 
 
@@ -303,7 +303,7 @@ def _composite_linear(input, linear_weight, target, linear_bias, weight, reducti
     if not probs:
         lse = torch.where(rows_target == ignore_index, float("nan"), lse)
     shape = (*lead, *out_features)
-    out_dtype = torch.result_type(input, target) if probs else input.dtype
+    out_dtype = torch.promote_types(input.dtype, target.dtype) if probs else input.dtype
     return (loss.reshape(shape) if reduction == "none" else loss).to(out_dtype), lse.reshape(shape)
 
 

@@ -41,6 +41,31 @@ def test_compile_fullgraph_matches_torch(impl, reduction):
     torch.testing.assert_close(torch.autograd.grad(ours, a, up)[0], torch.autograd.grad(theirs, b, up)[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compile_fullgraph_probability_targets(dtype, reduction):
+    """Probability targets trace without a graph break (the loss dtype is promoted from the
+    dtypes, not by ``torch.result_type``, which Dynamo cannot put in a graph)."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 7, generator=gen).to(dtype)
+    p = torch.randn(12, 7, generator=gen).softmax(1)  # float32 targets: promoted, as torch
+
+    def loss_fn(x_, p_):
+        return crossent.cross_entropy(x_, p_, reduction=reduction, label_smoothing=0.1)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = compiled(a, p)
+    theirs = F.cross_entropy(b, p, reduction=reduction, label_smoothing=0.1)
+    assert ours.dtype == theirs.dtype
+    tol = {} if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-7)
+    torch.testing.assert_close(ours, theirs, **tol)
+    up = torch.randn(theirs.shape, generator=gen, dtype=theirs.dtype)
+    (ga,), (gb,) = torch.autograd.grad(ours, a, up), torch.autograd.grad(theirs, b, up)
+    torch.testing.assert_close(ga, gb, **tol)
+
+
 @NUMBA
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -93,7 +93,7 @@ def cross_entropy(
             loss = loss + z_loss * lse * lse
         if reduction == "mean":
             loss = loss.mean()  # over rows, not weights, as torch (no rows: NaN)
-        out_dtype = torch.result_type(input, target)
+        out_dtype = torch.promote_types(input.dtype, target.dtype)
         if weight is not None:
             out_dtype = torch.promote_types(out_dtype, weight.dtype)
         return _reduced(loss, reduction).to(out_dtype), lse.detach()
