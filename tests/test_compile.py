@@ -100,3 +100,52 @@ def test_compiled_step_calls_the_numba_op(inplace, dtype):
     assert set(re.findall(r"crossent\.(numba_ce_forward\w*)", "".join(graphs))) == {op}, graphs
     torch.testing.assert_close(results[1][0], results[0][0])
     torch.testing.assert_close(results[1][1], results[0][1])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_compile_fullgraph_linear_cross_entropy(reduction, bias):
+    """The fused linear loss traces whole, ignored rows included (eager drops them before the
+    products after reading the target on the host; compiled, every row goes through)."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(2)
+    x, w = torch.randn(10, 8, generator=gen), torch.randn(13, 8, generator=gen)
+    b = torch.randn(13, generator=gen) if bias else None
+    t = torch.randint(0, 13, (10,), generator=gen)
+    t[::3] = -100
+
+    def loss_fn(x_, w_, t_):
+        return crossent.linear_cross_entropy(x_, w_, t_, linear_bias=b, reduction=reduction,
+                                             label_smoothing=0.1)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    leaves = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+    ref = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+    ours = compiled(*leaves, t)
+    theirs = F.cross_entropy(F.linear(ref[0], ref[1], b), t, reduction=reduction,
+                             label_smoothing=0.1)
+    torch.testing.assert_close(ours, theirs)
+    up = torch.randn(theirs.shape, generator=gen)
+    for ga, gb in zip(torch.autograd.grad(ours, leaves, up), torch.autograd.grad(theirs, ref, up)):
+        torch.testing.assert_close(ga, gb)
+
+
+@pytest.mark.parametrize("dim", [1, 0, -1])
+def test_compile_fullgraph_softmax_family_and_nll(dim):
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, 4, generator=gen)
+    t = torch.randint(0, 5, (6, 4), generator=gen)
+    w = torch.rand(5, generator=gen)
+
+    def both(ls, sm, nll):
+        def f(x_):
+            return ls(x_, dim).sum() + sm(x_, dim).square().sum() + nll(ls(x_, 1), t, w)
+        return f
+
+    compiled = torch.compile(both(crossent.log_softmax, crossent.softmax, crossent.nll_loss),
+                             fullgraph=True, backend="aot_eager")
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, theirs = compiled(a), both(F.log_softmax, F.softmax, F.nll_loss)(b)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours, a)[0], torch.autograd.grad(theirs, b)[0])

@@ -209,9 +209,11 @@ def _row_chunks(target: Tensor, params: CEParams, n_rows: int, chunk_size: int):
 
     On CPU, rows whose target is ignored are dropped before any matmul (their loss and gradient
     are 0). Finding them reads the target on the host, which would be a sync on accelerators:
-    there every row goes through the kernel, which zeroes ignored rows itself.
+    there every row goes through the kernel, which zeroes ignored rows itself, and so does
+    every row while compiling (the count of counted rows would be a data-dependent shape).
     """
-    if target.dim() == 1 and target.device.type in SKIP_IGNORED_ON:
+    if (target.dim() == 1 and target.device.type in SKIP_IGNORED_ON
+            and not torch.compiler.is_compiling()):
         valid = target != params.ignore_index  # (N,)
         if not bool(valid.all()):
             index = valid.nonzero().squeeze(1)  # (N_valid,)
