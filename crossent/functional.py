@@ -10,6 +10,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function
 
 from ._core import composite as _composite
 from ._core import diagnostics as _diagnostics
@@ -22,6 +23,8 @@ from ._core.dispatch import whole_call
 from ._core.params import REDUCTIONS, CEParams
 from .backends import TargetOutOfBounds
 from .backends.torch_fused import acc_dtype
+
+_PLAIN = (Tensor, type(None))  # weight types that need no __torch_function__ check
 
 __all__ = ["cross_entropy", "cross_entropy_with_lse", "nll_loss", "log_softmax", "softmax"]
 
@@ -70,6 +73,12 @@ def cross_entropy(
         >>> crossent.cross_entropy(logits, torch.tensor([0, 2]))
         tensor(0.1755)
     """
+    if ((type(input) is not Tensor or type(target) is not Tensor or type(weight) not in _PLAIN)
+            and _validate.overridden(input, target, weight)):  # a __torch_function__ subclass
+        return handle_torch_function(
+            cross_entropy, (input, target, weight), input, target, weight, size_average,
+            ignore_index, reduce, reduction, label_smoothing, impl=impl, z_loss=z_loss,
+            softcap=softcap, inplace_backward=inplace_backward)
     ignore_index = _validate.ignore_index_arg(ignore_index)
     if (weight is None and size_average is None and reduce is None and not inplace_backward
             and reduction in REDUCTIONS):
@@ -110,6 +119,11 @@ def cross_entropy_with_lse(
         >>> lse
         tensor([1.3863, 1.3863])
     """
+    if _validate.overridden(input, target, weight):
+        return handle_torch_function(
+            cross_entropy_with_lse, (input, target, weight), input, target, weight, ignore_index,
+            reduction, label_smoothing, impl=impl, z_loss=z_loss, softcap=softcap,
+            inplace_backward=inplace_backward)
     return _cross_entropy(
         input, target, weight, None, _validate.ignore_index_arg(ignore_index), None, reduction,
         label_smoothing, impl, z_loss, softcap, inplace_backward,
@@ -267,6 +281,10 @@ def nll_loss(
         >>> crossent.nll_loss(logp, torch.tensor([0]))
         tensor(0.2413)
     """
+    if ((type(input) is not Tensor or type(target) is not Tensor or type(weight) not in _PLAIN)
+            and _validate.overridden(input, target, weight)):  # a __torch_function__ subclass
+        return handle_torch_function(nll_loss, (input, target, weight), input, target, weight,
+                                     size_average, ignore_index, reduce, reduction, impl=impl)
     ignore_index = _validate.ignore_index_arg(ignore_index)
     if weight is None and size_average is None and reduce is None:
         loss = _nll.lane(input, target, ignore_index, reduction, impl)
@@ -315,6 +333,9 @@ def log_softmax(
         >>> crossent.log_softmax(torch.tensor([0.0, 0.0]), dim=0)
         tensor([-0.6931, -0.6931])
     """
+    if type(input) is not Tensor and _validate.overridden(input):  # a __torch_function__ subclass
+        return handle_torch_function(log_softmax, (input,), input, dim, _stacklevel, dtype,
+                                     impl=impl)
     return _softmax.apply(_softmax.LOG_SOFTMAX, "log_softmax", input, dim, dtype, impl)
 
 
@@ -343,4 +364,6 @@ def softmax(
         tensor([[0.5000, 0.5000],
                 [0.0000, 1.0000]])
     """
+    if type(input) is not Tensor and _validate.overridden(input):  # a __torch_function__ subclass
+        return handle_torch_function(softmax, (input,), input, dim, _stacklevel, dtype, impl=impl)
     return _softmax.apply(_softmax.SOFTMAX, "softmax", input, dim, dtype, impl)

@@ -12,6 +12,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function
 
 from ._core import composite as _composite
 from ._core import validate as _validate
@@ -139,6 +140,13 @@ def linear_cross_entropy(
         ...                torch.nn.functional.cross_entropy(0.5 * (x @ w.T + b), y))
         True
     """
+    if _validate.overridden(input, linear_weight, target, linear_bias, weight):
+        return handle_torch_function(  # a __torch_function__ subclass
+            linear_cross_entropy, (input, linear_weight, target, linear_bias, weight), input,
+            linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, options=options,
+            z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, impl=impl,
+            chunk_size=chunk_size)
     loss, _ = _linear_cross_entropy(
         input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
         label_smoothing, options, z_loss, softcap, logit_scale, impl, chunk_size, want_lse=False,

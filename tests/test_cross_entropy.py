@@ -337,3 +337,40 @@ def test_gradient_buffer_freed_after_backward_and_retain_graph(impl):
     torch.testing.assert_close(g1, g2)
     with pytest.raises(RuntimeError, match="second time|freed"):
         torch.autograd.grad(loss, x)
+
+
+class _Logged(torch.Tensor):
+    """A ``__torch_function__`` subclass that records the functions it is handed."""
+
+    seen: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(func)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "cross_entropy_with_lse", "nll_loss",
+                                  "log_softmax", "softmax", "linear_cross_entropy"])
+@pytest.mark.parametrize("which", ["input", "target"])
+def test_torch_function_subclasses_get_the_call(name, which):
+    """As torch's functional API: a ``__torch_function__`` override among the tensors is handed
+    crossent's function and its result comes back as the subclass (crossent's nll_loss had
+    returned a plain tensor and no override saw any call)."""
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 5, generator=gen), torch.randint(0, 5, (4,), generator=gen)
+    w = torch.randn(5, 3, generator=gen)
+    if which == "target" and name in ("log_softmax", "softmax"):
+        pytest.skip("no target")
+    args = {"cross_entropy": (x, t), "cross_entropy_with_lse": (x, t), "nll_loss": (x, t),
+            "log_softmax": (x, 1), "softmax": (x, 1), "linear_cross_entropy": (x[:, :3], w, t)}
+    plain = getattr(crossent, name)(*args[name])
+    wrapped = list(args[name])
+    pos = 0 if which == "input" else len(wrapped) - 1
+    wrapped[pos] = wrapped[pos].as_subclass(_Logged)
+    _Logged.seen = []
+    out = getattr(crossent, name)(*wrapped)
+    assert _Logged.seen[0] is getattr(crossent, name)
+    for got, want in zip(*((o,) if isinstance(o, torch.Tensor) else o for o in (out, plain))):
+        assert type(got) is _Logged
+        torch.testing.assert_close(got.as_subclass(torch.Tensor), want)

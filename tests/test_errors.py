@@ -271,14 +271,16 @@ _SOFTMAX_GRID = {"(4, 5)": ((4, 5), torch.float32), "(5,)": ((5,), torch.float32
                  "bfloat16": ((4, 5), torch.bfloat16)}
 
 
-@pytest.mark.parametrize("dtype", [None, torch.float64, torch.int64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [None, torch.float64, torch.int64, torch.bfloat16, "float", 1],
+                         ids=str)
 @pytest.mark.parametrize("dim", [None, 0, 1, -1, 2, -3])
 @pytest.mark.parametrize("input", sorted(_SOFTMAX_GRID))
 @pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
 def test_softmax_inputs_dims_and_dtypes_give_torchs_result_or_class(fn, input, dim, dtype):
     """Every pairing gives torch's output (dtype and shape too), or raises torch's class: a dim
     out of range is an IndexError before any dtype error (it was NotImplementedError for an
-    integer input), and an empty integer input gives an empty output, as torch's."""
+    integer input), an empty integer input gives an empty output, as torch's, and a dtype
+    that is not a torch.dtype is a TypeError (it was .to()'s RuntimeError)."""
     import warnings
 
     shape, in_dtype = _SOFTMAX_GRID[input]
@@ -314,3 +316,14 @@ def test_weight_shapes_as_torch(fn, shape, reduction, weight_shape):
                                    lambda: getattr(crossent, fn)(x, t, w, reduction=reduction))
     if want is not None:
         torch.testing.assert_close(getattr(crossent, fn)(x, t, w, reduction=reduction), want)
+
+
+@pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
+def test_softmax_of_a_list_raises_torchs_class(fn):
+    """torch calls ``input.softmax``: a list raises AttributeError; ours is also a TypeError."""
+    with pytest.raises(AttributeError):
+        getattr(F, fn)([1.0, 2.0], 0)
+    with pytest.raises(AttributeError, match="must be a torch.Tensor"):
+        getattr(crossent, fn)([1.0, 2.0], 0)
+    with pytest.raises(TypeError):
+        getattr(crossent, fn)([1.0, 2.0], 0)

@@ -246,8 +246,7 @@ def apply(run: Callable[..., Tensor], name: str, input: Tensor, dim: int | None,
         out = _lane(input, dim, impl, run is LOG_SOFTMAX)
         if out is not None:
             return out
-    if not isinstance(input, Tensor):
-        raise TypeError(f"{name}(): input must be a torch.Tensor, got {type(input).__name__}")
+    _validate.check_softmax_args(name, input, dtype)
     input = _validate.resolved(input)
     if dtype is not None:
         input = input.to(dtype)

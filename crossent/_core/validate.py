@@ -62,6 +62,28 @@ def check_options(label_smoothing: float, z_loss: float, softcap: float | None) 
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
 
 
+class NotATensorError(TypeError, AttributeError):
+    """A non-tensor input to softmax / log_softmax: torch raises AttributeError there (it calls
+    ``input.softmax``), TypeError elsewhere; this is both."""
+
+
+def check_softmax_args(name: str, input: Any, dtype: Any) -> None:
+    """torch's errors for an input that is not a tensor and a ``dtype`` that is not one."""
+    if not isinstance(input, Tensor):
+        raise NotATensorError(f"{name}(): input must be a torch.Tensor, got {type(input).__name__}")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{name}(): argument 'dtype' must be torch.dtype, not "
+                        f"{type(dtype).__name__}: pass e.g. dtype=torch.float32")
+
+
+def overridden(*tensors: Any) -> bool:
+    """Whether a tensor subclass (or other type) among ``tensors`` overrides
+    ``__torch_function__``: the call then goes to it, as torch's functional API does. Plain
+    tensors skip the check."""
+    return (any(type(t) is not Tensor for t in tensors if t is not None)
+            and torch.overrides.has_torch_function(tuple(t for t in tensors if t is not None)))
+
+
 class ZeroDimLogitsError(IndexError, RuntimeError):
     """0-d logits: torch raises IndexError ("Dimension out of range") or, with a 0-d target read
     as probabilities, RuntimeError; this is both."""
