@@ -309,7 +309,8 @@ def _composite_linear(input, linear_weight, target, linear_bias, weight, reducti
     loss, lse = _composite.cross_entropy(logits, rows_target, weight, ignore_index, reduction,
                                          float(label_smoothing), float(z_loss), softcap, probs)
     if not probs:
-        lse = torch.where(rows_target == ignore_index, float("nan"), lse)
+        # in int64: as uint8, ignore_index -100 would equal class 156
+        lse = torch.where(rows_target.long() == ignore_index, float("nan"), lse)
     shape = (*lead, *out_features)
     out_dtype = torch.promote_types(input.dtype, target.dtype) if probs else input.dtype
     return (loss.reshape(shape) if reduction == "none" else loss).to(out_dtype), lse.reshape(shape)

@@ -276,3 +276,14 @@ def test_token_stats_under_transforms(linear):
     for field in eager[0]._fields:
         torch.testing.assert_close(getattr(stats, field), getattr(eager[0], field),
                                    equal_nan=True)
+
+
+def test_linear_lse_under_vmap_marks_only_ignored_rows():
+    """lse is NaN at ignored rows only: a uint8 class 156 (-100 as uint8) is a class."""
+    gen = torch.Generator().manual_seed(4)
+    x, w = torch.randn(3, 8, generator=gen), torch.randn(200, 8, generator=gen)
+    for t in (torch.tensor([156, 3, 7], dtype=torch.uint8), torch.tensor([156, -100, 7])):
+        _, lse = torch.func.vmap(lambda a, b: crossent.linear_cross_entropy_with_lse(
+            a, w, b, reduction="none"))(x[:, None], t[:, None])
+        want = torch.where(t.long() == -100, float("nan"), torch.logsumexp(x @ w.T, 1))
+        torch.testing.assert_close(lse.flatten(), want, equal_nan=True)
