@@ -252,4 +252,4 @@ def _check_weight(weight: Tensor | None, dtype: torch.dtype, device: torch.devic
             f"weight has dtype {weight.dtype} on {weight.device} but the logits are {dtype} on "
             f"{device}: pass weight.to(logits)"
         )
-    _validate.warn_weight_grad(weight)
+    _validate.check_weight_grad(weight, "vocab_parallel_cross_entropy")

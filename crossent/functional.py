@@ -151,7 +151,7 @@ def _cross_entropy(
         _validate.check_input(input)
         probs = _validate.target_is_probabilities(input, target, ignore_index, reduction)
         weight = _validate.check_weight(weight, input, probs)
-        _validate.warn_weight_grad(weight)
+        _validate.check_weight_grad(weight, "cross_entropy")
     if inplace_backward:
         _validate.check_inplace(input, probs and target.requires_grad)
     probe_tol = _diagnostics.probe_tolerance(input)
@@ -301,6 +301,7 @@ def nll_loss(
         _validate.check_input(input)
         _validate.check_index_target(input, target, reduction)
         weight = _validate.check_weight(weight, input)
+        _validate.check_weight_grad(weight, "nll_loss")
     return _nll.nll(input, target, weight, ignore_index, reduction, _softmax.backend(impl, input))
 
 

@@ -209,13 +209,13 @@ def _linear_cross_entropy(
     # One position: the backend's pass over the targets both checks them and sums the "mean"
     # denominator below (numba: one launch, where the torch ops of both cost ~30 us a call).
     fused_check = not probs and n_pos == 1
+    _validate.check_weight_grad(weight, "linear_cross_entropy")
     if _composite.active():  # vmap, grad, jvp, ...: the logits materialised, elementary ops
         return _composite_linear(input, linear_weight, target, linear_bias, weight, reduction,
                                  ignore_index, label_smoothing, z_loss, softcap, logit_scale,
                                  probs, out_features)
     if not probs and not fused_check:
         _validate.check_target_values(target, n_classes, ignore_index)
-    _validate.warn_weight_grad(weight)
     if probs and target.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError(
             "linear_cross_entropy computes no gradient for probability targets; pass "

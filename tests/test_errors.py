@@ -327,3 +327,24 @@ def test_softmax_of_a_list_raises_torchs_class(fn):
         getattr(crossent, fn)([1.0, 2.0], 0)
     with pytest.raises(TypeError):
         getattr(crossent, fn)([1.0, 2.0], 0)
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss", "linear_cross_entropy"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_class_weight_that_requires_grad_raises_as_torch(fn, smoothing):
+    """torch raises RuntimeError (not differentiable in 'weight') in grad mode and computes
+    under no_grad; crossent had warned and returned a loss whose weight gradient was silently
+    missing."""
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 5, generator=gen), torch.tensor([0, 1, 2, 3])
+    w = torch.rand(5, generator=gen).requires_grad_()
+    h, lw = torch.randn(4, 3, generator=gen), torch.randn(5, 3, generator=gen)
+    kw = dict(weight=w) if fn == "nll_loss" else dict(weight=w, label_smoothing=smoothing)
+    args = {"cross_entropy": (x, t), "nll_loss": (x.log_softmax(1), t),
+            "linear_cross_entropy": (h, lw, t)}[fn]
+    with pytest.raises(RuntimeError, match="weight"):
+        getattr(F, fn)(*args, **kw)
+    with pytest.raises(RuntimeError, match="weight.detach"):
+        getattr(crossent, fn)(*args, **kw)
+    with torch.no_grad():
+        torch.testing.assert_close(getattr(crossent, fn)(*args, **kw), getattr(F, fn)(*args, **kw))

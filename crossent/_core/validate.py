@@ -344,10 +344,12 @@ def check_inplace(input: Tensor, target_needs_grad: bool) -> None:
         )
 
 
-def warn_weight_grad(weight: Tensor | None) -> None:
+def check_weight_grad(weight: Tensor | None, name: str) -> None:
+    """torch's RuntimeError for class weights that require grad in grad mode: no loss of the
+    family is differentiable in them (a silent zero gradient would look like training)."""
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-        warnings.warn(
-            "crossent: weight requires grad, but no gradient is computed for the class weights "
-            "(torch does not implement it either); pass weight.detach() to silence this",
-            stacklevel=3,
+        raise RuntimeError(
+            f"crossent.{name} is not differentiable with respect to argument 'weight' (nor is "
+            "torch's): the class weights cannot have requires_grad=True. Pass weight.detach(), "
+            "or call under torch.no_grad()"
         )
