@@ -19,7 +19,10 @@ from ._core import validate as _validate
 from ._core.autograd import fast_apply
 from ._core.dispatch import observed, resolve_backend
 from ._core.linear_autograd import SKIP_IGNORED_ON, LinearCrossEntropyFunction, whole_call_fits
-from ._core.linear_checks import check_logit_scale, check_tensors, resolve_options, target_is_probabilities
+from ._core.linear_checks import (
+    check_logit_scale, check_options_for_call, check_tensors, resolve_options,
+    target_is_probabilities,
+)
 from ._core.params import CEParams
 from .backends import TargetOutOfBounds, torch_fused
 from .backends._reduced import mean_terms
@@ -203,6 +206,7 @@ def _linear_cross_entropy(
     out_features = check_tensors(input, linear_weight, linear_bias, weight)
     n_classes, n_features = linear_weight.shape[0], linear_weight.shape[-1]
     probs = target_is_probabilities(input, target, n_classes, out_features, ignore_index)
+    check_options_for_call(options, input, target, n_classes, out_features, label_smoothing)
     ignore_index = -100 if ignore_index is None else _validate.ignore_index_arg(ignore_index)
     backend = resolve_backend(impl, input)
     n_pos = math.prod(out_features)  # D positions per row (1 without out_features)
@@ -210,10 +214,12 @@ def _linear_cross_entropy(
     # denominator below (numba: one launch, where the torch ops of both cost ~30 us a call).
     fused_check = not probs and n_pos == 1
     _validate.check_weight_grad(weight, "linear_cross_entropy")
-    if _composite.active():  # vmap, grad, jvp, ...: the logits materialised, elementary ops
-        return _composite_linear(input, linear_weight, target, linear_bias, weight, reduction,
-                                 ignore_index, label_smoothing, z_loss, softcap, logit_scale,
-                                 probs, out_features)
+    if _composite.active() or n_features == 0:
+        # vmap, grad, jvp, ...: no kernel reads a transformed tensor; no features: the logits
+        # are the bias, there is no product to chunk. Both materialise them.
+        return _materialised(input, linear_weight, target, linear_bias, weight, reduction,
+                             ignore_index, label_smoothing, z_loss, softcap, logit_scale, probs,
+                             out_features)
     if not probs and not fused_check:
         _validate.check_target_values(target, n_classes, ignore_index)
     if probs and target.requires_grad and torch.is_grad_enabled():
@@ -292,17 +298,19 @@ def _linear_cross_entropy(
     return loss.to(out_dtype), lse.reshape((*lead, *out_features))
 
 
-def _composite_linear(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                      label_smoothing, z_loss, softcap, logit_scale, probs, out_features
-                      ) -> tuple[Tensor, Tensor]:
-    """The call under a functorch transform (``_core.composite``): ``(R, C, *out_features)``
-    logits from one ``linear``, then the composite cross-entropy; lse NaN at ignored rows."""
+def _materialised(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                  label_smoothing, z_loss, softcap, logit_scale, probs, out_features
+                  ) -> tuple[Tensor, Tensor]:
+    """``(R, C, *out_features)`` logits from one ``linear``, then the composite cross-entropy
+    (``_core.composite``: elementary ops, any transform, any order); lse NaN at ignored rows."""
     n_classes, n_features = linear_weight.shape[0], linear_weight.shape[-1]
     lead = input.shape[:-1]
     flat_bias = None if linear_bias is None else linear_bias.reshape(-1)
-    logits = torch.nn.functional.linear(input.reshape(-1, n_features),
-                                        linear_weight.reshape(-1, n_features), flat_bias)
-    logits = logits.reshape(logits.shape[0], n_classes, *out_features)
+    n_rows = math.prod(lead)  # (not -1: with no features every size fits)
+    logits = torch.nn.functional.linear(
+        input.reshape(n_rows, n_features),
+        linear_weight.reshape(n_classes * math.prod(out_features), n_features), flat_bias)
+    logits = logits.reshape(n_rows, n_classes, *out_features)
     if logit_scale is not None:
         logits = logits * logit_scale
     rows_target = target.reshape(logits.shape if probs else (logits.shape[0], *out_features))

@@ -177,7 +177,7 @@ def test_options():
         torch.testing.assert_close(wr.grad, wt.grad)
     with pytest.raises(ValueError, match="disagrees"):
         crossent.linear_cross_entropy(x, w, t, options=Options(batch_chunk_size=6), chunk_size=4)
-    with pytest.raises(TypeError, match="LinearCrossEntropyOptions"):
+    with pytest.raises(TypeError, match="LinearCrossEntropyOptions"):  # (torch: AttributeError)
         crossent.linear_cross_entropy(x, w, t, options={"batch_chunk_size": 6})
 
 
@@ -209,6 +209,17 @@ def _bad_calls():
         "K-dim bias": ((x, wk, torch.zeros(6, 3, dtype=torch.long)), {"linear_bias": torch.randn(10)}),
         "K-dim target": ((x, wk, t), {}),
         "1-D input, 1-D target": ((x[0], w, t), {}),
+        "target (N, 1)": ((x, w, t[:, None]), {}),
+        "0-d target": ((x, w, t[0]), {}),
+        "target (N / 2, 2)": ((x, w, t.reshape(3, 2)), {}),
+        "out of range, options": ((x, w, torch.full((6,), 10)),
+                                  {"options": torch.nn.LinearCrossEntropyOptions()}),
+        "options not Options": ((x, w, t), {"options": {"batch_chunk_size": 2}}),
+        "options chunk conflict": ((x, w, t), {"options": torch.nn.LinearCrossEntropyOptions(
+            batch_chunk_size=3, chunking_method="aspect_ratio")}),
+        "options acc_dtype": ((x, w, t), {
+            "options": torch.nn.LinearCrossEntropyOptions(acc_dtype=torch.float64)}),
+        "class weight requires grad": ((x, w, t), {"weight": torch.rand(10).requires_grad_()}),
     }
 
 
@@ -236,3 +247,28 @@ def test_crossent_only_errors():
         crossent.linear_cross_entropy(x, w, torch.rand(6, 10).softmax(1).requires_grad_())
     with pytest.raises(RuntimeError, match=r"K-dimensional.*\(2, 3, 8\)"):
         crossent.linear_cross_entropy(x.reshape(2, 3, 8), torch.randn(10, 2, 8), t.reshape(2, 3))
+
+
+@pytest.mark.parametrize("shapes", [((4, 0), (5, 0)), ((2, 3, 0), (5, 0)), ((0,), (5, 0)),
+                                    ((4, 0), (5, 2, 0))])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_features_gives_the_bias_logits_loss(shapes, reduction):
+    """in_features 0: the logits are the bias (torch computes it; the chunked path had failed
+    reshaping an empty input). Against F.cross_entropy of the bias logits, with gradients."""
+    (xs, ws), gen = shapes, torch.Generator().manual_seed(8)
+    x, w = torch.zeros(xs, requires_grad=True), torch.zeros(ws, requires_grad=True)
+    b = torch.randn(ws[:-1], generator=gen, requires_grad=True)
+    t = torch.randint(0, ws[0], xs[:-1] + ws[1:-1], generator=gen)
+    t.view(-1)[0] = -100
+    loss = crossent.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction,
+                                         label_smoothing=0.1)
+    ref_b = b.detach().clone().requires_grad_()
+    logits = ref_b.expand(math.prod(xs[:-1]), *ws[:-1])
+    want = F.cross_entropy(logits, t.reshape(-1, *ws[1:-1]), reduction=reduction,
+                           label_smoothing=0.1)
+    torch.testing.assert_close(loss, want.reshape(loss.shape), equal_nan=True)  # (all ignored)
+    up = torch.rand(loss.shape, generator=gen)
+    gx, gw, gb = torch.autograd.grad(loss, (x, w, b), up)
+    assert gx.shape == x.shape and gw.shape == w.shape
+    torch.testing.assert_close(gb, torch.autograd.grad(want.reshape(loss.shape), ref_b, up)[0],
+                               equal_nan=True)

@@ -107,8 +107,11 @@ def target_is_probabilities(
             f"expected target dtype to be Long or Byte, but got {target.dtype}: use target.long()"
         )
     if tuple(target.shape) != index_shape:
-        # torch: ValueError for a batch mismatch, RuntimeError for the K-dimensional positions.
-        error = RuntimeError if out_features else ValueError
+        # torch: ValueError for a batch mismatch, RuntimeError for the K-dimensional positions
+        # and for a target of the right batch but too many dims ((N, 1): "multi-target").
+        rows = index_shape[0] if index_shape else 1  # (torch reads (H,) input as one row)
+        batch = not out_features and (target.dim() == 0 or target.shape[0] != rows)
+        error = ValueError if batch else RuntimeError
         raise error(
             f"target {_shape(target)} does not match input {_shape(input)}: expected class "
             f"indices of shape {_shape(index_shape)} (one per row of input"
@@ -132,7 +135,7 @@ def resolve_options(options: object, chunk_size: int | None) -> tuple[bool, int 
         return False, chunk_size
     cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)
     if cls is None or not isinstance(options, cls):
-        raise TypeError(
+        raise _validate.WrongTypeError(
             f"options must be None or a torch.nn.LinearCrossEntropyOptions, got "
             f"{type(options).__name__}"
         )
@@ -154,3 +157,25 @@ def check_logit_scale(logit_scale: object) -> None:
         )
     if not math.isfinite(logit_scale):
         raise ValueError(f"logit_scale must be finite, got {logit_scale}")
+
+
+def check_options_for_call(options: object, input: Tensor, target: Tensor, n_classes: int,
+                           out_features: tuple[int, ...], label_smoothing: float) -> None:
+    """torch's errors for ``options`` that its chunked path would reject for this call: a
+    ``batch_chunk_size`` that disagrees with an explicit ``chunking_method`` (ValueError) and an
+    ``acc_dtype`` other than the input's or float32 for 16-bit input (RuntimeError). torch
+    takes that path, and so checks, only without out_features or smoothing and with int64
+    targets; crossent's own chunking would accept all of them."""
+    if (options is None or out_features or label_smoothing != 0.0 or target.dtype != torch.int64
+            or not hasattr(options, "_adjust")):
+        return
+    acc = options._adjust(num_batches=input.shape[0] if input.dim() == 2 else 1,
+                          in_features=input.shape[-1], num_classes=n_classes, dtype=input.dtype,
+                          device=input.device).acc_dtype
+    if acc != input.dtype and not (input.dtype in (torch.float16, torch.bfloat16)
+                                   and acc == torch.float32):
+        raise RuntimeError(
+            f"options.acc_dtype={acc} is not supported for {input.dtype} input (as torch's): "
+            "float32 accumulates float16/bfloat16 input, other inputs their own dtype; crossent "
+            "accumulates in float32 anyway, so pass acc_dtype=None"
+        )

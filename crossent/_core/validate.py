@@ -62,15 +62,20 @@ def check_options(label_smoothing: float, z_loss: float, softcap: float | None) 
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
 
 
-class NotATensorError(TypeError, AttributeError):
-    """A non-tensor input to softmax / log_softmax: torch raises AttributeError there (it calls
-    ``input.softmax``), TypeError elsewhere; this is both."""
+class WrongTypeError(TypeError, AttributeError):
+    """An argument of the wrong type where torch raises AttributeError, since it calls a method
+    of the argument (``input.softmax``, ``options._adjust``): a TypeError, and torch's class."""
+
+
+class TargetIndexError(IndexError, RuntimeError):
+    """A class index out of range: torch raises IndexError from its eager kernels and
+    RuntimeError from others (linear_cross_entropy with ``options``, vmap); this is both."""
 
 
 def check_softmax_args(name: str, input: Any, dtype: Any) -> None:
     """torch's errors for an input that is not a tensor and a ``dtype`` that is not one."""
     if not isinstance(input, Tensor):
-        raise NotATensorError(f"{name}(): input must be a torch.Tensor, got {type(input).__name__}")
+        raise WrongTypeError(f"{name}(): input must be a torch.Tensor, got {type(input).__name__}")
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"{name}(): argument 'dtype' must be torch.dtype, not "
                         f"{type(dtype).__name__}: pass e.g. dtype=torch.float32")
@@ -310,13 +315,14 @@ def check_target_values(target: Tensor, n_classes: int, ignore_index: int) -> No
     raise out_of_bounds(target, int(bad.nonzero()[0, 0]), n_classes, ignore_index)
 
 
-def out_of_bounds(target: Tensor, first: int, n_classes: int, ignore_index: int) -> IndexError:
+def out_of_bounds(target: Tensor, first: int, n_classes: int, ignore_index: int
+                  ) -> TargetIndexError:
     """torch's ``IndexError`` for ``target``'s flat entry ``first``, naming its value and
     position, the class count and the valid range."""
     flat = target.reshape(-1)
     position = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), target.shape))
     where = f"position {position[0] if len(position) == 1 else position}" if position else "the target"
-    return IndexError(
+    return TargetIndexError(
         f"Target {int(flat[first])} is out of bounds: target contains {int(flat[first])} at "
         f"{where}, but input has {n_classes} classes (valid: 0..{n_classes - 1}, or "
         f"ignore_index={ignore_index})"
