@@ -104,11 +104,14 @@ def linear_cross_entropy(
         ignore_index: target value that contributes neither loss nor gradient; ``None`` means
             -100 for class indices. With probability targets it must stay ``None``.
         label_smoothing: in ``[0, 1]``, torch's formula.
-        options: a ``torch.nn.LinearCrossEntropyOptions`` or ``None``. crossent always runs
-            chunked and accumulates in float32 (torch's ``acc_policy="accurate"``), so only two
-            fields act: ``batch_chunk_size`` (rows per chunk, when ``chunk_size`` is not given)
-            and ``allow_retain_graph`` (keep a copy of the gradients so that "mean"/"sum" can be
-            backpropagated twice).
+        options: a ``torch.nn.LinearCrossEntropyOptions`` or ``None``, checked as torch checks
+            it. crossent always runs chunked and accumulates in float32; beyond that three
+            things act: ``batch_chunk_size`` (rows per chunk, when ``chunk_size`` is not given),
+            ``allow_retain_graph`` (keep a copy of the gradients so that "mean"/"sum" can be
+            backpropagated twice) and, for bfloat16/float16 input where torch's options path
+            runs (int64 targets, no smoothing or out_features), float32 logits and products
+            (as its ``acc_dtype``; without ``options`` the logits are rounded to the input's
+            dtype, as torch's ``F.linear``).
         z_loss, softcap, impl: as :func:`crossent.cross_entropy` (crossent only).
         logit_scale: multiplies the logits before softcap and softmax (crossent only): Cohere's
             ``config.logit_scale``; for Granite, whose logits are *divided* by
@@ -206,7 +209,14 @@ def _linear_cross_entropy(
     out_features = check_tensors(input, linear_weight, linear_bias, weight)
     n_classes, n_features = linear_weight.shape[0], linear_weight.shape[-1]
     probs = target_is_probabilities(input, target, n_classes, out_features, ignore_index)
-    check_options_for_call(options, input, target, n_classes, out_features, label_smoothing)
+    if check_options_for_call(options, input, target, n_classes, out_features, label_smoothing):
+        # torch's options path forms float32 logits from 16-bit input: so do we (rounded to
+        # the input's dtype they lose ~3 digits; the float32 copies cost 2x input and weight)
+        loss, lse = _linear_cross_entropy(
+            input.float(), linear_weight.float(), target, _float(linear_bias), _float(weight),
+            reduction, ignore_index, label_smoothing, options, z_loss, softcap, logit_scale,
+            impl, chunk_size, want_lse)
+        return loss.to(input.dtype), lse
     ignore_index = -100 if ignore_index is None else _validate.ignore_index_arg(ignore_index)
     backend = resolve_backend(impl, input)
     n_pos = math.prod(out_features)  # D positions per row (1 without out_features)
@@ -296,6 +306,10 @@ def _linear_cross_entropy(
         lse = torch.where(pos_target.t().reshape(lse.shape) == ignore_index, float("nan"), lse)
     out_dtype = torch.promote_types(input.dtype, target.dtype) if probs else input.dtype
     return loss.to(out_dtype), lse.reshape((*lead, *out_features))
+
+
+def _float(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.float()
 
 
 def _materialised(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,

@@ -272,3 +272,33 @@ def test_no_features_gives_the_bias_logits_loss(shapes, reduction):
     assert gx.shape == x.shape and gw.shape == w.shape
     torch.testing.assert_close(gb, torch.autograd.grad(want.reshape(loss.shape), ref_b, up)[0],
                                equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_options_form_float32_logits_from_16_bit_input(dtype, reduction):
+    """torch's options path forms float32 logits from bfloat16/float16 input; rounded to the
+    input's dtype first, logits near 257 lost the class gap (0.69 instead of 1.31)."""
+    Options = torch.nn.LinearCrossEntropyOptions
+    x = torch.tensor([[1.0, 1.0]], dtype=dtype)
+    w = torch.tensor([[256.0, 1.0], [256.0, 0.0]], dtype=dtype)
+    t = torch.tensor([1])
+    want = F.cross_entropy(F.linear(x.double(), w.double()), t, reduction=reduction)
+    ours = crossent.linear_cross_entropy(x, w, t, options=Options(), reduction=reduction)
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours, want.to(dtype))
+    torch.testing.assert_close(ours, F.linear_cross_entropy(x, w, t, options=Options(),
+                                                            reduction=reduction))
+    gen = torch.Generator().manual_seed(9)
+    x, w = (torch.randn(24, 16, generator=gen) * 3).to(dtype), torch.randn(50, 16, generator=gen)
+    w = w.to(dtype)
+    t = torch.randint(0, 50, (24,), generator=gen)
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    want = F.cross_entropy(F.linear(xr, wr), t, reduction=reduction)
+    xo, wo = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ours = crossent.linear_cross_entropy(xo, wo, t, options=Options(), reduction=reduction)
+    up = torch.rand(ours.shape, generator=gen).to(dtype)
+    for got, ref in zip(torch.autograd.grad(ours, (xo, wo), up),
+                        torch.autograd.grad(want, (xr, wr), up.double())):
+        # float32 products rounded once into the 16-bit gradient
+        torch.testing.assert_close(got, ref.to(dtype), rtol=2**-7, atol=2**-7 * ref.abs().max())

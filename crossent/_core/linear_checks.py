@@ -160,15 +160,18 @@ def check_logit_scale(logit_scale: object) -> None:
 
 
 def check_options_for_call(options: object, input: Tensor, target: Tensor, n_classes: int,
-                           out_features: tuple[int, ...], label_smoothing: float) -> None:
+                           out_features: tuple[int, ...], label_smoothing: float) -> bool:
     """torch's errors for ``options`` that its chunked path would reject for this call: a
     ``batch_chunk_size`` that disagrees with an explicit ``chunking_method`` (ValueError) and an
     ``acc_dtype`` other than the input's or float32 for 16-bit input (RuntimeError). torch
     takes that path, and so checks, only without out_features or smoothing and with int64
-    targets; crossent's own chunking would accept all of them."""
+    targets; crossent's own chunking would accept all of them.
+
+    Returns whether that path forms float32 logits from 16-bit input (its ``acc_dtype``),
+    where ``options=None`` rounds them to the input's dtype."""
     if (options is None or out_features or label_smoothing != 0.0 or target.dtype != torch.int64
             or not hasattr(options, "_adjust")):
-        return
+        return False
     acc = options._adjust(num_batches=input.shape[0] if input.dim() == 2 else 1,
                           in_features=input.shape[-1], num_classes=n_classes, dtype=input.dtype,
                           device=input.device).acc_dtype
@@ -179,3 +182,4 @@ def check_options_for_call(options: object, input: Tensor, target: Tensor, n_cla
             "float32 accumulates float16/bfloat16 input, other inputs their own dtype; crossent "
             "accumulates in float32 anyway, so pass acc_dtype=None"
         )
+    return acc != input.dtype
