@@ -144,6 +144,8 @@ def _cross_entropy(
         reduction = _validate.resolve_reduction(size_average, reduce, reduction)
     input, target, weight = (_validate.resolved(input), _validate.resolved(target),
                              _validate.resolved(weight))
+    if isinstance(input, Tensor) and _validate.autocast_fp32(input):
+        input, target, weight = _validate.autocast_args(input, target, weight)
     plain = weight is None and _validate.plain_rows(input, target)
     if plain:  # (N, C) logits, (N,) int64 indices, CPU, no weight: the checks below all pass
         probs = False
@@ -292,6 +294,8 @@ def nll_loss(
             return loss
     reduction = _validate.resolve_reduction(size_average, reduce, reduction)
     input, weight = _validate.resolved(input), _validate.resolved(weight)
+    if isinstance(input, Tensor) and _validate.autocast_fp32(input):
+        input, target, weight = _validate.autocast_args(input, target, weight)
     if isinstance(input, Tensor) and input.dim() == 0:
         raise ValueError(
             "Expected 1 or more dimensions (got 0): nll_loss needs log-probabilities of shape "

@@ -374,3 +374,41 @@ def test_torch_function_subclasses_get_the_call(name, which):
     for got, want in zip(*((o,) if isinstance(o, torch.Tensor) else o for o in (out, plain))):
         assert type(got) is _Logged
         torch.testing.assert_close(got.as_subclass(torch.Tensor), want)
+
+
+_AUTOCAST_CASES = {
+    "ce": lambda f, a, t, w, p: f.cross_entropy(a, t),
+    "ce none": lambda f, a, t, w, p: f.cross_entropy(a, t, reduction="none"),
+    "ce float32 weight": lambda f, a, t, w, p: f.cross_entropy(a, t, weight=w),
+    "ce 16-bit weight, smoothing": lambda f, a, t, w, p: f.cross_entropy(
+        a, t, weight=w.to(a.dtype), label_smoothing=0.1),
+    "ce probabilities": lambda f, a, t, w, p: f.cross_entropy(a, p),
+    "ce K-dim": lambda f, a, t, w, p: f.cross_entropy(a.reshape(2, 4, 5).transpose(1, 2),
+                                                      t.reshape(2, 4)),
+    "nll": lambda f, a, t, w, p: f.nll_loss(a.log_softmax(1), t),
+    "nll float32 weight, none": lambda f, a, t, w, p: f.nll_loss(a.log_softmax(1), t, weight=w,
+                                                                 reduction="none"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", sorted(_AUTOCAST_CASES))
+def test_autocast_runs_the_losses_in_float32_as_torch(case, dtype):
+    """Under torch.autocast torch runs cross_entropy and nll_loss in float32: a float32 loss,
+    weights of any float dtype. crossent had returned the 16-bit loss (3 digits; a GradScaler's
+    65536 upstream overflows float16) and refused a float32 weight."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 5, generator=gen).to(dtype)
+    t = torch.randint(0, 5, (8,), generator=gen)
+    t[0] = -100
+    w, p = torch.rand(5, generator=gen), torch.randn(8, 5, generator=gen).softmax(1)
+    out = []
+    for module in (F, crossent):
+        a = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype):
+            loss = _AUTOCAST_CASES[case](module, a, t, w, p)
+        out.append((loss, torch.autograd.grad(loss.sum(), a)[0]))
+    (ours, g_ours), (theirs, g_theirs) = out[1], out[0]
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(g_ours, g_theirs)

@@ -27,6 +27,7 @@ from .params import CEParams
 _apply = c_apply(CrossEntropyFunction)
 _lane_apply = c_apply(CrossEntropyLane)
 _transforms_active = torch._C._are_functorch_transforms_active
+_HALF = (torch.bfloat16, torch.float16)
 
 
 class _Plan(NamedTuple):
@@ -57,7 +58,10 @@ def cross_entropy(
     if len(shape) != 2 or target.shape != shape[:1] or not (input.is_cpu and target.is_cpu):
         return None
     n_rows, n_cls = shape
-    key = (impl, input.dtype, target.dtype, n_cls, ignore_index, reduction, label_smoothing,
+    dtype = input.dtype
+    if dtype in _HALF and torch.is_autocast_enabled("cpu"):
+        return None  # autocast: a float32 loss (the general path, ``_validate.autocast_fp32``)
+    key = (impl, dtype, target.dtype, n_cls, ignore_index, reduction, label_smoothing,
            z_loss, softcap, _diagnostics._enabled and n_rows > 0)
     plan = _PLANS.get(key, UNPLANNED)
     if plan is UNPLANNED:
