@@ -27,7 +27,6 @@ from .params import CEParams
 _apply = c_apply(CrossEntropyFunction)
 _lane_apply = c_apply(CrossEntropyLane)
 _transforms_active = torch._C._are_functorch_transforms_active
-_HALF = (torch.bfloat16, torch.float16)
 
 
 class _Plan(NamedTuple):
@@ -59,7 +58,7 @@ def cross_entropy(
         return None
     n_rows, n_cls = shape
     dtype = input.dtype
-    if dtype in _HALF and torch.is_autocast_enabled("cpu"):
+    if dtype in _validate.HALF and torch.is_autocast_enabled("cpu"):
         return None  # autocast: a float32 loss (the general path, ``_validate.autocast_fp32``)
     key = (impl, dtype, target.dtype, n_cls, ignore_index, reduction, label_smoothing,
            z_loss, softcap, _diagnostics._enabled and n_rows > 0)

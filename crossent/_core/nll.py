@@ -58,7 +58,6 @@ def nll(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
 # None for calls the lane does not take; kept once numba is ready.
 _PLANS: dict[tuple, tuple | None] = {}
 _transforms_active = torch._C._are_functorch_transforms_active
-_HALF = (torch.bfloat16, torch.float16)
 
 
 def lane(input: Tensor, target: Tensor, ignore_index: int, reduction: str, impl: str
@@ -73,7 +72,7 @@ def lane(input: Tensor, target: Tensor, ignore_index: int, reduction: str, impl:
     if len(shape) != 2 or target.shape != shape[:1] or not (input.is_cpu and target.is_cpu):
         return None
     dtype = input.dtype
-    if dtype in _HALF and torch.is_autocast_enabled("cpu"):
+    if dtype in _validate.HALF and torch.is_autocast_enabled("cpu"):
         return None  # autocast: nll_loss in float32 (``_validate.autocast_fp32``)
     key = (impl, dtype, target.dtype, ignore_index, reduction)
     plan = _PLANS.get(key, _dispatch.UNPLANNED)

@@ -81,19 +81,19 @@ def check_softmax_args(name: str, input: Any, dtype: Any) -> None:
                         f"{type(dtype).__name__}: pass e.g. dtype=torch.float32")
 
 
-_HALF = (torch.bfloat16, torch.float16)
+HALF = (torch.bfloat16, torch.float16)  # the dtypes torch's autocast runs float32 ops for
 
 
 def autocast_fp32(input: Tensor) -> bool:
     """Whether ``torch.autocast`` is on for ``input``'s device and ``input`` is 16-bit: torch's
     autocast then runs cross_entropy and nll_loss in float32 (a float32 loss), so do these."""
-    return input.dtype in _HALF and torch.is_autocast_enabled(input.device.type)
+    return input.dtype in HALF and torch.is_autocast_enabled(input.device.type)
 
 
 def autocast_args(*tensors: Any) -> tuple[Any, ...]:
     """The tensors as torch's autocast passes them to a float32 op: 16-bit ones as float32
     copies (differentiable: their gradients come back in their own dtype)."""
-    return tuple(t.float() if isinstance(t, Tensor) and t.dtype in _HALF else t
+    return tuple(t.float() if isinstance(t, Tensor) and t.dtype in HALF else t
                  for t in tensors)
 
 
