@@ -94,7 +94,8 @@ def vocab_parallel_cross_entropy(
     loss = VocabParallelCrossEntropy.apply(logits, rows_target, w, shard, params)
     if reduction == "none":
         loss = loss.reshape(out_shape)
-    return loss.to(torch.promote_types(local_logits.dtype, target.dtype) if probs else local_logits.dtype)
+    dtype = local_logits.dtype
+    return loss.to(torch.promote_types(dtype, target.dtype) if probs else dtype)
 
 
 def vocab_parallel_linear_cross_entropy(

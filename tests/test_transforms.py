@@ -171,7 +171,8 @@ def test_softmax_family_under_transforms(shape, dim, dtype, log):
     # vmap adds a leading dim: a non-negative dim keeps its meaning inside the vmapped function
     for tname, *thunks in _transforms(lambda v: ours(v, dim), lambda v: theirs(v, v), (x,),
                                       (True,)):
-        _run_both(tname, *thunks, dtype, f"{'log_' if log else ''}softmax {shape} dim={dim} {dtype}")
+        name = f"{'log_' if log else ''}softmax {shape} dim={dim} {dtype}"
+        _run_both(tname, *thunks, dtype, name)
 
 
 @pytest.mark.parametrize("z_loss,softcap", [(1e-3, None), (0.0, 2.0), (1e-2, 5.0)])
@@ -241,7 +242,8 @@ def test_module_per_sample_gradients_like_torchs_tutorial():
 def test_out_of_range_target_raises_torchs_class():
     x, t = torch.randn(3, 4, 5), torch.randint(0, 5, (3, 4))
     t[0, 0] = 7
-    for ours, theirs in [(crossent.cross_entropy, F.cross_entropy), (crossent.nll_loss, F.nll_loss)]:
+    pairs = [(crossent.cross_entropy, F.cross_entropy), (crossent.nll_loss, F.nll_loss)]
+    for ours, theirs in pairs:
         for run in (lambda f: torch.func.vmap(f)(x, t), lambda f: torch.func.grad(f)(x[0], t[0])):
             with pytest.raises(Exception) as expected:
                 run(theirs)
