@@ -562,3 +562,24 @@ def test_triton_cases_in_interpreter():
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     assert " passed" in done.stdout and "failed" not in done.stdout
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_softmax_family_under_autocast_follows_the_devices_rule(family, monkeypatch):
+    """torch's CUDA autocast runs softmax / log_softmax of 16-bit input in float32 (no dtype
+    given); its CPU autocast keeps the 16-bit dtype. CPU: as torch. The CUDA rule, checked
+    here by applying it to CPU (impl="torch": the numba lane is CPU's own path)."""
+    from crossent._core import validate
+
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    ours_fn, torch_fn = FAMILIES[family]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theirs, ours = torch_fn(x, 1), ours_fn(x, 1)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, theirs, rtol=2**-7, atol=2**-7)
+    monkeypatch.setattr(validate, "AUTOCAST_SOFTMAX_FP32", {"cpu"})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = ours_fn(x, 1, impl="torch")
+        explicit = ours_fn(x, 1, dtype=torch.bfloat16, impl="torch")
+    assert ours.dtype == torch.float32 and explicit.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, torch_fn(x.float(), 1))

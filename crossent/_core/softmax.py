@@ -248,6 +248,7 @@ def apply(run: Callable[..., Tensor], name: str, input: Tensor, dim: int | None,
             return out
     _validate.check_softmax_args(name, input, dtype)
     input = _validate.resolved(input)
+    dtype = _validate.autocast_softmax_dtype(input, dtype)
     if dtype is not None:
         input = input.to(dtype)
     ndim = input.dim()

@@ -90,6 +90,20 @@ def autocast_fp32(input: Tensor) -> bool:
     return input.dtype in HALF and torch.is_autocast_enabled(input.device.type)
 
 
+# Devices whose autocast runs softmax / log_softmax in float32 when no dtype is given (CUDA's
+# "fp32_set_opt_dtype" ops; on CPU torch keeps them in the 16-bit dtype).
+AUTOCAST_SOFTMAX_FP32 = {"cuda"}
+
+
+def autocast_softmax_dtype(input: Tensor, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype softmax / log_softmax run in: float32 for 16-bit input under autocast on the
+    devices where torch does so (and no ``dtype`` given), else ``dtype``."""
+    if (dtype is None and input.dtype in HALF and input.device.type in AUTOCAST_SOFTMAX_FP32
+            and torch.is_autocast_enabled(input.device.type)):
+        return torch.float32
+    return dtype
+
+
 def autocast_args(*tensors: Any) -> tuple[Any, ...]:
     """The tensors as torch's autocast passes them to a float32 op: 16-bit ones as float32
     copies (differentiable: their gradients come back in their own dtype)."""
