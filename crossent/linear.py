@@ -256,7 +256,8 @@ def _linear_cross_entropy(
     if chunk_size is None:
         chunk_size = auto_chunk_size(n_rows, n_features, n_classes, input.device, input.dtype)
     whole = (fused_check and not out_features and not want_lse and reduction != "none"
-             and logit_scale is None and whole_call_fits(x, linear_weight, chunk_size))
+             and logit_scale is None and whole_call_fits(x, linear_weight, chunk_size)
+             and not torch.is_autocast_enabled(input.device.type))
     params = CEParams(
         ignore_index=ignore_index, reduction=reduction, label_smoothing=float(label_smoothing),
         z_loss=float(z_loss), softcap=softcap, want_lse=not whole,
@@ -268,7 +269,7 @@ def _linear_cross_entropy(
                 backend.cross_entropy, chunk_size, None, retain)
         except TargetOutOfBounds as e:  # raised before any gradient product
             raise _validate.out_of_bounds(target, e.row, n_classes, ignore_index) from None
-        return loss.to(input.dtype), None
+        return loss.to(_loss_dtype(input, target, probs)), None
     # "mean" divides by the (weighted) count over all N * D positions.
     all_rows = pos_target.reshape(-1, n_classes) if probs else pos_target.reshape(-1)
     try:
@@ -304,8 +305,14 @@ def _linear_cross_entropy(
     if not probs and input.device.type not in SKIP_IGNORED_ON:
         # Ignored rows: NaN (where they were skipped, the chunk loop left them NaN already).
         lse = torch.where(pos_target.t().reshape(lse.shape) == ignore_index, float("nan"), lse)
-    out_dtype = torch.promote_types(input.dtype, target.dtype) if probs else input.dtype
-    return loss.to(out_dtype), lse.reshape((*lead, *out_features))
+    return loss.to(_loss_dtype(input, target, probs)), lse.reshape((*lead, *out_features))
+
+
+def _loss_dtype(input: Tensor, target: Tensor, probs: bool) -> torch.dtype:
+    """The input's dtype (promoted with probability targets'); float32 for 16-bit input under
+    autocast, where torch's linear then cross_entropy returns a float32 loss."""
+    dtype = torch.promote_types(input.dtype, target.dtype) if probs else input.dtype
+    return torch.float32 if _validate.autocast_fp32(input) else dtype
 
 
 def _float(t: Tensor | None) -> Tensor | None:
@@ -334,8 +341,8 @@ def _materialised(input, linear_weight, target, linear_bias, weight, reduction, 
         # in int64: as uint8, ignore_index -100 would equal class 156
         lse = torch.where(rows_target.long() == ignore_index, float("nan"), lse)
     shape = (*lead, *out_features)
-    out_dtype = torch.promote_types(input.dtype, target.dtype) if probs else input.dtype
-    return (loss.reshape(shape) if reduction == "none" else loss).to(out_dtype), lse.reshape(shape)
+    loss = loss.reshape(shape) if reduction == "none" else loss
+    return loss.to(_loss_dtype(input, target, probs)), lse.reshape(shape)
 
 
 def _no_positions(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,

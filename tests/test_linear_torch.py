@@ -302,3 +302,28 @@ def test_options_form_float32_logits_from_16_bit_input(dtype, reduction):
                         torch.autograd.grad(want, (xr, wr), up.double())):
         # float32 products rounded once into the 16-bit gradient
         torch.testing.assert_close(got, ref.to(dtype), rtol=2**-7, atol=2**-7 * ref.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_autocast_float32_loss_as_torch(dtype, reduction):
+    """Under autocast torch's linear then cross_entropy gives a float32 loss (crossent's was
+    bfloat16 for bfloat16 input, its reduced loss rounded so even for float32 input). bfloat16
+    input: torch's values and gradients; float32 input: crossent keeps float32 logits (torch
+    rounds them to bfloat16), at least as close to float64."""
+    gen = torch.Generator().manual_seed(11)
+    h, w = torch.randn(16, 8, generator=gen).to(dtype), torch.randn(30, 8, generator=gen).to(dtype)
+    t = torch.randint(0, 30, (16,), generator=gen)
+    t[3] = -100
+    a, b = h.clone().requires_grad_(), h.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theirs = F.linear_cross_entropy(a, w, t, reduction=reduction)
+        ours = crossent.linear_cross_entropy(b, w, t, reduction=reduction)
+    assert ours.dtype == theirs.dtype == torch.float32
+    (ga,), (gb,) = torch.autograd.grad(theirs.sum(), a), torch.autograd.grad(ours.sum(), b)
+    if dtype == torch.bfloat16:
+        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(gb, ga)
+        return
+    ref = F.cross_entropy(F.linear(h.double(), w.double()), t, reduction=reduction)
+    assert (ours.double() - ref).abs().max() <= (theirs.double() - ref).abs().max() + 1e-6
