@@ -6,6 +6,7 @@ The Triton cases (``*_triton``) need ``TRITON_INTERPRET=1`` before Triton is imp
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -433,6 +434,32 @@ def test_nll_loss_double_backward_through_the_upstream_gradient(shape, reduction
         assert g.requires_grad
         results.append(torch.autograd.grad((g * u).sum() + (v * v).sum(), v)[0])
     torch.testing.assert_close(*results, equal_nan=True)
+
+
+@pytest.mark.parametrize("impl", [b for b in cpu_backends() if b != "torch"] + ["auto"])
+@pytest.mark.parametrize("shape", [(4, 5), (2, 5, 3), (5,)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_nll_loss_second_derivative_in_the_input(shape, weighted, impl):
+    """d/dx of nll_loss's gradient (a Hessian, a gradient penalty on the log-probabilities):
+    torch's first gradient requires grad and the second is zeros (the loss is linear);
+    crossent's first gradient had no graph, so the second raised. -inf log-probabilities stay
+    NaN-free. (The torch backend's gather has torch's gather backward: a gradient free of the
+    input, as before.)"""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(shape, generator=gen).log_softmax(0 if len(shape) == 1 else 1)
+    x.view(-1)[0] = -math.inf
+    t = torch.randint(0, 5, shape[:1] + shape[2:], generator=gen) if len(shape) > 1 else \
+        torch.tensor(3)
+    weight = torch.rand(5, generator=gen) if weighted else None
+    out = []
+    for fn in (crossent.nll_loss, F.nll_loss):
+        a = x.clone().requires_grad_()
+        kw = dict(impl=impl) if fn is crossent.nll_loss else {}
+        (g,) = torch.autograd.grad(fn(a, t, weight, **kw), a, create_graph=True)
+        assert g.requires_grad
+        out.append((g, torch.autograd.grad((g * g).sum(), a)[0]))
+    torch.testing.assert_close(out[0][0], out[1][0])
+    torch.testing.assert_close(out[0][1], out[1][1])
 
 
 def test_the_nll_lane_raises_the_general_paths_errors():

@@ -156,7 +156,7 @@ class NLLLoss(torch.autograd.Function):
             input.data_ptr(), LIKE[input.dtype], dims, strides, target.data_ptr(),
             LIKE[target.dtype], w, ignore_index, 0 if loss is None else loss.data_ptr(),
             LIKE[acc], loss is not None)
-        ctx.save_for_backward(target)
+        ctx.save_for_backward(target, input)  # (input: see ``_in_graph``; torch saves it too)
         # one attribute, not seven: each costs a small call a tenth of a microsecond
         ctx.state = (w, w_sum, ignore_index, reduction, input.shape, input.dtype, dims)
         if reduction == "none":
@@ -165,10 +165,10 @@ class NLLLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        (target,) = ctx.saved_tensors
+        target, input = ctx.saved_tensors
         w, w_sum, ignore_index, reduction, shape, dtype, dims = ctx.state
-        return _grad(target, w, ignore_index, reduction, g, w_sum, shape, dtype, dims), None, \
-            None, None, None
+        grad = _grad(target, w, ignore_index, reduction, g, w_sum, shape, dtype, dims)
+        return _in_graph(grad, input), None, None, None, None
 
 
 class NLLLossLane(torch.autograd.Function):
@@ -185,13 +185,14 @@ class NLLLossLane(torch.autograd.Function):
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         total, w_sum, mean = _forward_call(xa, like, dims, strides, ta, tlike, _NONE[acc],
                                            ignore_index, 0, LIKE[acc], False)
-        ctx.save_for_backward(target)  # (its address is kept too: the version check guards it)
+        # (the target's address is kept too: the version check guards it; input: _in_graph)
+        ctx.save_for_backward(target, input)
         ctx.state = (plan, ta, w_sum, dims)
         return _scalar(total if reduction == "sum" else mean, dtype)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        (target,) = ctx.saved_tensors
+        target, input = ctx.saved_tensors
         (like, tlike, ignore_index, reduction, dtype), ta, w_sum, dims = ctx.state
         w = _NONE[torch.float64 if dtype == torch.float64 else torch.float32]
         if dims[0] * dims[1] >= _numba_threads.PARALLEL_MIN or g.requires_grad:  # (_grad)
@@ -200,7 +201,20 @@ class NLLLossLane(torch.autograd.Function):
             grad = torch.empty(dims[0], dims[1], dtype=dtype)
             _backward_call(ta, tlike, w, ignore_index, 0, like, False, float(g), w_sum,
                            reduction == "mean", grad.data_ptr(), like, dims, 1)
-        return grad, None, None, None, None, None, None
+        return _in_graph(grad, input), None, None, None, None, None, None
+
+
+_FALSE = torch.zeros((), dtype=torch.bool)
+
+
+def _in_graph(grad: Tensor, input: Tensor) -> Tensor:
+    """Under ``create_graph=True``: the gradient also as a function of ``input``, whose
+    derivative there is 0 (nll_loss is linear in it), as torch's (its gradient requires grad
+    and a second derivative gives zeros; without this one raised "does not require grad").
+    ``where`` rather than ``+ 0 * input``: log-probabilities of -inf would make NaN."""
+    if torch.is_grad_enabled() and input.requires_grad:
+        return torch.where(_FALSE, input, grad)
+    return grad
 
 
 def _scalar(value: float, dtype: torch.dtype) -> Tensor:
