@@ -224,9 +224,10 @@ def _linear_cross_entropy(
     # denominator below (numba: one launch, where the torch ops of both cost ~30 us a call).
     fused_check = not probs and n_pos == 1
     _validate.check_weight_grad(weight, "linear_cross_entropy")
-    if _composite.active() or n_features == 0:
+    if _composite.active() or n_features == 0 or n_pos == 0:
         # vmap, grad, jvp, ...: no kernel reads a transformed tensor; no features: the logits
-        # are the bias, there is no product to chunk. Both materialise them.
+        # are the bias, there is no product to chunk; no positions (an out_features holding a
+        # 0): empty logits. All materialise them.
         return _materialised(input, linear_weight, target, linear_bias, weight, reduction,
                              ignore_index, label_smoothing, z_loss, softcap, logit_scale, probs,
                              out_features)
@@ -242,9 +243,6 @@ def _linear_cross_entropy(
     x = input.reshape(-1, n_features)  # (N, H)
     n_rows = x.shape[0]
     acc = acc_dtype(input.dtype)
-    if n_pos == 0:  # out_features holds a 0: empty logits, nothing to chunk; torch's result
-        return _no_positions(input, linear_weight, target, linear_bias, weight, reduction,
-                             ignore_index, label_smoothing, probs, acc)
     # Targets per position d of out_features, each block contiguous: (D, N) or (D, N, C).
     if probs:
         pos_target = target.reshape(n_rows, n_classes, n_pos).permute(2, 0, 1).to(acc).contiguous()
@@ -343,18 +341,3 @@ def _materialised(input, linear_weight, target, linear_bias, weight, reduction, 
     shape = (*lead, *out_features)
     loss = loss.reshape(shape) if reduction == "none" else loss
     return loss.to(_loss_dtype(input, target, probs)), lse.reshape(shape)
-
-
-def _no_positions(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                  label_smoothing, probs, acc) -> tuple[Tensor, Tensor]:
-    """K-dimensional loss over zero positions: torch's (NaN for "mean", 0 for "sum", empty for
-    "none") from the empty logits, which cost nothing to materialise."""
-    flat_bias = None if linear_bias is None else linear_bias.reshape(-1)
-    logits = torch.nn.functional.linear(input, linear_weight.reshape(-1, input.shape[-1]), flat_bias)
-    logits = logits.reshape(*input.shape[:-1], *linear_weight.shape[:-1])  # (N, C, *out_features)
-    loss = torch.nn.functional.cross_entropy(
-        logits, target if probs else target.long(), weight, ignore_index=ignore_index,
-        reduction=reduction, label_smoothing=label_smoothing,
-    )
-    lse_shape = (*input.shape[:-1], *linear_weight.shape[1:-1])
-    return loss, torch.empty(lse_shape, dtype=acc, device=input.device)

@@ -327,3 +327,21 @@ def test_autocast_float32_loss_as_torch(dtype, reduction):
         return
     ref = F.cross_entropy(F.linear(h.double(), w.double()), t, reduction=reduction)
     assert (ours.double() - ref).abs().max() <= (theirs.double() - ref).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_zero_positions_give_torchs_empty_loss(reduction, smoothing):
+    """out_features holding a 0: empty logits, torch's result (NaN "mean", 0 "sum", empty
+    "none"), computed by crossent's own composite (it had called torch's cross_entropy)."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(4, 8, generator=gen, requires_grad=True)
+    w = torch.randn(5, 0, 8, generator=gen, requires_grad=True)
+    t = torch.zeros(4, 0, dtype=torch.long)
+    kw = dict(reduction=reduction, label_smoothing=smoothing)
+    ours = crossent.linear_cross_entropy(x, w, t, **kw)
+    theirs = F.linear_cross_entropy(x, w, t, **kw)
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    gx, gw = torch.autograd.grad(ours.sum(), (x, w))
+    assert not gx.any() and gw.shape == w.shape
