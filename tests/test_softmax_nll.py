@@ -225,7 +225,8 @@ def test_second_derivative_matches_torch(shape, data, family, impl, dtype, strid
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,dim", [((64, 10), 1), ((3, 5), 0), ((2, 3, 4), 1), ((7,), 0),
-                                       ((0, 4), 1), ((300, 70), 1), ((2, 40, 300), 1)], ids=str)
+                                       ((0, 4), 1), ((300, 70), 1), ((2, 40, 300), 1),
+                                       ((64, 10), -1), ((2, 3, 4), -2), ((7,), -1)], ids=str)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_softmax_lane_gives_the_general_paths_bits(family, shape, dim, dtype, monkeypatch):
     """The common call (contiguous CPU input, ``_core.softmax._lane``) gives the general

@@ -202,6 +202,8 @@ def _lane(input: Tensor, dim: int, impl: str, log: bool) -> Tensor | None:
         return None
     shape = input.shape
     ndim = len(shape)
+    if dim < 0:
+        dim += ndim  # dim=-1, the usual spelling for class-last logits
     if not 0 <= dim < ndim:
         return None
     key = (impl, input.dtype, dim, ndim)
