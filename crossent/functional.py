@@ -154,6 +154,10 @@ def _cross_entropy(
         probs = _validate.target_is_probabilities(input, target, ignore_index, reduction)
         weight = _validate.check_weight(weight, input, probs)
         _validate.check_weight_grad(weight, "cross_entropy")
+        if probs and _validate.float64_result(input, target, weight):
+            # float64 probabilities or weights for narrower logits: torch sums the row terms in
+            # float64, its result's dtype; in float32 a sum past 3.4e38 overflowed to inf
+            input = input.double()
     if inplace_backward:
         _validate.check_inplace(input, probs and target.requires_grad)
     probe_tol = _diagnostics.probe_tolerance(input)

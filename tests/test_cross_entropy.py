@@ -167,6 +167,28 @@ def test_probability_target_gradient(impl):
 
 
 @pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("offset", [0.0, 1e7, -1e15, 1e30])
+def test_probability_target_gradient_at_large_logits(impl, dtype, offset):
+    """d loss / d target = -(1 - eps) w log p with log p = (x - m) - log s, as torch forms it: as
+    ``x - lse`` it lost log s with lse's rounding (float32 near 1e7: 1.0 for torch's 1.386)."""
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(9, 6, generator=gen, dtype=torch.float64) * 3 + offset).to(dtype)
+    weight = (torch.rand(6, generator=gen, dtype=torch.float64) + 0.2).to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    for options in (dict(), dict(weight=weight, label_smoothing=0.2)):
+        tgt = prob_target((9, 6), dtype, gen)
+        t_ours, t_torch = tgt.clone().requires_grad_(), tgt.clone().requires_grad_()
+        ours = crossent.cross_entropy(x, t_ours, reduction="none", impl=impl, **options)
+        theirs = F.cross_entropy(x, t_torch, reduction="none", **options)
+        torch.testing.assert_close(ours, theirs, **tol)
+        up = torch.randn(9, generator=gen, dtype=torch.float64).to(dtype)
+        (ga,) = torch.autograd.grad(ours, t_ours, up)
+        (gb,) = torch.autograd.grad(theirs, t_torch, up)
+        torch.testing.assert_close(ga, gb, **tol)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
 @pytest.mark.parametrize("kind", ["index", "probs"])
 def test_gradcheck(impl, kind):
     """Analytic gradients of every option (incl. z_loss, softcap) against finite differences."""

@@ -50,12 +50,17 @@ CE_CASES += [
     dict(reduction="mean", weighted=True, padded=True),
     dict(reduction="none", weighted=False, z_loss=1e-2, padded=True),
     dict(reduction="sum", weighted=True, label_smoothing=0.1, padded=True),  # inf / NaN as torch
+    # logits near +-1e15, where float64's lse has lost log S (ulp 0.125): (M - x) + log S
+    dict(reduction="none", weighted=True, label_smoothing=0.15, offset=1e15),
+    dict(reduction="mean", weighted=False, label_smoothing=0.2, offset=-1e15, sizes=EMPTY),
 ]
 PROB_CASES = [
     dict(reduction=r, weighted=w, label_smoothing=eps, probs=True, **extra)
     for r, w, eps, extra in itertools.product(["none", "mean", "sum"], [False, True], [0.0, 0.2],
                                               [dict(), dict(z_loss=1e-2, softcap=3.0)])
 ]
+PROB_CASES += [dict(reduction="none", weighted=w, label_smoothing=0.2, probs=True, offset=1e15)
+               for w in (False, True)]
 LINEAR_CASES = [
     dict(reduction=r, weighted=w, label_smoothing=eps, bias=b, **extra)
     for r, (w, eps, b), extra in itertools.product(
@@ -75,7 +80,7 @@ def _problem(case: dict, seed: int, n_classes: int = V):
     """Full logits, target and class weights, identical on every rank (same seed)."""
     gen = torch.Generator().manual_seed(seed)
     shape = case.get("shape", (11, n_classes))
-    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + case.get("offset", 0.0)
     if case.get("padded"):  # padded vocabulary: classes 9.. masked to -inf (a whole shard of 3 ranks)
         x[:, 9:] = -torch.inf
     ignore_index = case.get("ignore_index", -100)
@@ -125,7 +130,7 @@ def _check_ce(rank: int, world: int, case: dict, seed: int, fails: list, group=N
     what = f"world={world} rank={rank} {case}"
     _compare(fails, what + " loss vs crossent", ours, ref)
     _compare(fails, what + " grad vs crossent", g_ours, _local_slice(g_full, start, size))
-    if case.get("probs") and seed % 3 == 0:  # probability targets that require grad
+    if case.get("probs") and (seed % 3 == 0 or "offset" in case):  # targets that require grad
         local_t = local_target.clone().requires_grad_()
         full_t = target.clone().requires_grad_()
         loss_t = vocab_parallel_cross_entropy(local.detach(), local_t, vocab_start=vocab_start, group=group,

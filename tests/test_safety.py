@@ -171,6 +171,34 @@ def test_probability_targets_promote_with_the_weight_like_torch(impl, w_dtype, x
         crossent.cross_entropy(x, torch.tensor([0, 1, 2, 3]), weight=w, impl=impl)
 
 
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("shape", [(3, 2), (2, 5, 3)], ids=str)
+@pytest.mark.parametrize("by", ["target", "weight"])
+def test_a_float64_result_sums_in_float64(impl, shape, by):
+    """float32 logits with float64 probabilities (or class weights): torch's loss is float64,
+    its row terms summed in float64. Rows of loss 3e38 fit in float32; their sum does not (it
+    was inf), and the gradient stays float32."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(shape, generator=gen)
+    x[:, 0] = 3e38
+    x.requires_grad_()
+    p = torch.randn(shape, generator=gen, dtype=torch.float64).softmax(1)
+    p[:, 0] = 0  # the loss is about 3e38 in every row
+    p = p / p.sum(1, keepdim=True)
+    w = torch.rand(shape[1], generator=gen, dtype=torch.float64) + 1
+    if by == "weight":
+        p = p.float()
+    for reduction in ("sum", "mean", "none"):
+        kw = dict(weight=w if by == "weight" else None, reduction=reduction)
+        ours, theirs = crossent.cross_entropy(x, p, impl=impl, **kw), F.cross_entropy(x, p, **kw)
+        assert ours.dtype == theirs.dtype == torch.float64
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+        (g_ours,), (g_theirs,) = torch.autograd.grad(ours.sum(), x), torch.autograd.grad(
+            theirs.sum(), x)
+        assert g_ours.dtype == torch.float32
+        torch.testing.assert_close(g_ours, g_theirs)
+
+
 @pytest.mark.parametrize("impl", cpu_backends())
 @pytest.mark.parametrize("n_classes", [2, 20, 300])  # few-class (K-dim kernel) and row paths
 @pytest.mark.parametrize("probs", [False, True])

@@ -91,9 +91,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         # Saved tensors (not ctx attributes) are freed right after backward, so the (R, C)
         # gradient does not live on as long as the loss does; and an in-place gradient that
         # backward has scaled fails the version check on a second backward instead of being
-        # reused. Probability targets that require grad also need the logits and lse: d loss /
+        # reused. Probability targets that require grad also need the logits: d loss /
         # d target needs log p, recomputed in backward (never stored as (R, C) in forward).
-        extra = (logits, lse, weight) if ctx.needs_input_grad[1] else ()
+        extra = (logits, weight) if ctx.needs_input_grad[1] else ()
         ctx.save_for_backward(grad, *extra)
         if not params.want_lse:  # one tensor output less for apply to wrap (~0.8 us a call)
             return loss, None, probs
@@ -112,8 +112,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         if needs[1]:
             from ..backends.torch_fused import prob_target_grad
 
-            logits, lse, weight = extra
-            g = prob_target_grad(logits, lse, weight, params) * scale
+            logits, weight = extra
+            g = prob_target_grad(logits, weight, params) * scale
             grad_target = g * (grad_loss.unsqueeze(1) if grad_loss.dim() else grad_loss)
         return grad_logits, grad_target, None, None, None, None
 

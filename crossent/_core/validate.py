@@ -380,6 +380,14 @@ def check_inplace(input: Tensor, target_needs_grad: bool) -> None:
         )
 
 
+def float64_result(input: Tensor, target: Tensor, weight: Tensor | None) -> bool:
+    """Whether probability targets (or their class weights) promote the loss of narrower logits
+    to float64."""
+    if input.dtype == torch.float64:
+        return False
+    return torch.float64 in (target.dtype, None if weight is None else weight.dtype)
+
+
 def check_weight_grad(weight: Tensor | None, name: str) -> None:
     """torch's RuntimeError for class weights that require grad in grad mode: no loss of the
     family is differentiable in them (a silent zero gradient would look like training)."""

@@ -5,8 +5,14 @@ Each rank holds the logits of classes ``[start, start + V_local)``. The loss of 
 for label smoothing / probability targets, class-weighted sums of the logits. All of them merge
 from per-rank statistics:
 
-    lse        = M + log sum_r s_r * exp(m_r - M)        m_r local max, s_r = sum exp(x - m_r)
-    x_y, sums  = sum_r (rank's partial value)             0 on ranks that do not own the class
+    lse        = M + log S,  S = sum_r s_r * exp(m_r - M)   m_r local max, s_r = sum exp(x - m_r)
+    x_y, mass  = sum_r (rank's partial value)               0 on ranks that do not own the class
+    sum_c u_c (M - x_c) = sum_r [sum_{c in r} u_c (m_r - x_c) + (sum_{c in r} u_c) (M - m_r)]
+
+Losses are formed as torch's log_softmax forms them, ``(M - x) + log S``, never ``lse - x``:
+``lse`` rounded to float32 has lost ``log S`` at large logits (near 1e30 every loss was 0), and
+the weighted sums enter relative to each rank's max for the same reason (``C lse - sum_c x_c``
+cancels).
 
 so one all-gather of a ``(k, R)`` block per rank gives every rank everything (Megatron's
 vocab-parallel loss uses three all-reduces: max, target logit, sum-exp). The same buffer carries
@@ -28,7 +34,7 @@ from torch import Tensor
 
 from . import validate as _validate
 from .params import CEParams
-from ..backends.torch_fused import _capped, acc_dtype
+from ..backends.torch_fused import _capped, _scaled_gaps, acc_dtype
 
 _META = 4  # int64 fields per rank: shard start, shard size, weight length (-1: none), target checksum
 
@@ -65,7 +71,7 @@ def shard_layout(local_size: int, group, distributed: bool, device: torch.device
 @dataclass
 class Result:
     loss: Tensor  # (R,) per-row loss, accumulation dtype, 0 for ignored rows
-    lse: Tensor  # (R,) global logsumexp of the (capped) logits
+    lse_parts: tuple[Tensor, Tensor]  # (R,) each: M and log S, lse = M + log S of the capped logits
     denominator: Tensor | None  # divisor of "mean"
     scale: Tensor  # gradient factor folded into grad (1 / denominator for "mean")
     weight_local: Tensor | None  # (V_local,) this rank's class weights, accumulation dtype
@@ -109,8 +115,9 @@ def forward(
         owned &= target < shard.start + n_local  # (R,) this rank holds the target class
         local = torch.where(owned, target - shard.start, 0)  # (R,) column in this shard
 
-    # Stats rows: max, sum-exp, then index: [x_y, (sum w x)]; probs: [sum w t x, sum w t, (sum w x)].
-    n_stats = 2 + (1 if not probs else 2) + (1 if eps > 0 else 0)
+    # Stats rows: max m, sum-exp, then index: [x_y]; probs: [sum w t (m - x), sum w t]; with
+    # smoothing also [sum w eps (m - x), eps sum w] (m: 0 for a row of all -inf).
+    n_stats = 2 + (1 if not probs else 2) + (2 if eps > 0 else 0)
     buf, stats, meta = _packed(n_stats, n_rows, acc, device)
     for start in range(0, n_rows, step):
         rows = slice(start, start + step)
@@ -133,13 +140,16 @@ def forward(
                           params.ignore_index, probs)
     if isinstance(vocab, Tensor):
         vocab = vocab.to(acc)  # device-side size (accelerators, offsets given by the caller)
-    lse, sums = _merge(all_stats)  # (R,), (n_stats - 2, R)
+    top, log_s = _merge(all_stats)  # (R,) each
+    lse = top + log_s
 
     if probs:
-        loss, coef, t_scale, denominator = _prob_terms(lse, sums, weight, vocab, eps, params)
+        loss, coef, t_scale, denominator = _prob_terms(top, log_s, all_stats, weight, vocab, eps,
+                                                       params)
         w_y = None
     else:
-        loss, coef, w_y, denominator = _index_terms(lse, sums, target, weight, vocab, eps, params)
+        loss, coef, w_y, denominator = _index_terms(top, log_s, all_stats, target, weight, vocab,
+                                                    eps, params)
     scale = torch.ones((), dtype=acc, device=device)
     if params.reduction == "mean":
         # An all-ignored batch: loss 0/0 = NaN and a zero gradient, exactly as torch.
@@ -149,14 +159,15 @@ def forward(
     if scratch is not None:
         m_local = stats[0]  # (R,) this rank's max, as the first pass subtracted it
         # softmax = exp(x - m) * exp(m - lse), folded into the per-row gradient factor
-        coef = coef * (torch.where(m_local == -torch.inf, 0, m_local) - lse).exp()
+        coef = coef * ((torch.where(m_local == -torch.inf, 0, m_local) - top) - log_s).exp()
     if sink is not None:
         for start in range(0, n_rows, step):
             rows = slice(start, start + step)
             if scratch is None:
                 x, tanh_x = _capped(logits_of(rows).to(acc), params.softcap)  # (r, V_local) acc
                 # p * coef, out of place: x may be the caller's logits
-                g = (x - lse[rows].unsqueeze(1)).exp_().mul_(coef[rows].unsqueeze(1))
+                g = (x - top[rows].unsqueeze(1)).sub_(log_s[rows].unsqueeze(1)).exp_()
+                g.mul_(coef[rows].unsqueeze(1))
             else:
                 g = scratch[rows].mul_(coef[rows].unsqueeze(1))  # (r, V_local) in place
                 tanh_x = None
@@ -177,7 +188,7 @@ def forward(
             if tanh_x is not None:
                 g.mul_(1 - tanh_x * tanh_x)  # d(cap * tanh(x / cap))/dx
             sink(rows, g)
-    return Result(loss, lse, denominator, scale, w_local)
+    return Result(loss, (top, log_s), denominator, scale, w_local)
 
 
 def _slots(acc: torch.dtype) -> int:
@@ -213,44 +224,62 @@ def _local_stats(x: Tensor, t: Tensor, owned: Tensor | None, w: Tensor | None, e
         return
     m = x.amax(1)  # (r,)
     out[0] = m
+    # A shard whose row is all -inf adds exactly 0 (not NaN) to the merged sum-exp, and its
+    # sums below are taken about 0 (inf for a class of weight > 0, as torch's lse - x_c).
+    m_safe = torch.where(m == -torch.inf, 0, m).unsqueeze(1)  # (r, 1)
     if owned is not None:
         x_y = x.gather(1, t.unsqueeze(1)).squeeze(1)
         out[2] = torch.where(owned, x_y, 0)  # the target logit, on the owning rank only
     else:
         wt = t if w is None else t * w  # (r, V_local)
-        out[2] = (wt * x).sum(1)
+        out[2] = (wt * (m_safe - x)).sum(1)
         out[3] = wt.sum(1)
     if eps > 0:
-        out[-1] = (x if w is None else x * w).sum(1)
-    # A shard whose row is all -inf adds exactly 0 (not NaN) to the merged sum-exp.
-    m_safe = torch.where(m == -torch.inf, 0, m).unsqueeze(1)  # (r, 1)
+        # eps (m - x_c), rounded once (``_scaled_gaps``); a term at the max is 0, not w_c * 0
+        # (NaN for an inf weight, whose inf the eps W log S term supplies, as torch's)
+        gaps = _scaled_gaps(m_safe, x, eps)
+        out[-2] = (gaps if w is None else torch.where(gaps == 0, 0, gaps * w)).sum(1)
+        out[-1] = eps * (x.shape[1] if w is None else w.sum())
     e = (x - m_safe).exp_() if exp_out is None else torch.sub(x, m_safe, out=exp_out).exp_()
     out[1] = e.sum(1)
 
 
 def _merge(stats: Tensor) -> tuple[Tensor, Tensor]:
-    """Merge ``(W, k, R)`` per-rank statistics into the global lse ``(R,)`` and sums ``(k-2, R)``."""
+    """The global max ``M`` and ``log S`` ``(R,)`` (``lse = M + log S``) from ``(W, k, R)``
+    per-rank statistics."""
     m = stats[:, 0]  # (W, R)
     top = m.amax(0)  # (R,)
     # All -inf rows give top = -inf and NaN here, as torch's log_softmax does.
     s = (stats[:, 1] * (m - top).exp()).sum(0)
-    return top + s.log(), stats[:, 2:].sum(0)
+    return top, s.log()
 
 
-def _index_terms(lse, sums, target, weight, vocab, eps, params):
+def _about_top(stats: Tensor, top: Tensor, value: int, mass: int) -> Tensor:
+    """``sum_c u_c (M - x_c)`` ``(R,)`` from each rank's ``sum u_c (m_r - x_c)`` (row ``value``
+    of ``stats (W, k, R)``) and ``sum u_c`` (row ``mass``): moved from ``m_r`` to ``M`` (a shift of
+    0 adds exactly 0, also for an inf mass)."""
+    m = stats[:, 0]
+    shift = top - torch.where(m == -torch.inf, 0, m)  # (W, R)
+    return (stats[:, value] + torch.where(shift == 0, 0, stats[:, mass] * shift)).sum(0)
+
+
+def _index_terms(top, log_s, stats, target, weight, vocab, eps, params):
     """Class-index rows, torch's formula with smoothing eps and class weights w:
 
     loss = (1 - eps) * w_y * (lse - x_y) + eps / V * sum_c w_c * (lse - x_c) [+ z * lse^2]
-    Returns the loss, the factor multiplying softmax in the gradient, w_y and sum(w_y).
+    with lse - x = (M - x) + log S. Returns the loss, the factor multiplying softmax in the
+    gradient, w_y and sum(w_y).
     """
+    lse = top + log_s
     valid = target != params.ignore_index  # (R,)
     counted = valid.to(lse.dtype)
     w_y = counted if weight is None else counted * weight[torch.where(valid, target, 0)]
-    loss = (1 - eps) * w_y * (lse - sums[0])
+    loss = (1 - eps) * w_y * ((top - stats[:, 2].sum(0)) + log_s)
     coef = (1 - eps) * w_y
     if eps > 0:
         w_total = vocab if weight is None else weight.sum()
-        loss = loss + (eps / vocab) * torch.where(valid, w_total * lse - sums[1], 0)
+        smooth = _about_top(stats, top, 3, 4) + (eps * w_total) * log_s  # eps sum w_c (lse - x_c)
+        loss = loss + torch.where(valid, smooth, 0) / vocab
         coef = coef + (eps / vocab) * w_total * counted
     if params.z_loss:
         loss = loss + params.z_loss * lse * lse
@@ -259,20 +288,21 @@ def _index_terms(lse, sums, target, weight, vocab, eps, params):
     return torch.where(valid, loss, 0), coef, w_y, w_y.sum()
 
 
-def _prob_terms(lse, sums, weight, vocab, eps, params):
-    """Probability rows: loss = lse * sum_c w_c t_c - sum_c w_c t_c x_c, t smoothed towards 1/V.
+def _prob_terms(top, log_s, stats, weight, vocab, eps, params):
+    """Probability rows: loss = sum_c w_c t_c ((M - x_c) + log S), t smoothed towards 1/V.
 
     Returns the loss, the softmax factor (weighted target mass), the smoothing offset eps / V
     of the target and the row count (the divisor of "mean").
     """
-    wtx, mass = (1 - eps) * sums[0], (1 - eps) * sums[1]
+    lse = top + log_s
+    wt_gap, mass = (1 - eps) * _about_top(stats, top, 2, 3), (1 - eps) * stats[:, 3].sum(0)
     t_scale = 0.0
     if eps > 0:
         t_scale = eps / vocab
         w_total = vocab if weight is None else weight.sum()
-        wtx = wtx + t_scale * sums[2]
+        wt_gap = wt_gap + _about_top(stats, top, 4, 5) / vocab
         mass = mass + t_scale * w_total
-    loss = lse * mass - wtx
+    loss = wt_gap + mass * log_s
     if params.z_loss:
         loss = loss + params.z_loss * lse * lse
         mass = mass + 2 * params.z_loss * lse

@@ -50,8 +50,8 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         ctx.scale, ctx.params = out.scale, params
         # Saved (not a ctx attribute) so the gradient is freed after backward, not with the loss.
         # Probability targets that require grad: d loss / d t = -(1 - eps) w log p, made in
-        # backward from the logits and the global lse (local: no communication).
-        extra = (logits, out.lse, out.weight_local) if ctx.needs_input_grad[1] else ()
+        # backward from the logits and the global M and log S (local: no communication).
+        extra = (logits, *out.lse_parts, out.weight_local) if ctx.needs_input_grad[1] else ()
         ctx.save_for_backward(grad, *extra)
         return _reduce(out, params.reduction)
 
@@ -63,8 +63,8 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_logits = _times_upstream(grad, grad_loss, in_place=False)
         if ctx.needs_input_grad[1]:
-            logits, lse, weight_local = extra
-            g = prob_target_grad(logits, lse, weight_local, ctx.params) * ctx.scale
+            logits, top, log_s, weight_local = extra
+            g = prob_target_grad(logits, weight_local, ctx.params, (top, log_s)) * ctx.scale
             grad_target = g * (grad_loss.unsqueeze(1) if grad_loss.dim() else grad_loss)
         return grad_logits, grad_target, None, None, None
 

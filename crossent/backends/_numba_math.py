@@ -139,9 +139,15 @@ def margin(m, v, log_s):
 
 @njit(fastmath=_NO_FMA, cache=True)
 def scaled_gap(m, v, k):
-    """``k * (m - v)`` as ``m * k - v * k``: logits near +-3e38 make ``m - v`` overflow, the
-    scaled terms do not (and reassociation, allowed in the row loops, cannot factor them)."""
-    return m * k - v * k
+    """``k * (m - v)`` (``0 <= k <= 1``, the smoothing's ``eps / C``), as precise as torch's
+    ``k * log_softmax``: the difference first, rounded once. Only where it overflows (logits near
+    +-3e38) ``m * k - v * k``, whose scaled terms do not; everywhere else that form cancels: at
+    logits near 1e7 each term rounds to ``ulp(k m)``, and a row of 50 classes lost 0.03 of its
+    loss. Non-finite ``m`` or ``v`` give the same inf or NaN either way."""
+    d = m - v
+    if d == np.inf:
+        return m * k - v * k
+    return d * k
 
 
 @njit(fastmath=_NO_FMA, cache=True)

@@ -112,6 +112,15 @@ def _softmax_lse(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return p, (m + log_s).squeeze(1), m.squeeze(1), log_s.squeeze(1)
 
 
+def _scaled_gaps(m: Tensor, x: Tensor, k: float) -> Tensor:
+    """``k * (m - x)`` for ``0 <= k <= 1``, each difference rounded once as torch's log_softmax
+    rounds it; ``m * k - x * k`` only where ``m - x`` overflows (logits near +-3e38), since that
+    form cancels elsewhere (each term rounds to ``ulp(k m)``: 0.03 of a 50-class row's loss at
+    logits near 1e7)."""
+    gaps = (m - x).mul_(k)
+    return torch.where(gaps.isinf(), m * k - x * k, gaps)
+
+
 def _index_rows(
     x: Tensor, t: Tensor, weight: Tensor | None, grad_scale: Tensor | None, params: CEParams,
     stats: Tensor | None = None,
@@ -147,15 +156,15 @@ def _index_rows(
         # eps / C * sum_c w_c (lse - x_c), each term scaled before the subtraction and the sum:
         # with logits near +-3e38, lse - x_c alone (and C * lse - sum_c x_c) would overflow.
         k = eps / n_classes
-        m_k = (m * k).unsqueeze(1)  # (r, 1)
+        gaps = _scaled_gaps(m.unsqueeze(1), x, k)  # (r, C)
         if weight is None:
             w_total = float(n_classes)
-            smooth = (m_k - x * k).sum(1) + (k * w_total) * log_s  # w_total finite: C
+            smooth = gaps.sum(1) + (k * w_total) * log_s  # w_total finite: C
         else:
             # Class by class, w_c (m - x_c + log s) as torch's w_c (lse - x_c): a -inf logit of
             # weight 0 and an inf weight at the max give NaN exactly where torch's do.
             w_total = weight.sum()
-            smooth = (((m_k - x * k) + (k * log_s).unsqueeze(1)) * weight).sum(1)
+            smooth = ((gaps + (k * log_s).unsqueeze(1)) * weight).sum(1)
         loss = loss + torch.where(valid, smooth, 0)
         k_w = k * w_total  # a tensor when weighted: where() keeps an inf total off ignored rows
         coef = coef + (torch.where(valid, k_w, 0) if torch.is_tensor(k_w) else counted * k_w)
@@ -206,12 +215,24 @@ def _prob_rows(
 
 
 def prob_target_grad(
-    logits: Tensor, lse: Tensor, weight: Tensor | None, params: CEParams
+    logits: Tensor, weight: Tensor | None, params: CEParams,
+    lse_parts: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """d loss[r] / d target[r, c] = -(1 - eps) * w_c * log p[r, c]  (probability targets), ``(R, C)``."""
-    acc = lse.dtype
-    x, _ = _capped(logits.to(acc), params.softcap)
-    g = (x - lse.unsqueeze(1)).mul_(-(1 - params.eps))
+    """d loss[r] / d target[r, c] = -(1 - eps) * w_c * log p[r, c]  (probability targets), ``(R, C)``.
+
+    ``log p = (x - m) - log s`` with ``lse = m + log s`` split as ``lse_parts`` ``((R,), (R,))``
+    (the vocab-parallel loss passes its global ones), else from the logits' own rows. Never
+    ``x - lse``: ``lse`` rounded to the logits' precision loses ``log s`` at large logits (an
+    error of 0.4 in each gradient at logits near 1e7, all of it near 1e15)."""
+    x, _ = _capped(logits.to(acc_dtype(logits.dtype)), params.softcap)
+    if lse_parts is None:
+        m = x.amax(1, keepdim=True)  # (R, 1); a row of all -inf gives NaN, as torch's
+        z = x - m
+        g = z.sub_(z.exp().sum(1, keepdim=True).log_())
+    else:
+        m, log_s = lse_parts
+        g = (x - m.unsqueeze(1)).sub_(log_s.unsqueeze(1))
+    g.mul_(-(1 - params.eps))
     if weight is not None:
         g.mul_(weight)
     return g
