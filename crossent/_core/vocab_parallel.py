@@ -140,8 +140,7 @@ def forward(
                           params.ignore_index, probs)
     if isinstance(vocab, Tensor):
         vocab = vocab.to(acc)  # device-side size (accelerators, offsets given by the caller)
-    top, log_s = _merge(all_stats)  # (R,) each
-    lse = top + log_s
+    top, log_s = _merge(all_stats)  # (R,) each: lse = top + log_s
 
     if probs:
         loss, coef, t_scale, denominator = _prob_terms(top, log_s, all_stats, weight, vocab, eps,
