@@ -155,6 +155,34 @@ def test_eval_logits_generate_and_unpatch_unchanged():
         crossent.hf.unpatch(model)
 
 
+def test_a_patched_model_pickles_and_deep_copies():
+    """torch.save of a whole patched model (and a spawn worker's pickle) loads back patched, as
+    does a deepcopy: each copy's forward is bound to the copy itself, not to the original."""
+    import copy
+    import io
+    import inspect
+
+    torch.manual_seed(0)
+    model = crossent.hf.patch(_llama().train())
+    input_ids, labels, mask = _batch(97, seed=4)
+    expected = model(input_ids, attention_mask=mask, labels=labels).loss
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        assert twin.forward.model is twin
+        assert inspect.signature(twin.forward) == inspect.signature(type(twin).forward.__get__(twin))
+        out = twin(input_ids, attention_mask=mask, labels=labels)
+        assert out.logits is None  # still patched
+        torch.testing.assert_close(out.loss, expected)
+        with torch.no_grad():
+            twin.lm_head.weight.zero_()  # the copy's own head: the original's loss is unchanged
+        torch.testing.assert_close(model(input_ids, attention_mask=mask, labels=labels).loss,
+                                   expected)
+        crossent.hf.unpatch(twin)
+        assert twin(input_ids, labels=labels).logits is not None
+
+
 def test_options_and_token_accuracy():
     torch.manual_seed(0)
     model = _llama().train()

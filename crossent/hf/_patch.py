@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
-import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -110,16 +109,23 @@ def _forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return out if return_dict is not False else out.to_tuple()
 
 
-def _with_signature_of(original: Callable[..., Any]) -> Callable[..., Any]:
-    """A copy of :func:`_forward` that reports ``original``'s signature: Trainer reads it to
-    keep dataset columns and to decide whether to pass ``num_items_in_batch``. A bound method
-    of it (not a closure) so that ``copy.deepcopy(model)`` rebinds it to the copy."""
-    fn = types.FunctionType(_forward.__code__, _forward.__globals__, _forward.__name__)
-    fn.__doc__ = original.__doc__
-    params = list(inspect.signature(original).parameters.values())
-    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    fn.__signature__ = inspect.signature(original).replace(parameters=[self_param, *params])
-    return fn
+class _PatchedForward:
+    """A patched model's ``forward``: :func:`_forward` bound to the model, reporting the original
+    forward's signature (Trainer reads it to keep dataset columns and to decide whether to pass
+    ``num_items_in_batch``) and docstring. An object of a module-level class, not a closure or a
+    bound method of a function copy: pickle (``torch.save`` of a whole model, a spawn worker)
+    finds it by name, and ``copy.deepcopy(model)`` binds the copy's to the copy."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.__doc__ = model.__dict__[_STATE].original.__doc__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _forward(self.model, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return self.model.__dict__[_STATE].signature
 
 
 def patch(
@@ -172,7 +178,7 @@ def _install(target: nn.Module, options: HeadOptions, always: bool = False) -> N
         own = target.__dict__.get("forward")  # e.g. accelerate's autocast wrapper
         state = _State(target.forward, inspect.signature(target.forward), own, options, always)
         target.__dict__[_STATE] = state
-        target.forward = types.MethodType(_with_signature_of(state.original), target)
+        target.forward = _PatchedForward(target)
     else:
         state.options, state.always = options, always
 
