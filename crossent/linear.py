@@ -126,9 +126,9 @@ def linear_cross_entropy(
           probabilities ``(C,)``, ``(N, C)``, ``(*leading, C)`` or ``(N, C, d1, ..., dK)``.
         - output: scalar for "mean"/"sum"; the index shape for "none".
 
-    ``reduction="mean"``/``"sum"`` hands its gradients to autograd once: a second backward
-    through the same call (``retain_graph=True``) raises unless ``options`` allows it. "none"
-    recomputes the logits in backward (4 matmuls instead of 3) and supports it. Probability
+    ``reduction="mean"``/``"sum"`` makes its gradients in forward and hands them to autograd;
+    under ``retain_graph=True`` as copies, so that the next backward gets them again (or always,
+    with ``options``' ``allow_retain_graph``). "none" recomputes the logits in backward (4 matmuls instead of 3) and supports it. Probability
     targets get no gradient. Double backward (``create_graph=True``) raises: materialise the
     logits for gradient penalties or MAML. With bfloat16/float16 inputs a scalar upstream
     gradient other than 1 multiplies the finished gradients: one more rounding, none when it is

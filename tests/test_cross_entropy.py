@@ -361,6 +361,47 @@ def test_gradient_buffer_freed_after_backward_and_retain_graph(impl):
         torch.autograd.grad(loss, x)
 
 
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("kind", ["index", "probs", "kdim", "weighted"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("change", ["mul_", "data", "hook"])
+def test_a_returned_gradient_is_the_callers_own(impl, kind, reduction, change):
+    """The gradient made in forward is handed out by backward; under retain_graph=True as a
+    copy, so that changing what backward returned (clipping in place, through ``.data``, a hook
+    that edits its gradient) leaves the next backward's gradient whole, as torch's. Handed out
+    as the buffer itself, the second backward raised an in-place error or, through ``.data``,
+    silently read zeros."""
+    gen = torch.Generator().manual_seed(12)
+    shape = (6, 5, 3) if kind == "kdim" else (6, 5)
+    x = logits(shape, torch.float32, gen).requires_grad_()
+    t = prob_target(shape, torch.float32, gen) if kind == "probs" else index_target(shape, 5, gen)
+    w = torch.rand(5, generator=gen) + 0.5 if kind == "weighted" else None
+
+    def grads(fn):
+        h = x.detach().clone().requires_grad_()
+        z = h * 1  # a non-leaf, so that a hook on it sees the loss's gradient
+        loss = fn(z, t, weight=w, reduction=reduction)
+        loss = loss.sum() if reduction == "none" else loss
+        out = []
+        if change == "hook":
+            z.register_hook(lambda g: g.mul_(2))
+            for _ in range(2):
+                h.grad = None
+                loss.backward(retain_graph=True)
+                out.append(h.grad.clone())
+            return out
+        for _ in range(2):
+            (g,) = torch.autograd.grad(loss, z, retain_graph=True)
+            out.append(g.clone())
+            (g.data.zero_() if change == "data" else g.mul_(0.5))
+        return out
+
+    ours = grads(lambda *a, **k: crossent.cross_entropy(*a, impl=impl, **k))
+    theirs = grads(F.cross_entropy)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+
+
 class _Logged(torch.Tensor):
     """A ``__torch_function__`` subclass that records the functions it is handed."""
 

@@ -338,7 +338,10 @@ def test_bad_arguments():
     h = x.clone().requires_grad_()
     loss = vocab_parallel_linear_cross_entropy(h, torch.randn(3, 5, dtype=torch.float64), t[:4] % 3)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward ran twice"):
+    first = h.grad.clone()
+    loss.backward()  # retained: the whole gradient again
+    torch.testing.assert_close(h.grad, 2 * first)
+    with pytest.raises(RuntimeError, match="backward ran twice.*retain_graph=True"):
         loss.backward()
     with pytest.raises(RuntimeError, match="target must be class indices"):
         vocab_parallel_linear_cross_entropy(x, torch.randn(3, 5, dtype=torch.float64), t[:2])

@@ -273,15 +273,26 @@ def test_partial_requires_grad_and_no_grad():
 
 
 def test_backward_twice():
+    """Under retain_graph=True every backward gives the whole gradient, as torch's (the kept
+    gradients are handed out as copies the caller may change); a backward after one without
+    it raises RuntimeError, as torch's."""
     x, w, b, t, _, _ = _data(10, 8, 30, torch.float64, 37)
     w = w.requires_grad_()
     loss = linear_cross_entropy(x, w, t, linear_bias=b, reduction="none").sum()
     loss.backward(retain_graph=True)
     loss.backward()  # "none" recomputes: fine
-    mean = linear_cross_entropy(x, w, t, linear_bias=b) * 3.0  # non-unit upstream
-    mean.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward ran twice.*allow_retain_graph=True"):
-        mean.backward()
+    wr = w.detach().requires_grad_()
+    (expected,) = torch.autograd.grad(F.cross_entropy(x @ wr.T + b, t) * 3.0, wr)
+    for scale in (3.0, 1.0):  # a non-unit upstream, and the one of loss.backward()
+        mean = linear_cross_entropy(x, w, t, linear_bias=b) * scale
+        for _ in range(2):
+            (g,) = torch.autograd.grad(mean, w, retain_graph=True)
+            torch.testing.assert_close(g * (3.0 / scale), expected)
+            g.mul_(0)  # the caller's own tensor: the next backward does not see it
+        (g,) = torch.autograd.grad(mean, w)
+        torch.testing.assert_close(g * (3.0 / scale), expected)
+        with pytest.raises(RuntimeError, match="retain_graph=True"):  # torch's or crossent's
+            torch.autograd.grad(mean, w)
 
 
 def test_gradcheck():

@@ -98,17 +98,21 @@ def test_scale_inplace(dtype):
 
 
 def test_backward_scales_in_place_on_cuda_free_at_one():
-    """_times_upstream on CUDA: the Function's own gradient, scaled in place (no second buffer),
-    its version bumped; at an upstream of 1 nothing changes."""
+    """_times_upstream on CUDA: the Function's own gradient, scaled in place (no second buffer);
+    at an upstream of 1 nothing changes; a kept graph gets a new tensor, the saved one intact."""
     if DEVICE != "cuda":
         pytest.skip("the device path of _times_upstream runs on CUDA only")
     from crossent._core.autograd import _times_upstream
 
     g = torch.randn(4, 300, device="cuda", dtype=torch.bfloat16)
-    ref, version = g.clone(), g._version
-    out = _times_upstream(g, torch.tensor(1.0, device="cuda"), in_place=False)
-    assert out.data_ptr() == g.data_ptr() and torch.equal(out, ref) and g._version > version
-    out = _times_upstream(g, torch.tensor(0.25, device="cuda"), in_place=False)
+    ref = g.clone()
+    for factor in (1.0, 0.25):
+        out = _times_upstream(g, torch.tensor(factor, device="cuda"), keep=True)
+        assert out.data_ptr() != g.data_ptr() and torch.equal(out, ref * factor)
+        assert torch.equal(g, ref)
+    out = _times_upstream(g, torch.tensor(1.0, device="cuda"), keep=False)
+    assert out.data_ptr() == g.data_ptr() and torch.equal(out, ref)
+    out = _times_upstream(g, torch.tensor(0.25, device="cuda"), keep=False)
     assert out.data_ptr() == g.data_ptr() and torch.equal(out, ref * 0.25)
 
 

@@ -16,6 +16,16 @@ from .params import CEParams
 
 _C_APPLY = torch._C._FunctionBase.__dict__["apply"]  # the C entry behind Function.apply
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_keep_graph = torch._C._autograd._get_current_graph_task_keep_graph
+
+
+def retained() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``; traced backward
+    counts as kept). A gradient made in forward and saved is then handed out as a copy: the
+    caller may change what it gets in place (clipping, a hook), and the next backward must still
+    read the saved one, as torch's own backward, which returns a fresh tensor each time. Without
+    it autograd frees the saved tensor after this backward, so backward hands out the buffer."""
+    return torch.compiler.is_compiling() or _keep_graph()
 
 
 def c_apply(cls: type[torch.autograd.Function]) -> Callable[..., Any]:
@@ -108,7 +118,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         params, scale = ctx.state
         needs = ctx.needs_input_grad
         if needs[0]:
-            grad_logits = _times_upstream(grad, grad_loss, params.inplace_backward)
+            grad_logits = _times_upstream(grad, grad_loss)
         if needs[1]:
             from ..backends.torch_fused import prob_target_grad
 
@@ -140,6 +150,8 @@ class CrossEntropyLane(torch.autograd.Function):
         # grad_loss is a CPU scalar of grad's dtype (autograd checks it against the loss)
         if torch.compiler.is_compiling() or grad_loss.item() != 1.0:
             grad = grad * grad_loss
+        elif _keep_graph():  # retain_graph: a copy (see ``retained``)
+            grad = grad.clone()
         return grad, None, None, None, None, None
 
 
@@ -158,26 +170,24 @@ def refuse_double_backward(name: str) -> None:
         )
 
 
-def _times_upstream(grad: Tensor, upstream: Tensor, in_place: bool) -> Tensor:
+def _times_upstream(grad: Tensor, upstream: Tensor, keep: bool | None = None) -> Tensor:
     """The saved gradient times the upstream gradient (scalar, or one value per row).
 
-    On CUDA (eager) the gradient is scaled in place: it is the caller's own buffer (the logits
-    with ``in_place``, else the fresh one the Function owns), so this costs no second ``(R, C)``
-    buffer; a scalar factor is read by a Triton kernel on the device, which touches nothing when
-    it is 1 (the usual ``loss.backward()``): no host sync and no pass over the gradient. The
-    version bump makes a second backward through a retained graph fail autograd's check instead
-    of reading a scaled gradient. Elsewhere a host read of a CPU scalar is free; other devices
-    multiply (out of place unless ``in_place``, so a retained graph can backward again).
+    Unless the graph is kept (``keep``, by default ``retained()``: then a new tensor), the gradient is the Function's
+    own buffer, freed after this backward, and is scaled in place: no second ``(R, C)`` buffer.
+    On CUDA (eager) a scalar factor is read by a Triton kernel on the device, which touches
+    nothing when it is 1 (the usual ``loss.backward()``): no host sync and no pass over the
+    gradient. Elsewhere a host read of a CPU scalar is free.
     """
-    if grad.is_cuda and not torch.compiler.is_compiling():
+    if retained() if keep is None else keep:
+        return grad.clone() if is_one(upstream) else grad * _per_row(upstream.to(grad.dtype), grad)
+    if grad.is_cuda:
         if upstream.dim() == 0 and _scale_on_device(grad, upstream):
-            torch.autograd.graph.increment_version(grad)
             return grad
         return grad.mul_(_per_row(upstream.to(grad.dtype), grad))
     if is_one(upstream):
         return grad
-    factor = _per_row(upstream.to(grad.dtype), grad)
-    return grad.mul_(factor) if in_place else grad * factor
+    return grad.mul_(_per_row(upstream.to(grad.dtype), grad))
 
 
 def is_one(upstream: Tensor) -> bool:

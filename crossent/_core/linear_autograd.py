@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .autograd import Kernel, _times_upstream, is_one
+from .autograd import Kernel, _times_upstream, retained
 from .dispatch import stats_sink
 from .params import CEParams
 from ..backends._cpu_alloc import empty_huge
@@ -120,22 +120,19 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if grads is None:
                 raise RuntimeError(
                     "crossent: backward ran twice through a linear_cross_entropy call with "
-                    "reduction='mean'/'sum'; its gradients are made in forward and handed over "
-                    "once (keeping them costs a copy of grad_weight). Pass options="
-                    "torch.nn.LinearCrossEntropyOptions(allow_retain_graph=True), call it "
-                    "again, or use reduction='none' and reduce yourself, to backward more "
-                    "than once."
+                    "reduction='mean'/'sum', the first time without retain_graph=True; its "
+                    "gradients are made in forward and were handed over then. Pass "
+                    "retain_graph=True to every backward but the last (as torch asks), or call "
+                    "it again."
                 )
-            if ctx.retain:
-                # Copies: autograd may adopt a returned tensor as .grad and add into it later.
-                grads = tuple(None if g is None else g.clone() for g in grads)
-            else:
-                # Hand the tensors over (no reference kept) so autograd can adopt them as
-                # .grad instead of copying a (V, H) gradient.
+            # Kept for another backward: copies (autograd may adopt a returned tensor as .grad
+            # and add into it later). Else handed over (no reference kept), so autograd can
+            # adopt them as .grad instead of copying a (V, H) gradient.
+            keep = ctx.retain or retained()
+            if not keep:
                 ctx.grads = None
-            if not is_one(grad_loss):  # (the usual loss.backward(): as they are)
-                grads = tuple(None if g is None else _times_upstream(g, grad_loss, in_place=True)
-                              for g in grads)
+            grads = tuple(None if g is None else _times_upstream(g, grad_loss, keep)
+                          for g in grads)
         return (*grads, None, None, None, None, None, None, None, None, None)
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import vocab_parallel as vp
-from .autograd import _times_upstream, refuse_double_backward
+from .autograd import _times_upstream, refuse_double_backward, retained
 from .params import CEParams
 from ..backends.torch_fused import _rows_per_chunk, acc_dtype, prob_target_grad
 
@@ -61,7 +61,7 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         grad_logits = grad_target = None
         grad, *extra = ctx.saved_tensors
         if ctx.needs_input_grad[0]:
-            grad_logits = _times_upstream(grad, grad_loss, in_place=False)
+            grad_logits = _times_upstream(grad, grad_loss)
         if ctx.needs_input_grad[1]:
             logits, top, log_s, weight_local = extra
             g = prob_target_grad(logits, weight_local, ctx.params, (top, log_s)) * ctx.scale
@@ -133,16 +133,19 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
         refuse_double_backward("linear_cross_entropy")
         if ctx.grads is None:
             raise RuntimeError(
-                "crossent: backward ran twice through a vocab_parallel_linear_cross_entropy call; "
-                "its gradients were made in forward and handed to autograd once. Call it again "
-                "for a second backward, or use reduction='none'."
+                "crossent: backward ran twice through a vocab_parallel_linear_cross_entropy call, "
+                "the first time without retain_graph=True; its gradients are made in forward and "
+                "were handed to autograd then. Pass retain_graph=True to every backward but the "
+                "last, or call it again."
             )
         if ctx.work is not None:
             ctx.work.wait()
             ctx.work = None
-        # Released, so that autograd can take the tensors as .grad without copying them.
-        grads, ctx.grads = ctx.grads, None
-        grads = [None if g is None else _times_upstream(g, grad_loss, in_place=True) for g in grads]
+        keep = retained()  # copies for the next backward; else released, so that autograd can
+        grads = ctx.grads  # take the tensors as .grad without copying them
+        if not keep:
+            ctx.grads = None
+        grads = [None if g is None else _times_upstream(g, grad_loss, keep) for g in grads]
         return (*grads, None, None, None, None, None)
 
 
