@@ -216,6 +216,9 @@ def _load_numba_kernels() -> None:
     global _loaded
     try:
         _load_numba().warm_up()
+        from ..backends import native
+
+        native.load_built()  # the compiled softmax node, if `crossent build` made it (no compile)
     except Exception:  # noqa: BLE001 - reported by the foreground load, not lost in a thread
         pass
     _loaded = True

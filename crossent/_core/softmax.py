@@ -16,6 +16,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from ..backends import native as _native
 from . import composite as _composite
 from . import dispatch as _dispatch
 from . import validate as _validate
@@ -220,6 +221,12 @@ def _lane(input: Tensor, dim: int, impl: str, log: bool) -> Tensor | None:
         dims = (shape[0], shape[1], 1)
     else:
         dims = (math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:]))
+    node = _native.module
+    if node is not None and dims[0] * dims[1] * dims[2] < _native.ONE_THREAD:
+        # the compiled node (``backends.native``), built: a small call on one thread, where a
+        # Python node's own cost would exceed the kernel's
+        forward, backward = _native.entries[input.dtype]
+        return node.softmax(input, forward, backward, *dims, log, 1)
     # (under no_grad apply records nothing and the output is all forward makes: no detach)
     return _LANE_APPLY[log](input, xa, plan, dims, log)
 
@@ -234,6 +241,8 @@ def _plan(key: tuple, input: Tensor) -> _Plan | None:
     plan = None
     if numba and dtype in (torch.float32, torch.bfloat16, torch.float16):
         from ..backends import numba_softmax
+
+        _native.load_built()  # (done by the background load unless CROSSENT_BACKGROUND_LOAD=0)
 
         plan = _Plan(numba_softmax.LIKE[dtype], numba_softmax.forward_at,
                      numba_softmax.backward_at)

@@ -1,8 +1,9 @@
-"""The ``crossent`` command: ``demo``, ``bench`` and ``env``.
+"""The ``crossent`` command: ``demo``, ``bench``, ``env`` and ``build``.
 
 ``crossent demo``   trains the seeds' classifier with and without the softmax mistake (CPU, < 1 min)
 ``crossent bench``  runs the benchmarks (every argument after ``bench`` goes to the harness)
 ``crossent env``    prints versions, devices and which backends can run
+``crossent build``  compiles the optional native node (small softmax calls; needs a compiler)
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ _PACKAGES = ("torch", "crossent", "numpy", "numba", "triton", "rich", "matplotli
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crossent", description="An exact, fast, memory-lean drop-in for PyTorch's cross-entropy.")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,env}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,env,build}")
     demo = sub.add_parser("demo", help="train the seeds' classifier with and without softmax before the loss")
     demo.add_argument("--epochs", type=int, default=10, help="epochs per run (default 10)")
     demo.add_argument("--out", default="crossent-demo.png", help="PNG of both loss curves")
@@ -30,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
                    add_help=False)
     env = sub.add_parser("env", help="versions, devices and available backends")
     env.add_argument("--plain", action="store_true", help="plain text output, no rich")
+    build = sub.add_parser("build", help="compile the native autograd node for small softmax "
+                                         "calls (a C++ compiler and ninja; about a minute)")
+    build.add_argument("--verbose", action="store_true", help="show the compiler's output")
     return parser
 
 
@@ -54,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return _demo.main(epochs=args.epochs, out=args.out, seed=args.seed, plain=args.plain)
     if args.command == "env":
         return env(plain=args.plain)
+    if args.command == "build":
+        return build(verbose=args.verbose)
     _parser().print_help()
     return 2
 
@@ -74,6 +80,20 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def build(verbose: bool = False) -> int:
+    """Compile the native node into torch's extension cache (``crossent.backends.native``)."""
+    from ..backends import native
+
+    try:
+        module = native.build(verbose=verbose)
+    except Exception as exc:  # noqa: BLE001 - a compiler's error, reported as the command's
+        print(f"crossent build: {exc}", file=sys.stderr)
+        return 1
+    print(f"crossent build: native node ready at {module.__file__}; impl='auto' uses it for "
+          "softmax/log_softmax calls below 16K elements")
+    return 0
 
 
 def env(plain: bool = False) -> int:
@@ -119,6 +139,17 @@ def env(plain: bool = False) -> int:
         split = ("torch's OpenMP team (libgomp)" if _omp_team.usable()
                  else "a pool of Python threads (no libgomp found)")
         console.line(f"numba kernels split over: {split}")
+    from ..backends import native
+
+    if available("numba") and native.load_built():  # (what impl="auto" loads)
+        node = "loaded"
+    elif not native.ENABLED:
+        node = "off (CROSSENT_NATIVE=0)"
+    elif native.why_not_buildable() is not None:
+        node = f"not available: {native.why_not_buildable()}"
+    else:
+        node = "built, not loaded" if native.built() else "not built (run: crossent build)"
+    console.line(f"native softmax node: {node}")
     console.line(f"misuse diagnostics: {'on' if diagnostics_enabled() else 'off'} "
                  "(crossent.set_diagnostics, CROSSENT_DIAGNOSTICS=0)")
     return 0

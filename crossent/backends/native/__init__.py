@@ -1,0 +1,98 @@
+"""A compiled autograd node for the common softmax / log_softmax call (optional).
+
+A Python ``autograd.Function`` costs more than torch's whole small call: at (64, 10)
+log_softmax fwd+bwd measured 1.41x torch with crossent's Python node and 0.96x with the same
+numba kernels behind this C++ node (``node.cpp``; BENCHMARKS.md, tenth session). The node is a
+torch C++ extension, so it needs a C++ compiler and ninja once, to build it:
+``crossent build`` (or :func:`build`) compiles it into torch's extension cache
+(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), about a minute.
+
+At run time nothing is compiled: ``impl="auto"``'s background load (``_core.dispatch``) loads
+the built module if it is there and matches this version's source (:func:`load_built`), and
+the softmax lane uses it from then on; otherwise the lane keeps its Python node.
+``CROSSENT_NATIVE=0`` turns it off.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+NAME = "crossent_native"
+SOURCE = Path(__file__).with_name("node.cpp")
+ENABLED = os.environ.get("CROSSENT_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+# Calls below this many elements run the kernels on one thread (``_numba_threads``'
+# PARALLEL_MIN, not imported: it would import numba with crossent); larger ones keep the Python
+# node, whose cost is small beside theirs and which launches the thread team.
+ONE_THREAD = 1 << 14
+module: ModuleType | None = None  # the loaded extension, once ready
+entries: dict[torch.dtype, tuple[int, int]] = {}  # dtype -> the kernels' C entries
+_tried = False  # load_built ran (once per process: it reads the file system)
+_lock = threading.Lock()
+
+
+def why_not_buildable() -> str | None:
+    """Why :func:`build` cannot run here (no compiler, no ninja), or None."""
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler!r} not on PATH; set CXX)"
+    try:
+        cpp_extension.verify_ninja_availability()
+    except RuntimeError:
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def build(verbose: bool = False) -> ModuleType:
+    """Compile (or load, when already built from this source) the node, and enable it in this
+    process. Raises RuntimeError naming what is missing."""
+    reason = why_not_buildable()
+    if reason is not None:
+        raise RuntimeError(f"crossent's native node cannot be built: {reason}")
+    return _load(verbose)
+
+
+def built() -> bool:
+    """Whether a build of the node's current source is in torch's extension cache: loading it
+    then compiles nothing (ninja rebuilds when the source is newer than the build)."""
+    from torch.utils import cpp_extension
+
+    directory = Path(cpp_extension._get_build_directory(NAME, verbose=False))
+    library = directory / f"{NAME}.so"
+    return library.exists() and library.stat().st_mtime >= SOURCE.stat().st_mtime
+
+
+def load_built() -> bool:
+    """Load the node if it is built (never compiles), once per process; whether it is ready.
+    For the numba load (background or first call); any failure leaves the Python node."""
+    global _tried
+    if module is not None or _tried:
+        return module is not None
+    with _lock:
+        if not _tried and ENABLED and why_not_buildable() is None and built():
+            try:
+                _load(False)
+            except Exception:  # noqa: BLE001 - the Python node stays; `crossent build` says why
+                pass
+        _tried = True
+    return module is not None
+
+
+def _load(verbose: bool) -> ModuleType:
+    global module, entries
+    from torch.utils import cpp_extension
+
+    from . import kernels
+
+    found = kernels.entries()
+    loaded = cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=["-O2"], verbose=verbose)
+    entries = found
+    module = loaded
+    return loaded

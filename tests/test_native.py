@@ -1,0 +1,150 @@
+"""The compiled softmax node (``crossent.backends.native``): built here when a C++ compiler and
+ninja are present (about a minute, once per machine), it must give the Python node's output
+and gradients bit for bit, the same create_graph derivatives, and torch's autograd behaviour
+(in-place checks, retain_graph, no_grad, inference mode). Skipped where it cannot be built."""
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import crossent
+from crossent._core import dispatch
+from crossent._core import softmax as sm
+from crossent.backends import native
+
+from ._oracle import cpu_backends, logits
+
+pytestmark = [
+    pytest.mark.skipif("numba" not in cpu_backends(), reason="the node runs the numba kernels"),
+    pytest.mark.skipif(native.why_not_buildable() is not None,
+                       reason=f"cannot build the native node: {native.why_not_buildable()}"),
+]
+FAMILIES = {"log_softmax": (crossent.log_softmax, F.log_softmax),
+            "softmax": (crossent.softmax, F.softmax)}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [((64, 10), 1), ((64, 10), -1), ((3, 5), 0), ((2, 3, 4), 1), ((7,), 0), ((0, 4), 1),
+          ((2, 40, 30), -1), ((5, 7, 3), 1), ((1, 1), 1), ((4, 4000), 1)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def node():
+    dispatch.ready("numba", wait=True)
+    return native.build()
+
+
+@contextlib.contextmanager
+def python_node():
+    """The lane's Python node, as where the native one is not built."""
+    module, native.module = native.module, None
+    try:
+        yield
+    finally:
+        native.module = module
+
+
+def _run(fn, x, dim, up):
+    a = x.clone().requires_grad_()
+    out = fn(a, dim)
+    out.backward(up)
+    return out.detach(), a.grad, out.grad_fn
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,dim", SHAPES, ids=str)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_native_node_gives_the_python_nodes_bits(family, shape, dim, dtype):
+    gen = torch.Generator().manual_seed(sum(shape) + 3)
+    x = logits(shape, dtype, gen)
+    up = logits(shape, dtype, gen)
+    fn = FAMILIES[family][0]
+    out, grad, node = _run(fn, x, dim, up)
+    with python_node():
+        want_out, want_grad, want_node = _run(fn, x, dim, up)
+    assert "Cpp" in type(node).__name__ and "Cpp" not in type(want_node).__name__
+    assert torch.equal(out, want_out) and torch.equal(grad, want_grad)
+    assert out.dtype == dtype and grad.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out.float(), FAMILIES[family][1](x.float(), dim),
+                               **({} if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_create_graph_gives_the_python_nodes_second_derivative(family, dtype):
+    """A Hessian-vector product through the node (create_graph=True): the gradient is formed in
+    differentiable torch ops through the saved output, as the Python node forms it."""
+    gen = torch.Generator().manual_seed(5)
+    x, w = logits((6, 9), dtype, gen), logits((6, 9), dtype, gen)
+    fn = FAMILIES[family][0]
+
+    def hvp():
+        a = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad((fn(a, 1) * w).sum(), a, create_graph=True)
+        assert g.requires_grad
+        return torch.autograd.grad((g.float() ** 2).sum(), a)[0]
+
+    got = hvp()
+    with python_node():
+        want = hvp()
+    assert torch.equal(got, want)
+
+
+def test_autograd_behaviour_is_torchs():
+    x = torch.randn(8, 5, requires_grad=True)
+    out = crossent.log_softmax(x, 1)
+    out.mul_(2)  # the saved output changed: backward must refuse, as torch's
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    up = torch.randn(8, 5)
+    loss = (crossent.softmax(x, 1) * up).sum()
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x)
+    (want,) = torch.autograd.grad((F.softmax(x, 1) * up).sum(), x)
+    torch.testing.assert_close(g1, want)
+    assert torch.equal(g1, g2)
+    with torch.no_grad():
+        assert not crossent.softmax(x, 1).requires_grad
+    with torch.inference_mode():
+        assert crossent.softmax(x, 1).is_inference()
+
+
+def test_the_lane_takes_the_node_for_one_thread_calls_only():
+    """Below ``ONE_THREAD`` elements the node; larger calls keep the Python node (which
+    launches the thread team); strided input takes the general path either way."""
+    small = torch.randn(64, 10, requires_grad=True)
+    large = torch.randn(4, native.ONE_THREAD // 4, requires_grad=True)
+    assert "Cpp" in type(crossent.log_softmax(small, 1).grad_fn).__name__
+    assert type(crossent.log_softmax(large, 1).grad_fn).__name__ == "LogSoftmaxLaneBackward"
+    assert "Cpp" not in type(crossent.log_softmax(small.t(), 1).grad_fn).__name__
+    assert sm._lane(small.t(), 1, "auto", True) is None
+
+
+def test_load_built_never_compiles(monkeypatch, tmp_path):
+    """The background load takes a built node only: with none in the cache it compiles
+    nothing and the Python node stays."""
+    assert native.built() and native.load_built()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # an empty cache
+    monkeypatch.setattr(native, "module", None)
+    monkeypatch.setattr(native, "_tried", False)
+    assert not native.built()
+    assert not native.load_built() and native.module is None
+    assert not any(tmp_path.rglob("*.so"))
+
+
+def test_a_fresh_process_loads_the_built_node():
+    """``impl="auto"``'s background load brings the node in (no compile), and ``crossent env``
+    says so."""
+    code = ("import torch, crossent; from crossent._core import dispatch; "
+            "dispatch.ready('numba', wait=True); "
+            "print(type(crossent.softmax(torch.randn(3, 4, requires_grad=True), 1).grad_fn)"
+            ".__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "Cpp" in out.stdout
+    env = subprocess.run([sys.executable, "-m", "crossent", "env", "--plain"], capture_output=True,
+                         text=True, timeout=300)
+    assert "native softmax node: loaded" in env.stdout
