@@ -272,6 +272,28 @@ def test_partial_requires_grad_and_no_grad():
                                    F.cross_entropy(x @ w.T + b, t))
 
 
+@pytest.mark.parametrize("dtype,x_scale,up", [(torch.float16, 1.0, 1000.0),
+                                               (torch.float32, 1e36, 4.0)])
+def test_none_backward_scales_the_logits_gradient_not_the_input(dtype, x_scale, up):
+    """reduction="none": each row's upstream factor multiplies that row's logits gradient (torch's
+    order). Multiplying the input's rows by it overflowed where every product is finite: fp16
+    activations of 100 under a loss scale of 1000 gave an inf weight gradient (NaN with a zero
+    class weight) where torch's is finite."""
+    x = (torch.tensor([[100.0, 1.0], [-30.0, 60.0]], dtype=torch.float64) * x_scale).to(dtype)
+    w = (torch.tensor([[0.01, 0.0], [0.0, 0.01], [0.0, 0.0]], dtype=torch.float64)
+         / x_scale).to(dtype)
+    t = torch.tensor([0, 2])
+    upstream = torch.tensor([up, up / 2], dtype=dtype)
+    for cw in (None, torch.tensor([1.0, 0.0, 2.0], dtype=dtype)):
+        grads = []
+        for fn in (linear_cross_entropy, F.linear_cross_entropy):
+            wr = w.clone().requires_grad_()
+            fn(x, wr, t, weight=cw, reduction="none").backward(upstream)
+            grads.append(wr.grad)
+        assert grads[1].isfinite().all()  # (the case is finite in torch)
+        torch.testing.assert_close(grads[0].double(), grads[1].double(), rtol=4e-3, atol=0)
+
+
 def test_backward_twice():
     """Under retain_graph=True every backward gives the whole gradient, as torch's (the kept
     gradients are handed out as copies the caller may change); a backward after one without

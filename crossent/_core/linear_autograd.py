@@ -386,10 +386,12 @@ def chunked_linear_ce(
         x_next = rows_of(chunks[i + 1]) if i + 1 < len(chunks) else None
         u = None
         if want_grad and row_scale is not None:
-            u = row_scale[sel].to(x.dtype).unsqueeze(1)  # (r, 1)
-            x_c = x_c * u  # scaling x's rows scales each row's term of g^T x
+            # each row's upstream factor multiplies its logits' gradient, slab by slab below, as
+            # torch's backward does; scaling x's rows instead overflowed 16-bit (or near-3e38)
+            # inputs where the products stay finite
+            u = row_scale[sel].to(g.dtype).unsqueeze(1)  # (r, 1)
         gx_c = None  # (r, H): straight into grad_x when the rows are a plain slice
-        direct = index is None and row_scale is None
+        direct = index is None
         if want_grad and grad_x is not None:
             gx_c = grad_x[rows] if direct else torch.empty((r, n_features), dtype=x.dtype, device=dev)
         same = True
@@ -400,7 +402,7 @@ def chunked_linear_ce(
             x_w = x_c if same else x_c.to(w_dtype)
         for j, (p, q) in enumerate(slabs):
             if want_grad:
-                g_s = g[:, p:q]  # (r, q - p)
+                g_s = g[:, p:q] if u is None else g[:, p:q] * u  # (r, q - p)
                 if pair:
                     pair_add(g_s, x_c, p, q, first=i == 0)
                 elif grad_w is not None:
@@ -410,10 +412,7 @@ def chunked_linear_ce(
                     else:
                         torch.addmm(grad_w[p:q], g_t, x_w, out=grad_w[p:q])
                 if grad_b is not None:
-                    if u is None:
-                        grad_b[p:q] += g_s.sum(0, dtype=acc)
-                    else:
-                        grad_b[p:q].addmv_(g_s.t().to(acc), u.squeeze(1).to(acc))
+                    grad_b[p:q] += g_s.sum(0, dtype=acc)
                 if gx_c is not None:
                     if j == 0:
                         torch.mm(g_s, weight[p:q], out=gx_c)
@@ -422,12 +421,7 @@ def chunked_linear_ce(
             if x_next is not None:
                 project(x_next, p, q)  # slab s of this chunk's gradient is no longer needed
         if gx_c is not None and not direct:
-            if u is not None:
-                gx_c *= u
-            if index is None:
-                grad_x[rows] = gx_c
-            else:
-                grad_x.index_copy_(0, index, gx_c)
+            grad_x.index_copy_(0, index, gx_c)
     # Free the chunk buffer (and the last chunk's gradient view of it) before any final cast.
     buf = g = grad_w_lo = part = None
     grads = (
