@@ -148,3 +148,72 @@ def test_a_fresh_process_loads_the_built_node():
     env = subprocess.run([sys.executable, "-m", "crossent", "env", "--plain"], capture_output=True,
                          text=True, timeout=300)
     assert "native softmax node: loaded" in env.stdout
+
+
+@contextlib.contextmanager
+def python_lane():
+    """The cross-entropy lane's Python node: its plans made without the compiled node."""
+    from crossent._core import lane
+
+    module, native.module = native.module, None
+    tried, native._tried = native._tried, True
+    lane._PLANS.clear()
+    try:
+        yield
+    finally:
+        native.module, native._tried = module, tried
+        lane._PLANS.clear()
+
+
+CE_OPTIONS = [dict(), dict(label_smoothing=0.1), dict(reduction="sum"), dict(ignore_index=3),
+              dict(z_loss=1e-3), dict(softcap=5.0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(64, 10), (8, 10), (256, 32), (1024, 15), (32, 100), (3, 1),
+                                   (5, 2), (2, 5000)], ids=str)
+@pytest.mark.parametrize("options", CE_OPTIONS, ids=str)
+def test_the_cross_entropy_node_gives_the_python_lanes_bits(shape, dtype, options):
+    """Row kernel and few-class rows, every option the lane takes: the same loss and gradient
+    bits as the Python node (softcap keeps the Python node)."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = logits(shape, dtype, gen)
+    t = torch.randint(0, shape[1], shape[:1], generator=gen)
+    t[::4] = options.get("ignore_index", -100)
+
+    def run():
+        a = x.clone().requires_grad_()
+        loss = crossent.cross_entropy(a, t, **options)
+        loss.backward()
+        return loss.detach(), a.grad, type(loss.grad_fn).__name__
+
+    loss, grad, node = run()
+    with python_lane():
+        want_loss, want_grad, want_node = run()
+    assert ("Cpp" in node) == ("softcap" not in options) and "Cpp" not in want_node
+    assert loss.dtype == want_loss.dtype == dtype
+    assert torch.equal(loss, want_loss) and torch.equal(grad, want_grad)
+
+
+def test_the_cross_entropy_node_behaves_as_the_python_lane():
+    x = torch.randn(6, 5, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3, 4, 0])
+    assert "Cpp" in type(crossent.cross_entropy(x, t).grad_fn).__name__
+    with pytest.raises(IndexError, match="Target 7 is out of bounds.*position 1"):
+        crossent.cross_entropy(x, torch.tensor([0, 7, 1, 1, 1, 1]))
+    loss = crossent.cross_entropy(x, t) * 3.0  # an upstream factor
+    (want,) = torch.autograd.grad(F.cross_entropy(x, t) * 3.0, x)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    g1.zero_()  # the caller's own tensor: the retained graph still has the gradient
+    (g2,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(g2, want)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(crossent.cross_entropy(x, t), x, create_graph=True)
+    with torch.no_grad():
+        assert not crossent.cross_entropy(x, t).requires_grad
+    probs = torch.softmax(torch.randn(16, 5), 1)
+    with pytest.warns(UserWarning, match="looks like probabilities"):
+        crossent.cross_entropy(probs, torch.zeros(16, dtype=torch.long))
+    large = torch.randn(4, native.ONE_THREAD // 4, requires_grad=True)
+    assert type(crossent.cross_entropy(large, torch.zeros(4, dtype=torch.long)).grad_fn).__name__ \
+        == "CrossEntropyLaneBackward"

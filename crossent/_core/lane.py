@@ -20,6 +20,7 @@ from torch import Tensor
 from . import diagnostics as _diagnostics
 from . import validate as _validate
 from ..backends import TargetOutOfBounds
+from ..backends import native as _native
 from .autograd import CrossEntropyFunction, CrossEntropyLane, c_apply, eager
 from .dispatch import UNPLANNED, keep_plan, settled_backend, stats_sink, whole_call
 from .params import CEParams
@@ -31,11 +32,13 @@ _transforms_active = torch._C._are_functorch_transforms_active
 
 class _Plan(NamedTuple):
     """What a call with the same options, dtypes and class count needs: the checked options,
-    the backend's whole call, and its launch for contiguous calls (``lane_launch``, or None)."""
+    the backend's whole call, its launch for contiguous calls (``lane_launch``, or None), and
+    the compiled node's arguments after the tensors (``backends.native.ce_args``, or None)."""
 
     params: CEParams
     call: Callable[..., Any]
     launch: Callable[..., Any] | None
+    native: tuple | None = None
 
 
 # (impl, dtype, target dtype, C, ignore_index, reduction, label_smoothing, z_loss, softcap,
@@ -74,7 +77,16 @@ def cross_entropy(
                 xa, ta = input.data_ptr(), target.data_ptr()
             except RuntimeError:
                 return None
-            loss, seen = _lane_apply(logits, target, plan.launch, xa, ta, n_rows)
+            if plan.native is not None and 0 < n_rows * n_cls < _native.ONE_THREAD:
+                # the compiled node: a small call on one thread, where a Python node's own
+                # cost would exceed the kernel's
+                try:
+                    loss, seen = _native.module.cross_entropy(logits, target, *plan.native)
+                except IndexError:  # the kernel's check: name the offender as below
+                    _validate.check_target_values(target, n_cls, ignore_index)
+                    raise
+            else:
+                loss, seen = _lane_apply(logits, target, plan.launch, xa, ta, n_rows)
         elif input.stride(1) == 1 and eager(input, target):
             loss, _, seen = _apply(logits, target, None, plan.params, plan.call, input.dtype)
         else:
@@ -104,5 +116,9 @@ def _plan(key: tuple, input: Tensor) -> _Plan | None:
         if backend is None or call is not backend.cross_entropy:  # for this call only
             return _Plan(params, call, None)
         launcher = getattr(backend, "lane_launch", None)
-        plan = _Plan(params, call, None if launcher is None else launcher(dtype, n_cls, params))
+        launch = None if launcher is None else launcher(dtype, n_cls, params)
+        native = None
+        if launch is not None and _native.load_built():
+            native = _native.ce_args(dtype, n_cls, params)
+        plan = _Plan(params, call, launch, native)
     return keep_plan(_PLANS, key, plan)

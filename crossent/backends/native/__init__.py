@@ -31,7 +31,8 @@ ENABLED = os.environ.get("CROSSENT_NATIVE", "1").strip().lower() not in ("0", "f
 # node, whose cost is small beside theirs and which launches the thread team.
 ONE_THREAD = 1 << 14
 module: ModuleType | None = None  # the loaded extension, once ready
-entries: dict[torch.dtype, tuple[int, int]] = {}  # dtype -> the kernels' C entries
+entries: dict[torch.dtype, tuple[int, int]] = {}  # dtype -> the softmax kernels' C entries
+ce_entries: dict[tuple[torch.dtype, bool], int] = {}  # (dtype, few classes) -> CE launch
 _tried = False  # load_built ran (once per process: it reads the file system)
 _lock = threading.Lock()
 
@@ -86,13 +87,26 @@ def load_built() -> bool:
 
 
 def _load(verbose: bool) -> ModuleType:
-    global module, entries
+    global module, entries, ce_entries
     from torch.utils import cpp_extension
 
     from . import kernels
 
-    found = kernels.entries()
+    found, found_ce = kernels.entries(), kernels.ce_entries()
     loaded = cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=["-O2"], verbose=verbose)
-    entries = found
+    entries, ce_entries = found, found_ce
     module = loaded
     return loaded
+
+
+def ce_args(dtype: torch.dtype, n_cls: int, params) -> tuple | None:
+    """The cross-entropy node's arguments after ``(logits, target)`` for the lane's calls of
+    ``params`` (``numba_cpu.lane_launch``'s: reduced, unweighted, int64 indices), or None where
+    it has no entry (softcap)."""
+    from .._numba_kdim_call import side_by_side
+
+    entry = ce_entries.get((dtype, side_by_side(n_cls)))
+    if entry is None or params.softcap is not None:
+        return None
+    ignore_index, eps, z_loss, mean, _, probe_tol = params.whole_call
+    return entry, ignore_index, eps, z_loss, mean, probe_tol

@@ -1,23 +1,32 @@
-"""The softmax kernels as C entry points (numba ``cfunc``), for the compiled autograd node.
+"""The kernels of the compiled nodes as C entry points (numba ``cfunc``).
 
-One forward and one backward per storage dtype, each ``(addresses..., O, C, I, log, threads)``
-over the contiguous ``(O, C, I)`` view about ``dim``: the launches of
+Softmax: one forward and one backward per storage dtype, each ``(addresses..., O, C, I, log,
+threads)`` over the contiguous ``(O, C, I)`` view about ``dim``: the launches of
 ``numba_softmax.forward_at`` / ``backward_at`` (``_numba_softmax_kernels.forward_call`` /
-``backward_call``), with the storage type a module global (a compile-time constant) instead of
-an array argument. Written out per dtype, not made in a closure: numba's cache keys a function
-by its name and signature, which the three would share.
+``backward_call``). Cross-entropy: the launches of ``numba_cpu.lane_launch`` (few-class rows
+side by side, or the row kernel), one thread, with the loss written at an address and the
+target check's and misuse probe's verdicts in a two-value result buffer.
+
+The storage type is a module global (a compile-time constant) instead of an array argument.
+Written out per dtype, not made in a closure: numba's cache keys a function by its name and
+signature, which they would share.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import cfunc, types
+from numba import cfunc, njit, types
 
+from .._numba_host import _F32_OVERFLOW, BF16, F16
+from .._numba_kdim_call import lane_rows_call
 from .._numba_softmax_kernels import backward_call, forward_call
+from .._numba_views import flat
+from ..numba_cpu import _plain_call
 
 _I64, _B = types.int64, types.boolean
 _FWD = types.void(_I64, _I64, _I64, _I64, _I64, _B, _I64)  # xa, oa, O, C, I, log, threads
 _BWD = types.void(_I64, _I64, _I64, _I64, _I64, _I64, _B, _I64)  # ga, oa, da, O, C, I, ...
+_I64S = np.empty(0, np.int64)
 _F32 = np.empty(0, np.float32)
 _BF16 = np.empty(0, np.uint16)  # bfloat16 bits
 _F16 = np.empty(0, np.int16)  # float16 bits
@@ -58,3 +67,73 @@ def entries() -> dict[torch.dtype, tuple[int, int]]:
     return {torch.float32: (_fwd_f32.address, _bwd_f32.address),
             torch.bfloat16: (_fwd_bf16.address, _bwd_bf16.address),
             torch.float16: (_fwd_f16.address, _bwd_f16.address)}
+
+
+# xa, n_rows, n_cls, ta, ignore_index, eps, z_loss, mean, probe_tol, want_grad, ga, oa, ra
+_CE = types.void(_I64, _I64, _I64, _I64, _I64, types.float64, types.float64, _B, types.float64,
+                 _B, _I64, _I64, _I64)
+
+
+@njit(nogil=True, cache=True)
+def _finish(out, oa, ra, f32):
+    """The verdicts at ``ra`` (first bad row or -1, probe), and a float32 loss at ``oa`` rounded
+    as ``_numba_host.f32_scalar`` rounds it (16-bit losses the launch wrote itself)."""
+    total, bad, probs = out[0], out[2], out[3]
+    result = flat(ra, _I64S, 2)
+    result[0], result[1] = bad, 1 if probs else 0
+    if f32 and bad < 0:
+        if abs(total) >= _F32_OVERFLOW:  # (False for NaN)
+            total = np.inf if total > 0 else -np.inf
+        flat(oa, _F32, 1)[0] = np.float32(total)
+
+
+@cfunc(_CE, nopython=True, nogil=True, cache=True)
+def _ce_rows_f32(xa, n_rows, n_cls, ta, ignore, eps, z, mean, tol, want_grad, ga, oa, ra):
+    out = _plain_call(xa, _F32, n_rows, n_cls, 0, ta, (ignore, eps, z, mean, True, tol), 0.0,
+                      want_grad, ga, 0, 1)
+    _finish(out, oa, ra, True)
+
+
+@cfunc(_CE, nopython=True, nogil=True, cache=True)
+def _ce_rows_bf16(xa, n_rows, n_cls, ta, ignore, eps, z, mean, tol, want_grad, ga, oa, ra):
+    out = _plain_call(xa, _BF16, n_rows, n_cls, BF16, ta, (ignore, eps, z, mean, True, tol), 0.0,
+                      want_grad, ga, oa, 1)
+    _finish(out, oa, ra, False)
+
+
+@cfunc(_CE, nopython=True, nogil=True, cache=True)
+def _ce_rows_f16(xa, n_rows, n_cls, ta, ignore, eps, z, mean, tol, want_grad, ga, oa, ra):
+    out = _plain_call(xa, _F16, n_rows, n_cls, F16, ta, (ignore, eps, z, mean, True, tol), 0.0,
+                      want_grad, ga, oa, 1)
+    _finish(out, oa, ra, False)
+
+
+@cfunc(_CE, nopython=True, nogil=True, cache=True)
+def _ce_few_f32(xa, n_rows, n_cls, ta, ignore, eps, z, mean, tol, want_grad, ga, oa, ra):
+    out = lane_rows_call(xa, _F32, n_rows, n_cls, 0, ta, _I64S,
+                         (ignore, eps, z, mean, True, tol), want_grad, ga, 0, 1)
+    _finish(out, oa, ra, True)
+
+
+@cfunc(_CE, nopython=True, nogil=True, cache=True)
+def _ce_few_bf16(xa, n_rows, n_cls, ta, ignore, eps, z, mean, tol, want_grad, ga, oa, ra):
+    out = lane_rows_call(xa, _BF16, n_rows, n_cls, BF16, ta, _I64S,
+                         (ignore, eps, z, mean, True, tol), want_grad, ga, oa, 1)
+    _finish(out, oa, ra, False)
+
+
+@cfunc(_CE, nopython=True, nogil=True, cache=True)
+def _ce_few_f16(xa, n_rows, n_cls, ta, ignore, eps, z, mean, tol, want_grad, ga, oa, ra):
+    out = lane_rows_call(xa, _F16, n_rows, n_cls, F16, ta, _I64S,
+                         (ignore, eps, z, mean, True, tol), want_grad, ga, oa, 1)
+    _finish(out, oa, ra, False)
+
+
+def ce_entries() -> dict[tuple[torch.dtype, bool], int]:
+    """(dtype, few classes) -> the cross-entropy launch's C address (no softcap)."""
+    return {(torch.float32, False): _ce_rows_f32.address,
+            (torch.bfloat16, False): _ce_rows_bf16.address,
+            (torch.float16, False): _ce_rows_f16.address,
+            (torch.float32, True): _ce_few_f32.address,
+            (torch.bfloat16, True): _ce_few_bf16.address,
+            (torch.float16, True): _ce_few_f16.address}

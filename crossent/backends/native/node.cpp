@@ -1,11 +1,12 @@
-// softmax / log_softmax as a compiled autograd node around crossent's numba kernels.
+// softmax / log_softmax and cross-entropy as compiled autograd nodes around crossent's numba
+// kernels.
 //
 // A Python autograd.Function costs more than torch's whole (64, 10) log_softmax: its apply and
-// its backward each run Python frames and take the GIL (measured, BENCHMARKS.md). This node is
-// the same Function in C++: forward allocates the output and calls the kernel's C entry (a
-// numba cfunc, ``kernels.py``); backward calls the backward entry, or, under create_graph,
-// computes the same gradient in differentiable torch ops. The caller (``_core.softmax``'s
-// lane) passes contiguous CPU input of the kernels' dtype and its (O, C, I) view about dim.
+// its backward each run Python frames and take the GIL (measured, BENCHMARKS.md). These nodes
+// are the lanes' Functions in C++, calling the kernels' C entries (numba cfuncs, kernels.py).
+// The callers (``_core.softmax``'s and ``_core.lane``'s lanes) pass contiguous CPU tensors of
+// the kernels' dtypes, their dims, and one-thread sizes.
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/extension.h>
 
 namespace {
@@ -67,6 +68,73 @@ struct SoftmaxNode : public torch::autograd::Function<SoftmaxNode> {
   }
 };
 
+// The cross-entropy launch: logits, rows, classes, target, ignore_index, eps, z_loss, mean,
+// probe tolerance, whether to make the gradient, its address, the loss's, the verdicts'.
+using CrossEntropyEntry = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, double, double,
+                                   bool, double, bool, int64_t, int64_t, int64_t);
+
+thread_local bool probe_seen = false;  // the last forward's misuse-probe verdict (this thread)
+
+// The reduced loss of (R, C) logits and (R,) int64 indices, its gradient made (and scaled) in
+// forward, as ``_core.autograd.CrossEntropyLane``.
+struct CrossEntropyNode : public torch::autograd::Function<CrossEntropyNode> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits,
+                            const at::Tensor& target, int64_t entry, int64_t ignore_index,
+                            double eps, double z_loss, bool mean, double probe_tol,
+                            bool want_grad) {
+    TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.is_contiguous() &&
+                    target.is_contiguous() && target.scalar_type() == at::kLong &&
+                    target.dim() == 1 && target.size(0) == logits.size(0),
+                "crossent native cross_entropy: contiguous (R, C) logits and (R,) int64 "
+                "indices expected");
+    at::Tensor grad = want_grad ? at::empty_like(logits, at::MemoryFormat::Contiguous)
+                                : at::Tensor();
+    at::Tensor loss = at::empty({}, logits.options());
+    int64_t verdicts[2] = {-1, 0};  // first bad row (-1: none), probe
+    reinterpret_cast<CrossEntropyEntry>(entry)(
+        address(logits), logits.size(0), logits.size(1), address(target), ignore_index, eps,
+        z_loss, mean, probe_tol, want_grad, want_grad ? address(grad) : address(logits),
+        address(loss), reinterpret_cast<int64_t>(verdicts));
+    // (nothing was written: the caller names the offending target, as the Python lane does)
+    TORCH_CHECK_INDEX(verdicts[0] < 0, "crossent: target out of bounds at row ", verdicts[0]);
+    probe_seen = verdicts[1] != 0;
+    if (want_grad) {
+      ctx->save_for_backward({grad});  // freed after backward
+    }
+    return loss;
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    // create_graph: the gradient was made in forward as a constant, so a second derivative
+    // would be silently wrong (_core.autograd.refuse_double_backward, the same message)
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "crossent.cross_entropy does not support double backward (create_graph=True, "
+                "e.g. torch.autograd.grad(..., create_graph=True) for MAML or a gradient "
+                "penalty): its gradient is computed in forward by a fused kernel and is not "
+                "differentiable. Use torch.nn.functional.cross_entropy for higher-order "
+                "gradients.");
+    at::Tensor grad = ctx->get_saved_variables()[0];
+    const at::Tensor& upstream = grads[0];  // a CPU scalar of grad's dtype
+    if (upstream.item<double>() != 1.0) {
+      grad = grad * upstream;
+    } else if (torch::autograd::get_current_graph_task_keep_graph()) {
+      grad = grad.clone();  // retain_graph: the next backward reads the saved one
+    }
+    return {grad,         at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, bool> cross_entropy(const at::Tensor& logits, const at::Tensor& target,
+                                           int64_t entry, int64_t ignore_index, double eps,
+                                           double z_loss, bool mean, double probe_tol) {
+  // (needs_input_grad is not defined in forward when no input requires grad)
+  bool want_grad = at::GradMode::is_enabled() && logits.requires_grad();
+  at::Tensor loss = CrossEntropyNode::apply(logits, target, entry, ignore_index, eps, z_loss,
+                                            mean, probe_tol, want_grad);
+  return {loss, probe_seen};
+}
+
 at::Tensor softmax(const at::Tensor& x, int64_t forward_entry, int64_t backward_entry,
                    int64_t n_out, int64_t n_cls, int64_t n_in, bool log, int64_t threads) {
   return SoftmaxNode::apply(x, forward_entry, backward_entry, n_out, n_cls, n_in, log, threads);
@@ -76,4 +144,5 @@ at::Tensor softmax(const at::Tensor& x, int64_t forward_entry, int64_t backward_
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("softmax", &softmax, "log_softmax (log=True) or softmax of contiguous CPU input");
+  m.def("cross_entropy", &cross_entropy, "(reduced loss, probe verdict) of (R, C) logits");
 }
