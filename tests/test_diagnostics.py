@@ -79,6 +79,10 @@ def test_once_per_call_site():
         pytest.param(lambda: F.softmax(torch.randn(64, 1000), 1).half(), id="fp16"),
         pytest.param(lambda: F.softmax(torch.randn(32, 2), 1).double(), id="binary-fp64"),
         pytest.param(lambda: torch.eye(6), id="one-hot"),
+        # a softmax divided in bfloat16 (each step rounded): within eps of 1
+        pytest.param(lambda: (lambda e: e / e.sum(1, keepdim=True))(
+            torch.randn(64, 3).exp().bfloat16()), id="bf16-divided-in-bf16"),
+        pytest.param(lambda: F.softmax(torch.randn(4, 128256), 1).half(), id="fp16-128K"),
     ],
 )
 def test_probabilities_warn_for_every_shape_and_dtype(make):
@@ -122,6 +126,17 @@ def _trained_logits() -> torch.Tensor:
 def test_logits_never_warn(make):
     logits = make()
     assert _caught(lambda: check_probabilities_as_logits(logits)) == []
+
+
+def test_bfloat16_rows_near_one_but_not_a_softmax_do_not_warn():
+    """A bfloat16 softmax sums to 1 within eps/2 (0.004): rows of values in [0, 1] summing to
+    0.97 are logits (with 8 eps, 0.0625, a seventh of random 2-class rows warned)."""
+    logits = torch.tensor([[0.30, 0.67]], dtype=torch.bfloat16)
+    assert _caught(lambda: check_probabilities_as_logits(logits)) == []
+    gen = torch.Generator().manual_seed(2)
+    rows = torch.rand(400, 1, 2, generator=gen).bfloat16()
+    warned = sum(len(_caught(lambda: check_probabilities_as_logits(r))) for r in rows)
+    assert warned <= 16  # |a + b - 1| <= 2 eps: about 3 % of uniform pairs, ambiguous inputs
 
 
 def test_log_softmax_then_cross_entropy_is_fine_and_silent():
