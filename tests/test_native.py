@@ -28,7 +28,8 @@ FAMILIES = {"log_softmax": (crossent.log_softmax, F.log_softmax),
             "softmax": (crossent.softmax, F.softmax)}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [((64, 10), 1), ((64, 10), -1), ((3, 5), 0), ((2, 3, 4), 1), ((7,), 0), ((0, 4), 1),
-          ((2, 40, 30), -1), ((5, 7, 3), 1), ((1, 1), 1), ((4, 4000), 1)]
+          ((2, 40, 30), -1), ((5, 7, 3), 1), ((1, 1), 1), ((4, 4000), 1),
+          ((8, 4000), 1), ((16, 40, 100), 1)]  # (the last two: on torch's thread team)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -112,12 +113,15 @@ def test_autograd_behaviour_is_torchs():
         assert crossent.softmax(x, 1).is_inference()
 
 
-def test_the_lane_takes_the_node_for_one_thread_calls_only():
-    """Below ``ONE_THREAD`` elements the node; larger calls keep the Python node (which
-    launches the thread team); strided input takes the general path either way."""
+def test_the_lane_takes_the_node_below_huge_page_sizes():
+    """Below ``MAX_ELEMENTS`` the node (on one thread, or on torch's team from ``ONE_THREAD``);
+    larger calls keep the Python node (huge-page outputs); strided input takes the general
+    path either way."""
     small = torch.randn(64, 10, requires_grad=True)
-    large = torch.randn(4, native.ONE_THREAD // 4, requires_grad=True)
+    mid = torch.randn(4, native.ONE_THREAD, requires_grad=True)
+    large = torch.randn(4, native.MAX_ELEMENTS // 4, requires_grad=True)
     assert "Cpp" in type(crossent.log_softmax(small, 1).grad_fn).__name__
+    assert "Cpp" in type(crossent.log_softmax(mid, 1).grad_fn).__name__
     assert type(crossent.log_softmax(large, 1).grad_fn).__name__ == "LogSoftmaxLaneBackward"
     assert "Cpp" not in type(crossent.log_softmax(small.t(), 1).grad_fn).__name__
     assert sm._lane(small.t(), 1, "auto", True) is None
@@ -171,7 +175,8 @@ CE_OPTIONS = [dict(), dict(label_smoothing=0.1), dict(reduction="sum"), dict(ign
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(64, 10), (8, 10), (256, 32), (1024, 15), (32, 100), (3, 1),
-                                   (5, 2), (2, 5000)], ids=str)
+                                   (5, 2), (2, 5000), (1024, 16), (4096, 32), (64, 1000)],
+                         ids=str)  # (the last three: on torch's thread team)
 @pytest.mark.parametrize("options", CE_OPTIONS, ids=str)
 def test_the_cross_entropy_node_gives_the_python_lanes_bits(shape, dtype, options):
     """Row kernel and few-class rows, every option the lane takes: the same loss and gradient
@@ -214,6 +219,9 @@ def test_the_cross_entropy_node_behaves_as_the_python_lane():
     probs = torch.softmax(torch.randn(16, 5), 1)
     with pytest.warns(UserWarning, match="looks like probabilities"):
         crossent.cross_entropy(probs, torch.zeros(16, dtype=torch.long))
-    large = torch.randn(4, native.ONE_THREAD // 4, requires_grad=True)
+    mid = torch.randn(4, native.ONE_THREAD, requires_grad=True)
+    assert "Cpp" in type(crossent.cross_entropy(mid, torch.zeros(4, dtype=torch.long)).grad_fn
+                         ).__name__
+    large = torch.randn(4, native.MAX_ELEMENTS // 4, requires_grad=True)
     assert type(crossent.cross_entropy(large, torch.zeros(4, dtype=torch.long)).grad_fn).__name__ \
         == "CrossEntropyLaneBackward"

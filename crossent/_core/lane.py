@@ -77,11 +77,13 @@ def cross_entropy(
                 xa, ta = input.data_ptr(), target.data_ptr()
             except RuntimeError:
                 return None
-            if plan.native is not None and 0 < n_rows * n_cls < _native.ONE_THREAD:
-                # the compiled node: a small call on one thread, where a Python node's own
-                # cost would exceed the kernel's
+            threads = 0
+            if plan.native is not None and 0 < n_rows * n_cls < _native.MAX_ELEMENTS:
+                threads = _native.threads(n_rows * n_cls, n_rows)
+            if threads:  # the compiled node, where a Python node's own cost shows
                 try:
-                    loss, seen = _native.module.cross_entropy(logits, target, *plan.native)
+                    loss, seen = _native.module.cross_entropy(logits, target, threads,
+                                                              *plan.native)
                 except IndexError:  # the kernel's check: name the offender as below
                     _validate.check_target_values(target, n_cls, ignore_index)
                     raise

@@ -221,12 +221,13 @@ def _lane(input: Tensor, dim: int, impl: str, log: bool) -> Tensor | None:
         dims = (shape[0], shape[1], 1)
     else:
         dims = (math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:]))
-    node = _native.module
-    if node is not None and dims[0] * dims[1] * dims[2] < _native.ONE_THREAD:
-        # the compiled node (``backends.native``), built: a small call on one thread, where a
-        # Python node's own cost would exceed the kernel's
-        forward, backward = _native.entries[input.dtype]
-        return node.softmax(input, forward, backward, *dims, log, 1)
+    node, numel = _native.module, dims[0] * dims[1] * dims[2]
+    if node is not None and numel < _native.MAX_ELEMENTS:
+        # the compiled node (``backends.native``), where a Python node's own cost shows
+        threads = _native.threads(numel, numel)  # (the kernels split units themselves)
+        if threads:
+            forward, backward = _native.entries[input.dtype]
+            return node.softmax(input, forward, backward, *dims, log, threads)
     # (under no_grad apply records nothing and the output is all forward makes: no detach)
     return _LANE_APPLY[log](input, xa, plan, dims, log)
 

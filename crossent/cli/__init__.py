@@ -92,7 +92,7 @@ def build(verbose: bool = False) -> int:
         print(f"crossent build: {exc}", file=sys.stderr)
         return 1
     print(f"crossent build: native node ready at {module.__file__}; impl='auto' uses it for "
-          "softmax/log_softmax calls below 16K elements")
+          "the common cross_entropy and softmax/log_softmax calls below 4M elements")
     return 0
 
 

@@ -26,10 +26,12 @@ NAME = "crossent_native"
 SOURCE = Path(__file__).with_name("node.cpp")
 ENABLED = os.environ.get("CROSSENT_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
 
-# Calls below this many elements run the kernels on one thread (``_numba_threads``'
-# PARALLEL_MIN, not imported: it would import numba with crossent); larger ones keep the Python
-# node, whose cost is small beside theirs and which launches the thread team.
+# Calls below ONE_THREAD elements run the kernels on one thread (``_numba_threads``'
+# PARALLEL_MIN, not imported: it would import numba with crossent), larger ones on torch's
+# OpenMP team; from MAX_ELEMENTS on (``_numba_host.SMALL``) the outputs come from the huge-page
+# cache and the Python node runs them, its cost small beside theirs.
 ONE_THREAD = 1 << 14
+MAX_ELEMENTS = 1 << 22
 module: ModuleType | None = None  # the loaded extension, once ready
 entries: dict[torch.dtype, tuple[int, int]] = {}  # dtype -> the softmax kernels' C entries
 ce_entries: dict[tuple[torch.dtype, bool], int] = {}  # (dtype, few classes) -> CE launch
@@ -97,6 +99,21 @@ def _load(verbose: bool) -> ModuleType:
     entries, ce_entries = found, found_ce
     module = loaded
     return loaded
+
+
+def threads(numel: int, units: int) -> int:
+    """Threads for a node's launch of ``numel`` elements in ``units`` independent blocks (rows):
+    one below ``ONE_THREAD``, else torch's count; 0 where torch's OpenMP team cannot run a
+    launch (the Python node then splits the work over Python threads)."""
+    if numel < ONE_THREAD:
+        return 1
+    return min(torch.get_num_threads(), units) if _team_usable() else 0
+
+
+def _team_usable() -> bool:
+    from .. import _omp_team
+
+    return _omp_team.usable()
 
 
 def ce_args(dtype: torch.dtype, n_cls: int, params) -> tuple | None:

@@ -5,7 +5,8 @@ threads)`` over the contiguous ``(O, C, I)`` view about ``dim``: the launches of
 ``numba_softmax.forward_at`` / ``backward_at`` (``_numba_softmax_kernels.forward_call`` /
 ``backward_call``). Cross-entropy: the launches of ``numba_cpu.lane_launch`` (few-class rows
 side by side, or the row kernel), one thread, with the loss written at an address and the
-target check's and misuse probe's verdicts in a two-value result buffer.
+target check's and misuse probe's verdicts in a two-value result buffer; ``threads`` as the
+launch's.
 
 The storage type is a module global (a compile-time constant) instead of an array argument.
 Written out per dtype, not made in a closure: numba's cache keys a function by its name and
@@ -69,9 +70,10 @@ def entries() -> dict[torch.dtype, tuple[int, int]]:
             torch.float16: (_fwd_f16.address, _bwd_f16.address)}
 
 
-# xa, n_rows, n_cls, ta, ignore_index, eps, z_loss, mean, probe_tol, want_grad, ga, oa, ra
+# xa, n_rows, n_cls, ta, ignore_index, eps, z_loss, mean, probe_tol, want_grad, ga, oa, ra,
+# threads (of torch's OpenMP team)
 _CE = types.void(_I64, _I64, _I64, _I64, _I64, types.float64, types.float64, _B, types.float64,
-                 _B, _I64, _I64, _I64)
+                 _B, _I64, _I64, _I64, _I64)
 
 
 @njit(nogil=True, cache=True)
@@ -88,44 +90,44 @@ def _finish(out, oa, ra, f32):
 
 
 @cfunc(_CE, nopython=True, nogil=True, cache=True)
-def _ce_rows_f32(xa, n_rows, n_cls, ta, ignore, eps, z, mean, tol, want_grad, ga, oa, ra):
+def _ce_rows_f32(xa, n_rows, n_cls, ta, ignore, eps, z, mean, tol, want_grad, ga, oa, ra, threads):
     out = _plain_call(xa, _F32, n_rows, n_cls, 0, ta, (ignore, eps, z, mean, True, tol), 0.0,
-                      want_grad, ga, 0, 1)
+                      want_grad, ga, 0, threads)
     _finish(out, oa, ra, True)
 
 
 @cfunc(_CE, nopython=True, nogil=True, cache=True)
-def _ce_rows_bf16(xa, n_rows, n_cls, ta, ignore, eps, z, mean, tol, want_grad, ga, oa, ra):
+def _ce_rows_bf16(xa, n_rows, n_cls, ta, ignore, eps, z, mean, tol, want_grad, ga, oa, ra, threads):
     out = _plain_call(xa, _BF16, n_rows, n_cls, BF16, ta, (ignore, eps, z, mean, True, tol), 0.0,
-                      want_grad, ga, oa, 1)
+                      want_grad, ga, oa, threads)
     _finish(out, oa, ra, False)
 
 
 @cfunc(_CE, nopython=True, nogil=True, cache=True)
-def _ce_rows_f16(xa, n_rows, n_cls, ta, ignore, eps, z, mean, tol, want_grad, ga, oa, ra):
+def _ce_rows_f16(xa, n_rows, n_cls, ta, ignore, eps, z, mean, tol, want_grad, ga, oa, ra, threads):
     out = _plain_call(xa, _F16, n_rows, n_cls, F16, ta, (ignore, eps, z, mean, True, tol), 0.0,
-                      want_grad, ga, oa, 1)
+                      want_grad, ga, oa, threads)
     _finish(out, oa, ra, False)
 
 
 @cfunc(_CE, nopython=True, nogil=True, cache=True)
-def _ce_few_f32(xa, n_rows, n_cls, ta, ignore, eps, z, mean, tol, want_grad, ga, oa, ra):
+def _ce_few_f32(xa, n_rows, n_cls, ta, ignore, eps, z, mean, tol, want_grad, ga, oa, ra, threads):
     out = lane_rows_call(xa, _F32, n_rows, n_cls, 0, ta, _I64S,
-                         (ignore, eps, z, mean, True, tol), want_grad, ga, 0, 1)
+                         (ignore, eps, z, mean, True, tol), want_grad, ga, 0, threads)
     _finish(out, oa, ra, True)
 
 
 @cfunc(_CE, nopython=True, nogil=True, cache=True)
-def _ce_few_bf16(xa, n_rows, n_cls, ta, ignore, eps, z, mean, tol, want_grad, ga, oa, ra):
+def _ce_few_bf16(xa, n_rows, n_cls, ta, ignore, eps, z, mean, tol, want_grad, ga, oa, ra, threads):
     out = lane_rows_call(xa, _BF16, n_rows, n_cls, BF16, ta, _I64S,
-                         (ignore, eps, z, mean, True, tol), want_grad, ga, oa, 1)
+                         (ignore, eps, z, mean, True, tol), want_grad, ga, oa, threads)
     _finish(out, oa, ra, False)
 
 
 @cfunc(_CE, nopython=True, nogil=True, cache=True)
-def _ce_few_f16(xa, n_rows, n_cls, ta, ignore, eps, z, mean, tol, want_grad, ga, oa, ra):
+def _ce_few_f16(xa, n_rows, n_cls, ta, ignore, eps, z, mean, tol, want_grad, ga, oa, ra, threads):
     out = lane_rows_call(xa, _F16, n_rows, n_cls, F16, ta, _I64S,
-                         (ignore, eps, z, mean, True, tol), want_grad, ga, oa, 1)
+                         (ignore, eps, z, mean, True, tol), want_grad, ga, oa, threads)
     _finish(out, oa, ra, False)
 
 

@@ -69,9 +69,10 @@ struct SoftmaxNode : public torch::autograd::Function<SoftmaxNode> {
 };
 
 // The cross-entropy launch: logits, rows, classes, target, ignore_index, eps, z_loss, mean,
-// probe tolerance, whether to make the gradient, its address, the loss's, the verdicts'.
+// probe tolerance, whether to make the gradient, its address, the loss's, the verdicts',
+// threads.
 using CrossEntropyEntry = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, double, double,
-                                   bool, double, bool, int64_t, int64_t, int64_t);
+                                   bool, double, bool, int64_t, int64_t, int64_t, int64_t);
 
 thread_local bool probe_seen = false;  // the last forward's misuse-probe verdict (this thread)
 
@@ -81,7 +82,7 @@ struct CrossEntropyNode : public torch::autograd::Function<CrossEntropyNode> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits,
                             const at::Tensor& target, int64_t entry, int64_t ignore_index,
                             double eps, double z_loss, bool mean, double probe_tol,
-                            bool want_grad) {
+                            int64_t threads, bool want_grad) {
     TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.is_contiguous() &&
                     target.is_contiguous() && target.scalar_type() == at::kLong &&
                     target.dim() == 1 && target.size(0) == logits.size(0),
@@ -94,7 +95,7 @@ struct CrossEntropyNode : public torch::autograd::Function<CrossEntropyNode> {
     reinterpret_cast<CrossEntropyEntry>(entry)(
         address(logits), logits.size(0), logits.size(1), address(target), ignore_index, eps,
         z_loss, mean, probe_tol, want_grad, want_grad ? address(grad) : address(logits),
-        address(loss), reinterpret_cast<int64_t>(verdicts));
+        address(loss), reinterpret_cast<int64_t>(verdicts), threads);
     // (nothing was written: the caller names the offending target, as the Python lane does)
     TORCH_CHECK_INDEX(verdicts[0] < 0, "crossent: target out of bounds at row ", verdicts[0]);
     probe_seen = verdicts[1] != 0;
@@ -121,17 +122,18 @@ struct CrossEntropyNode : public torch::autograd::Function<CrossEntropyNode> {
       grad = grad.clone();  // retain_graph: the next backward reads the saved one
     }
     return {grad,         at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 std::tuple<at::Tensor, bool> cross_entropy(const at::Tensor& logits, const at::Tensor& target,
-                                           int64_t entry, int64_t ignore_index, double eps,
-                                           double z_loss, bool mean, double probe_tol) {
+                                           int64_t threads, int64_t entry, int64_t ignore_index,
+                                           double eps, double z_loss, bool mean,
+                                           double probe_tol) {
   // (needs_input_grad is not defined in forward when no input requires grad)
   bool want_grad = at::GradMode::is_enabled() && logits.requires_grad();
   at::Tensor loss = CrossEntropyNode::apply(logits, target, entry, ignore_index, eps, z_loss,
-                                            mean, probe_tol, want_grad);
+                                            mean, probe_tol, threads, want_grad);
   return {loss, probe_seen};
 }
 
