@@ -1,29 +1,34 @@
-"""A compiled autograd node for the common softmax / log_softmax call (optional).
+"""Compiled autograd nodes for the common cross_entropy and softmax calls (optional).
 
 A Python ``autograd.Function`` costs more than torch's whole small call: at (64, 10)
 log_softmax fwd+bwd measured 1.41x torch with crossent's Python node and 0.96x with the same
-numba kernels behind this C++ node (``node.cpp``; BENCHMARKS.md, tenth session). The node is a
-torch C++ extension, so it needs a C++ compiler and ninja once, to build it:
-``crossent build`` (or :func:`build`) compiles it into torch's extension cache
+numba kernels behind a C++ node (``node.cpp``; BENCHMARKS.md, tenth session). The nodes are a
+torch C++ extension, so they need a C++ compiler and ninja once, to build them:
+``crossent build`` (or :func:`build`) compiles them into torch's extension cache
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), about a minute.
 
-At run time nothing is compiled: ``impl="auto"``'s background load (``_core.dispatch``) loads
-the built module if it is there and matches this version's source (:func:`load_built`), and
-the softmax lane uses it from then on; otherwise the lane keeps its Python node.
-``CROSSENT_NATIVE=0`` turns it off.
+The build is named by a hash of the source and torch's version, and compiles a copy of the
+source kept in its own directory: every checkout and environment with the same source and
+torch shares one build, and loading it never recompiles. At run time nothing is compiled:
+``impl="auto"``'s numba load (``_core.dispatch``) loads the build if it exists
+(:func:`load_built`), and the lanes use it from then on; otherwise they keep their Python
+nodes. ``CROSSENT_NATIVE=0`` turns it off.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-NAME = "crossent_native"
 SOURCE = Path(__file__).with_name("node.cpp")
+_TEXT = SOURCE.read_bytes()
+NAME = "crossent_native_" + hashlib.sha256(_TEXT + torch.__version__.encode()).hexdigest()[:12]
 ENABLED = os.environ.get("CROSSENT_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 # Calls below ONE_THREAD elements run the kernels on one thread (``_numba_threads``'
@@ -63,13 +68,19 @@ def build(verbose: bool = False) -> ModuleType:
 
 
 def built() -> bool:
-    """Whether a build of the node's current source is in torch's extension cache: loading it
-    then compiles nothing (ninja rebuilds when the source is newer than the build)."""
+    """Whether this source's build for this torch and Python is in torch's extension cache
+    (looked for without creating the directory that torch's loader would make)."""
     from torch.utils import cpp_extension
 
-    directory = Path(cpp_extension._get_build_directory(NAME, verbose=False))
-    library = directory / f"{NAME}.so"
-    return library.exists() and library.stat().st_mtime >= SOURCE.stat().st_mtime
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_"
+    root = Path(cpp_extension.get_default_build_root())
+    return any(root.glob(f"{tag}*/{NAME}/{NAME}.so"))
+
+
+def _directory() -> Path:
+    from torch.utils import cpp_extension
+
+    return Path(cpp_extension._get_build_directory(NAME, verbose=False))
 
 
 def load_built() -> bool:
@@ -95,7 +106,10 @@ def _load(verbose: bool) -> ModuleType:
     from . import kernels
 
     found, found_ce = kernels.entries(), kernels.ce_entries()
-    loaded = cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=["-O2"], verbose=verbose)
+    source = _directory() / "node.cpp"  # the build's own copy: no other checkout's path in it
+    if not source.exists() or source.read_bytes() != _TEXT:
+        source.write_bytes(_TEXT)
+    loaded = cpp_extension.load(NAME, [str(source)], extra_cflags=["-O2"], verbose=verbose)
     entries, ce_entries = found, found_ce
     module = loaded
     return loaded
