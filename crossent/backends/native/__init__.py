@@ -73,7 +73,7 @@ def built() -> bool:
     from torch.utils import cpp_extension
 
     tag = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_"
-    root = Path(cpp_extension.get_default_build_root())
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
     return any(root.glob(f"{tag}*/{NAME}/{NAME}.so"))
 
 
