@@ -27,7 +27,7 @@ from types import ModuleType
 import torch
 
 SOURCE = Path(__file__).with_name("node.cpp")
-_TEXT = SOURCE.read_bytes()
+_TEXT = SOURCE.read_bytes() if SOURCE.exists() else b""  # (an install without package data)
 NAME = "crossent_native_" + hashlib.sha256(_TEXT + torch.__version__.encode()).hexdigest()[:12]
 ENABLED = os.environ.get("CROSSENT_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
 
@@ -48,6 +48,8 @@ def why_not_buildable() -> str | None:
     """Why :func:`build` cannot run here (no compiler, no ninja), or None."""
     from torch.utils import cpp_extension
 
+    if not _TEXT:
+        return f"this installation lacks the node's source ({SOURCE})"
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler!r} not on PATH; set CXX)"
