@@ -131,7 +131,9 @@ def test_load_built_never_compiles(monkeypatch, tmp_path):
     """The background load takes a built node only: with none in the cache it compiles
     nothing and the Python node stays."""
     assert native.built() and native.load_built()
+    assert native._directory(create=False) == native._directory()  # torch's own path
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # an empty cache
+    assert native._directory(create=False) == tmp_path / native.NAME
     monkeypatch.setattr(native, "module", None)
     monkeypatch.setattr(native, "_tried", False)
     assert not native.built()

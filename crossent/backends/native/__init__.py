@@ -28,7 +28,9 @@ import torch
 
 SOURCE = Path(__file__).with_name("node.cpp")
 _TEXT = SOURCE.read_bytes() if SOURCE.exists() else b""  # (an install without package data)
-NAME = "crossent_native_" + hashlib.sha256(_TEXT + torch.__version__.encode()).hexdigest()[:12]
+_PYTHON = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+NAME = "crossent_native_" + hashlib.sha256(
+    _TEXT + f"{torch.__version__} {_PYTHON}".encode()).hexdigest()[:12]
 ENABLED = os.environ.get("CROSSENT_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 # Calls below ONE_THREAD elements run the kernels on one thread (``_numba_threads``'
@@ -70,19 +72,24 @@ def build(verbose: bool = False) -> ModuleType:
 
 
 def built() -> bool:
-    """Whether this source's build for this torch and Python is in torch's extension cache
-    (looked for without creating the directory that torch's loader would make)."""
+    """Whether this source's build for this torch and Python is in torch's extension cache."""
+    return (_directory(create=False) / f"{NAME}.so").exists()
+
+
+def _directory(create: bool = True) -> Path:
+    """The build's directory, as torch's loader names it (``TORCH_EXTENSIONS_DIR`` as is, else
+    a folder per Python and accelerator in torch's cache); made only with ``create``."""
     from torch.utils import cpp_extension
 
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_"
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
-    return any(root.glob(f"{tag}*/{NAME}/{NAME}.so"))
-
-
-def _directory() -> Path:
-    from torch.utils import cpp_extension
-
-    return Path(cpp_extension._get_build_directory(NAME, verbose=False))
+    if create:
+        return Path(cpp_extension._get_build_directory(NAME, verbose=False))
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        accelerator = ("cpu" if torch.version.cuda is None and torch.version.hip is None
+                       else f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip
+                       else f"cu{torch.version.cuda.replace('.', '')}")
+        root = os.path.join(cpp_extension.get_default_build_root(), f"{_PYTHON}_{accelerator}")
+    return Path(root) / NAME
 
 
 def load_built() -> bool:
