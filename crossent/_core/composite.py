@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 from . import validate as _validate
 from .dispatch import stats_sink
@@ -24,8 +25,10 @@ from ..backends.torch_fused import acc_dtype
 
 
 def active() -> bool:
-    """Whether a functorch transform (vmap, grad, jvp, ...) is running this call."""
-    return torch._C._are_functorch_transforms_active()
+    """Whether a functorch transform (vmap, grad, jvp, ...) is running this call, or forward-mode
+    AD (``torch.autograd.forward_ad``: inside a dual level, tensors may carry tangents that only
+    torch's ops propagate)."""
+    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
 
 
 def check_targets(target: Tensor, n_classes: int, ignore_index: int) -> None:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import diagnostics as _diagnostics
+from . import composite as _composite
 from . import validate as _validate
 from ..backends import TargetOutOfBounds
 from ..backends import native as _native
@@ -27,7 +28,6 @@ from .params import CEParams
 
 _apply = c_apply(CrossEntropyFunction)
 _lane_apply = c_apply(CrossEntropyLane)
-_transforms_active = torch._C._are_functorch_transforms_active
 
 
 class _Plan(NamedTuple):
@@ -68,7 +68,7 @@ def cross_entropy(
     plan = _PLANS.get(key, UNPLANNED)
     if plan is UNPLANNED:
         plan = _plan(key, input)
-    if plan is None or input.is_neg() or _transforms_active() or stats_sink.get() is not None:
+    if plan is None or input.is_neg() or _composite.active() or stats_sink.get() is not None:
         return None  # (a negative-bit view: see ``_validate.resolved``)
     logits = input if torch.is_grad_enabled() else input.detach()  # see _cross_entropy
     try:

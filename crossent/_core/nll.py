@@ -57,7 +57,6 @@ def nll(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
 # (impl, dtype, target dtype, ignore_index, reduction) -> (``NLLLossLane``'s C entry, its plan), or
 # None for calls the lane does not take; kept once numba is ready.
 _PLANS: dict[tuple, tuple | None] = {}
-_transforms_active = torch._C._are_functorch_transforms_active
 
 
 def lane(input: Tensor, target: Tensor, ignore_index: int, reduction: str, impl: str
@@ -78,7 +77,7 @@ def lane(input: Tensor, target: Tensor, ignore_index: int, reduction: str, impl:
     plan = _PLANS.get(key, _dispatch.UNPLANNED)
     if plan is _dispatch.UNPLANNED:
         plan = _plan(key, input)
-    if plan is None or not target.is_contiguous() or input.is_neg() or _transforms_active():
+    if plan is None or not target.is_contiguous() or input.is_neg() or _composite.active():
         return None  # (a negative-bit view: see ``_validate.resolved``)
     try:  # (a functorch tensor that escaped its transform has no data: general path)
         xa, ta = input.data_ptr(), target.data_ptr()

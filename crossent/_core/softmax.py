@@ -192,7 +192,6 @@ class LogSoftmaxLane(SoftmaxLane):
 # backend); kept once numba is ready.
 _PLANS: dict[tuple, _Plan | None] = {}
 _LANE_APPLY = {True: c_apply(LogSoftmaxLane), False: c_apply(SoftmaxLane)}  # by ``log``
-_transforms_active = torch._C._are_functorch_transforms_active
 
 
 def _lane(input: Tensor, dim: int, impl: str, log: bool) -> Tensor | None:
@@ -211,7 +210,7 @@ def _lane(input: Tensor, dim: int, impl: str, log: bool) -> Tensor | None:
     plan = _PLANS.get(key, _dispatch.UNPLANNED)
     if plan is _dispatch.UNPLANNED:
         plan = _plan(key, input)
-    if plan is None or not input.is_contiguous() or input.is_neg() or _transforms_active():
+    if plan is None or not input.is_contiguous() or input.is_neg() or _composite.active():
         return None  # (a negative-bit view: see ``_validate.resolved``)
     try:  # (a functorch tensor that escaped its transform has no data: general path)
         xa = input.data_ptr()
