@@ -173,8 +173,9 @@ def refuse_double_backward(name: str) -> None:
 def _times_upstream(grad: Tensor, upstream: Tensor, keep: bool | None = None) -> Tensor:
     """The saved gradient times the upstream gradient (scalar, or one value per row).
 
-    Unless the graph is kept (``keep``, by default ``retained()``: then a new tensor), the gradient is the Function's
-    own buffer, freed after this backward, and is scaled in place: no second ``(R, C)`` buffer.
+    Unless the graph is kept (``keep``, by default ``retained()``: then a new tensor), the
+    gradient is the Function's own buffer, freed after this backward, and is scaled in place:
+    no second ``(R, C)`` buffer.
     On CUDA (eager) a scalar factor is read by a Triton kernel on the device, which touches
     nothing when it is 1 (the usual ``loss.backward()``): no host sync and no pass over the
     gradient. Elsewhere a host read of a CPU scalar is free.
