@@ -227,3 +227,119 @@ def test_the_cross_entropy_node_behaves_as_the_python_lane():
     large = torch.randn(4, native.MAX_ELEMENTS // 4, requires_grad=True)
     assert type(crossent.cross_entropy(large, torch.zeros(4, dtype=torch.long)).grad_fn).__name__ \
         == "CrossEntropyLaneBackward"
+
+
+@contextlib.contextmanager
+def python_nll_lane():
+    """The nll_loss lane's Python node: its plans made without the compiled node."""
+    from crossent._core import nll
+
+    module, native.module = native.module, None
+    tried, native._tried = native._tried, True
+    nll._PLANS.clear()
+    try:
+        yield
+    finally:
+        native.module, native._tried = module, tried
+        nll._PLANS.clear()
+
+
+def _log_probs(shape, dtype, gen):
+    return (torch.randn(shape, generator=gen) * 3).log_softmax(1).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(64, 10), (8, 3), (1, 1), (5, 2), (300, 7), (2, 5000),
+                                   (0, 4), (4, 2 * native.ONE_THREAD)], ids=str)
+@pytest.mark.parametrize("options", [dict(), dict(reduction="sum"), dict(ignore_index=2)],
+                         ids=str)
+@pytest.mark.parametrize("strided", [False, True], ids=["dense", "strided"])
+def test_the_nll_node_gives_the_python_lanes_bits(shape, dtype, options, strided):
+    """Every dtype the node runs, dense and transposed input, ignored rows (some, or all in a
+    one-row batch), an upstream factor: the Python node's loss and gradient bits, and torch's
+    values."""
+    gen = torch.Generator().manual_seed(sum(shape) + 7)
+    x = _log_probs(shape, dtype, gen)
+    t = torch.randint(0, max(shape[1], 1), shape[:1], generator=gen)
+    t[::3] = options.get("ignore_index", -100)
+    up = torch.rand((), generator=gen).to(dtype) + 0.5
+
+    def run(fn):
+        a = (x.t().clone().t() if strided else x.clone()).requires_grad_()  # (strided: (1, N))
+        loss = fn(a, t, **options)
+        (grad,) = torch.autograd.grad(loss * up, a)
+        return loss.detach(), grad, type(loss.grad_fn).__name__
+
+    loss, grad, node = run(crossent.nll_loss)
+    with python_nll_lane():
+        want_loss, want_grad, want_node = run(crossent.nll_loss)
+    assert "Cpp" in node and "Cpp" not in want_node
+    assert loss.dtype == dtype and grad.dtype == dtype and grad.shape == x.shape
+    assert torch.equal(loss, want_loss) or (loss.isnan() and want_loss.isnan())
+    assert torch.equal(grad, want_grad) or (grad.isnan() & want_grad.isnan()).equal(grad.isnan())
+    torch_loss, torch_grad, _ = run(F.nll_loss)
+    tol = {} if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(loss.float(), torch_loss.float(), equal_nan=True, **tol)
+    torch.testing.assert_close(grad.float(), torch_grad.float(), equal_nan=True, **tol)
+
+
+def test_the_nll_node_behaves_as_torchs_nll_loss():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, generator=gen).log_softmax(1).requires_grad_()
+    t = torch.tensor([0, 1, 2, 3, 4, 0])
+    assert "Cpp" in type(crossent.nll_loss(x, t).grad_fn).__name__
+    for bad, where in ((7, 1), (-3, 4)):
+        wrong = t.clone()
+        wrong[where] = bad
+        with pytest.raises(IndexError, match=f"Target {bad} is out of bounds.*position {where}"):
+            crossent.nll_loss(x, wrong)
+    # retain_graph: two backwards, each a fresh gradient
+    loss = crossent.nll_loss(x, t) * 3.0
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    g1.zero_()
+    (g2,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(g2, torch.autograd.grad(F.nll_loss(x, t) * 3.0, x)[0])
+    # the target changed in place after forward: backward refuses, as torch's
+    changed = t.clone()
+    loss = crossent.nll_loss(x, changed)
+    changed[0] = 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    with torch.no_grad():
+        assert not crossent.nll_loss(x, t).requires_grad
+    # the lane's other calls keep the Python node: uint8 targets, huge inputs
+    assert "Cpp" not in type(crossent.nll_loss(x, t.to(torch.uint8)).grad_fn).__name__
+    large = torch.zeros(4, native.MAX_ELEMENTS // 4, requires_grad=True)
+    assert type(crossent.nll_loss(large, torch.zeros(4, dtype=torch.long)).grad_fn).__name__ \
+        == "NLLLossLaneBackward"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nll_node_create_graph_is_torchs(dtype):
+    """create_graph through nll_loss(log_softmax(x)): the gradient requires grad, a
+    Hessian-vector product is torch's; a second derivative with respect to the log-probabilities
+    alone is zeros (linear), and an upstream that requires grad (a double-backward product)
+    is differentiated, as torch's."""
+    gen = torch.Generator().manual_seed(11)
+    x, v = logits((6, 9), dtype, gen), logits((6, 9), dtype, gen)
+    t = torch.randint(0, 9, (6,), generator=gen)
+    t[2] = -100
+
+    def hvp(lib):
+        a = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(lib.nll_loss(lib.log_softmax(a, 1), t), a, create_graph=True)
+        assert g.requires_grad
+        return torch.autograd.grad((g.float() * v.float()).sum(), a)[0]
+
+    tol = {} if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(hvp(crossent), hvp(F), **tol)
+    lp = _log_probs((6, 9), dtype, gen).requires_grad_()
+    (g,) = torch.autograd.grad(crossent.nll_loss(lp, t), lp, create_graph=True)
+    assert not torch.autograd.grad((g.float() ** 2).sum(), lp)[0].any()
+    up = torch.tensor(2.0, dtype=dtype, requires_grad=True)
+    got = torch.autograd.grad(crossent.nll_loss(lp, t), lp, up, create_graph=True)[0]
+    want = torch.autograd.grad(F.nll_loss(lp, t), lp, up, create_graph=True)[0]
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad((got.float() * v.float()).sum(), up)[0],
+                               torch.autograd.grad((want.float() * v.float()).sum(), up)[0],
+                               **tol)

@@ -11,6 +11,7 @@ import functools
 import torch
 from torch import Tensor
 
+from ..backends import native as _native
 from . import composite as _composite
 from . import dispatch as _dispatch
 from . import validate as _validate
@@ -54,8 +55,9 @@ def nll(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
     return loss.reshape(()) if input.dim() == 1 and reduction == "none" else loss
 
 
-# (impl, dtype, target dtype, ignore_index, reduction) -> (``NLLLossLane``'s C entry, its plan), or
-# None for calls the lane does not take; kept once numba is ready.
+# (impl, dtype, target dtype, ignore_index, reduction) -> (``NLLLossLane``'s C entry, its plan,
+# the compiled node's two C entries or None), or None for calls the lane does not take; kept
+# once numba is ready.
 _PLANS: dict[tuple, tuple | None] = {}
 
 
@@ -84,8 +86,15 @@ def lane(input: Tensor, target: Tensor, ignore_index: int, reduction: str, impl:
     except RuntimeError:
         return None
     st = input.stride()
-    apply, plan = plan
+    apply, plan, entries = plan
+    numel = shape[0] * shape[1]
     try:
+        if entries is not None and numel < _native.MAX_ELEMENTS:
+            # the compiled node (``backends.native``), where a Python node's own cost shows
+            threads = _native.threads(numel, shape[0])
+            if threads:
+                return _native.module.nll_loss(input, target, *entries, ignore_index,
+                                               reduction == "mean", threads)
         return apply(input if torch.is_grad_enabled() else input.detach(), target, plan, xa, ta,
                      (shape[0], shape[1], 1), (st[0], st[1], 0))
     except IndexError:  # the kernel's own check: name the offender as the general path does
@@ -105,6 +114,9 @@ def _plan(key: tuple, input: Tensor) -> tuple | None:
             and dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)):
         from ..backends import numba_nll
 
-        plan = c_apply(numba_nll.NLLLossLane), (numba_nll.LIKE[dtype], numba_nll.LIKE[target_dtype],
-                                              ignore_index, reduction, dtype)
+        # (load_built: done by the background load unless CROSSENT_BACKGROUND_LOAD=0)
+        native = target_dtype == torch.int64 and _native.load_built()
+        entries = _native.nll_entries.get(dtype) if native else None
+        plan = (c_apply(numba_nll.NLLLossLane), (numba_nll.LIKE[dtype],
+                numba_nll.LIKE[target_dtype], ignore_index, reduction, dtype), entries)
     return _dispatch.keep_plan(_PLANS, key, plan)

@@ -17,7 +17,7 @@ from torch import Tensor
 from . import _omp_team
 from . import _numba_threads
 from ._numba_threads import _split_rows, parallel_min
-from ._numba_views import cube, rows, strided3
+from ._numba_views import cube, flat, rows, strided3
 from ._omp_team import team_launch
 from ._numba_softmax_kernels import f32, put
 from ._numba_host import f32_scalar
@@ -29,8 +29,9 @@ from .torch_fused import nll_loss
 @njit(nogil=True, cache=True, error_model="numpy")
 def _nll_forward(x, t, w, ignore_index, loss):
     """Per-position loss into ``loss (N, I)`` (size 0: not stored, for a reduced loss); returns
-    (sum of losses, sum of picked weights, their quotient). Products and sums are float64, so
-    float32 terms are exact before the final rounding."""
+    (sum of losses, sum of picked weights, their quotient, the first out-of-range target's flat
+    position or -1: the kernel stops there, and the caller raises). Products and sums are
+    float64, so float32 terms are exact before the final rounding."""
     n_cls = x.shape[1]
     has_w = w.size > 0
     store = loss.size > 0
@@ -44,14 +45,14 @@ def _nll_forward(x, t, w, ignore_index, loss):
                     loss[a, b] = 0.0
                 continue
             if y < 0 or y >= n_cls:
-                raise IndexError("nll_loss: a target class index is out of range [0, C)")
+                return total, w_sum, np.nan, a * t.shape[1] + b
             w_y = w[y] if has_w else 1.0
             value = -(w_y * f32(x[a, y, b]))  # -0 * inf is NaN, as torch's
             if store:
                 loss[a, b] = value
             total += value
             w_sum += w_y
-    return total, w_sum, total / w_sum
+    return total, w_sum, total / w_sum, -1
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -98,6 +99,31 @@ def _backward_call(ta, tlike, w, ignore_index, pa, plike, per_position, g_total,
         team_launch(_nll_backward, args, n, min(threads, n))
     else:
         _nll_backward(*args, 0, n)
+
+
+# The compiled node's launches (``native.kernels``; C entries cannot raise): the reduced loss
+# of ``(N, C)`` input at element strides ``(s0, s1)`` and ``(N,)`` int64 targets, unweighted,
+# stored at ``oa`` in the input's format; the first bad target's position (-1: none) and the
+# count of kept rows into the float64 pair at ``ra``. Backward: the ``(N, C)`` gradient of the
+# upstream ``g`` at ``da``.
+_I64S, _F64S = np.empty(0, np.int64), np.empty(0, np.float64)
+_UNWEIGHTED, _F32S = np.empty(0, np.float32), np.empty(0, np.float32)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def node_forward(xa, like, n, n_cls, s0, s1, ta, ignore_index, mean, oa, ra):
+    total, w_sum, quotient, bad = _forward_call(xa, like, (n, n_cls, 1), (s0, s1, 0), ta, _I64S,
+                                                _UNWEIGHTED, ignore_index, 0, _F32S, False)
+    result = flat(ra, _F64S, 2)
+    result[0], result[1] = bad, w_sum
+    if bad < 0:
+        put(flat(oa, like, 1), 0, quotient if mean else total)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def node_backward(ta, ignore_index, g, w_sum, mean, da, like, n, n_cls, threads):
+    _backward_call(ta, _I64S, _UNWEIGHTED, ignore_index, 0, _F32S, False, g, w_sum, mean, da,
+                   like, (n, n_cls, 1), threads)
 
 
 def _layout(t: Tensor) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
@@ -152,10 +178,11 @@ class NLLLoss(torch.autograd.Function):
             target = target.contiguous()
         w = _weights(weight, acc)
         loss = torch.empty(target.shape, dtype=acc) if reduction == "none" else None  # (N, ...)
-        total, w_sum, mean = _forward_call(
+        total, w_sum, mean, bad = _forward_call(
             input.data_ptr(), LIKE[input.dtype], dims, strides, target.data_ptr(),
             LIKE[target.dtype], w, ignore_index, 0 if loss is None else loss.data_ptr(),
             LIKE[acc], loss is not None)
+        _check(bad)
         ctx.save_for_backward(target, input)  # (input: see ``_in_graph``; torch saves it too)
         # one attribute, not seven: each costs a small call a tenth of a microsecond
         ctx.state = (w, w_sum, ignore_index, reduction, input.shape, input.dtype, dims)
@@ -183,8 +210,9 @@ class NLLLossLane(torch.autograd.Function):
                 dims: tuple[int, int, int], strides: tuple[int, int, int]) -> Tensor:
         like, tlike, ignore_index, reduction, dtype = plan
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        total, w_sum, mean = _forward_call(xa, like, dims, strides, ta, tlike, _NONE[acc],
-                                           ignore_index, 0, LIKE[acc], False)
+        total, w_sum, mean, bad = _forward_call(xa, like, dims, strides, ta, tlike, _NONE[acc],
+                                                ignore_index, 0, LIKE[acc], False)
+        _check(bad)
         # (the target's address is kept too: the version check guards it; input: _in_graph)
         ctx.save_for_backward(target, input)
         ctx.state = (plan, ta, w_sum, dims)
@@ -202,6 +230,12 @@ class NLLLossLane(torch.autograd.Function):
             _backward_call(ta, tlike, w, ignore_index, 0, like, False, float(g), w_sum,
                            reduction == "mean", grad.data_ptr(), like, dims, 1)
         return _in_graph(grad, input), None, None, None, None, None, None
+
+
+def _check(bad: int) -> None:
+    """The kernel's verdict on the targets (callers name the offender, ``_core.nll``)."""
+    if bad >= 0:
+        raise IndexError("nll_loss: a target class index is out of range [0, C)")
 
 
 _FALSE = torch.zeros((), dtype=torch.bool)

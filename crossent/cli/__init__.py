@@ -3,7 +3,7 @@
 ``crossent demo``   trains the seeds' classifier with and without the softmax mistake (CPU, < 1 min)
 ``crossent bench``  runs the benchmarks (every argument after ``bench`` goes to the harness)
 ``crossent env``    prints versions, devices and which backends can run
-``crossent build``  compiles the optional native node (small softmax calls; needs a compiler)
+``crossent build``  compiles the optional native nodes (small calls; needs a compiler)
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def build(verbose: bool = False) -> int:
         print(f"crossent build: {exc}", file=sys.stderr)
         return 1
     print(f"crossent build: native node ready at {module.__file__}; impl='auto' uses it for "
-          "the common cross_entropy and softmax/log_softmax calls below 4M elements")
+          "the common cross_entropy, nll_loss and softmax/log_softmax calls below 4M elements")
     return 0
 
 

@@ -6,7 +6,8 @@ threads)`` over the contiguous ``(O, C, I)`` view about ``dim``: the launches of
 ``backward_call``). Cross-entropy: the launches of ``numba_cpu.lane_launch`` (few-class rows
 side by side, or the row kernel), one thread, with the loss written at an address and the
 target check's and misuse probe's verdicts in a two-value result buffer; ``threads`` as the
-launch's.
+launch's. nll_loss: ``numba_nll.node_forward`` / ``node_backward`` (reduced, unweighted, int64
+targets, input at any strides).
 
 The storage type is a module global (a compile-time constant) instead of an array argument.
 Written out per dtype, not made in a closure: numba's cache keys a function by its name and
@@ -23,6 +24,7 @@ from .._numba_kdim_call import lane_rows_call
 from .._numba_softmax_kernels import backward_call, forward_call
 from .._numba_views import flat
 from ..numba_cpu import _plain_call
+from ..numba_nll import node_backward, node_forward
 
 _I64, _B = types.int64, types.boolean
 _FWD = types.void(_I64, _I64, _I64, _I64, _I64, _B, _I64)  # xa, oa, O, C, I, log, threads
@@ -139,3 +141,46 @@ def ce_entries() -> dict[tuple[torch.dtype, bool], int]:
             (torch.float32, True): _ce_few_f32.address,
             (torch.bfloat16, True): _ce_few_bf16.address,
             (torch.float16, True): _ce_few_f16.address}
+
+
+# xa, n_rows, n_cls, s0, s1 (element strides), ta, ignore_index, mean, oa (loss), ra (verdicts)
+_NLL_FWD = types.void(_I64, _I64, _I64, _I64, _I64, _I64, _I64, _B, _I64, _I64)
+# ta, ignore_index, upstream, kept-row weight, mean, da (gradient), n_rows, n_cls, threads
+_NLL_BWD = types.void(_I64, _I64, types.float64, types.float64, _B, _I64, _I64, _I64, _I64)
+
+
+@cfunc(_NLL_FWD, nopython=True, nogil=True, cache=True)
+def _nll_fwd_f32(xa, n_rows, n_cls, s0, s1, ta, ignore, mean, oa, ra):
+    node_forward(xa, _F32, n_rows, n_cls, s0, s1, ta, ignore, mean, oa, ra)
+
+
+@cfunc(_NLL_BWD, nopython=True, nogil=True, cache=True)
+def _nll_bwd_f32(ta, ignore, g, w_sum, mean, da, n_rows, n_cls, threads):
+    node_backward(ta, ignore, g, w_sum, mean, da, _F32, n_rows, n_cls, threads)
+
+
+@cfunc(_NLL_FWD, nopython=True, nogil=True, cache=True)
+def _nll_fwd_bf16(xa, n_rows, n_cls, s0, s1, ta, ignore, mean, oa, ra):
+    node_forward(xa, _BF16, n_rows, n_cls, s0, s1, ta, ignore, mean, oa, ra)
+
+
+@cfunc(_NLL_BWD, nopython=True, nogil=True, cache=True)
+def _nll_bwd_bf16(ta, ignore, g, w_sum, mean, da, n_rows, n_cls, threads):
+    node_backward(ta, ignore, g, w_sum, mean, da, _BF16, n_rows, n_cls, threads)
+
+
+@cfunc(_NLL_FWD, nopython=True, nogil=True, cache=True)
+def _nll_fwd_f16(xa, n_rows, n_cls, s0, s1, ta, ignore, mean, oa, ra):
+    node_forward(xa, _F16, n_rows, n_cls, s0, s1, ta, ignore, mean, oa, ra)
+
+
+@cfunc(_NLL_BWD, nopython=True, nogil=True, cache=True)
+def _nll_bwd_f16(ta, ignore, g, w_sum, mean, da, n_rows, n_cls, threads):
+    node_backward(ta, ignore, g, w_sum, mean, da, _F16, n_rows, n_cls, threads)
+
+
+def nll_entries() -> dict[torch.dtype, tuple[int, int]]:
+    """dtype -> nll_loss's (forward, backward) C addresses."""
+    return {torch.float32: (_nll_fwd_f32.address, _nll_bwd_f32.address),
+            torch.bfloat16: (_nll_fwd_bf16.address, _nll_bwd_bf16.address),
+            torch.float16: (_nll_fwd_f16.address, _nll_bwd_f16.address)}

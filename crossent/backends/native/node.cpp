@@ -1,11 +1,11 @@
-// softmax / log_softmax and cross-entropy as compiled autograd nodes around crossent's numba
-// kernels.
+// softmax / log_softmax, cross-entropy and nll_loss as compiled autograd nodes around
+// crossent's numba kernels.
 //
 // A Python autograd.Function costs more than torch's whole (64, 10) log_softmax: its apply and
 // its backward each run Python frames and take the GIL (measured, BENCHMARKS.md). These nodes
 // are the lanes' Functions in C++, calling the kernels' C entries (numba cfuncs, kernels.py).
-// The callers (``_core.softmax``'s and ``_core.lane``'s lanes) pass contiguous CPU tensors of
-// the kernels' dtypes, their dims, and one-thread sizes.
+// The callers (``_core.softmax``'s, ``_core.lane``'s and ``_core.nll``'s lanes) pass CPU
+// tensors of the kernels' dtypes and layouts, their dims, and thread counts.
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/extension.h>
 
@@ -126,6 +126,90 @@ struct CrossEntropyNode : public torch::autograd::Function<CrossEntropyNode> {
   }
 };
 
+// nll_loss's launches. Forward: input, rows, classes, element strides, target, ignore_index,
+// mean, the loss's address, the verdicts' (first bad position or -1, kept rows). Backward:
+// target, ignore_index, upstream, kept rows, mean, the gradient's address, rows, classes,
+// threads.
+using NllForward = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool,
+                            int64_t, int64_t);
+using NllBackward = void (*)(int64_t, int64_t, double, double, bool, int64_t, int64_t, int64_t,
+                             int64_t);
+
+// The reduced, unweighted nll_loss of (N, C) log-probabilities at any strides and (N,) int64
+// targets, as ``backends.numba_nll.NLLLossLane``.
+struct NllNode : public torch::autograd::Function<NllNode> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
+                            const at::Tensor& target, int64_t forward_entry,
+                            int64_t backward_entry, int64_t ignore_index, bool mean,
+                            int64_t threads) {
+    TORCH_CHECK(input.device().is_cpu() && input.dim() == 2 && target.is_contiguous() &&
+                    target.scalar_type() == at::kLong && target.dim() == 1 &&
+                    target.size(0) == input.size(0),
+                "crossent native nll_loss: (N, C) input and contiguous (N,) int64 targets "
+                "expected");
+    at::Tensor loss = at::empty({}, input.options());
+    double verdicts[2] = {-1.0, 0.0};
+    reinterpret_cast<NllForward>(forward_entry)(
+        address(input), input.size(0), input.size(1), input.stride(0), input.stride(1),
+        address(target), ignore_index, mean, address(loss),
+        reinterpret_cast<int64_t>(verdicts));
+    // (nothing was written: the caller names the offending target, as the Python lane does)
+    TORCH_CHECK_INDEX(verdicts[0] < 0, "crossent: target out of bounds at position ",
+                      static_cast<int64_t>(verdicts[0]));
+    ctx->save_for_backward({target, input});  // (input: the create_graph link, as torch's)
+    ctx->saved_data["entry"] = backward_entry;
+    ctx->saved_data["kept"] = verdicts[1];
+    ctx->saved_data["ignore"] = ignore_index;
+    ctx->saved_data["mean"] = mean;
+    ctx->saved_data["threads"] = threads;
+    return loss;
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    tensor_list saved = ctx->get_saved_variables();
+    const at::Tensor& target = saved[0];
+    const at::Tensor& input = saved[1];
+    const at::Tensor& g = grads[0];
+    int64_t ignore_index = ctx->saved_data["ignore"].toInt();
+    double kept = ctx->saved_data["kept"].toDouble();
+    bool mean = ctx->saved_data["mean"].toBool();
+    int64_t n = input.size(0), n_cls = input.size(1);
+    bool graph = at::GradMode::is_enabled();
+    at::Tensor grad;
+    if (graph && g.requires_grad()) {
+      // a double-backward product through an upstream that requires grad: the gradient in
+      // differentiable ops of g (nll_loss is linear in its input: the same at every input)
+      at::Tensor keep = target != ignore_index;
+      at::Tensor index = target.masked_fill(keep.logical_not(), 0).unsqueeze(1);
+      at::Tensor scale = mean ? g / kept : g;
+      at::Tensor values = -(keep.to(scale.scalar_type()) * scale);
+      grad = at::zeros({n, n_cls}, input.options())
+                 .scatter(1, index, values.to(input.scalar_type()).unsqueeze(1));
+    } else {
+      grad = at::empty({n, n_cls}, input.options());
+      if (n * n_cls > 0) {
+        reinterpret_cast<NllBackward>(ctx->saved_data["entry"].toInt())(
+            address(target), ignore_index, g.item<double>(), kept, mean, address(grad), n,
+            n_cls, ctx->saved_data["threads"].toInt());
+      }
+    }
+    if (graph && input.requires_grad()) {
+      // create_graph: the gradient also as a function of the input, whose derivative there is
+      // 0 (a second derivative gives zeros, as torch's, not "does not require grad"); where,
+      // not + 0 * input: log-probabilities of -inf would make NaN
+      grad = at::where(at::zeros({}, at::kBool), input, grad);
+    }
+    return {grad,         at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor nll_loss(const at::Tensor& input, const at::Tensor& target, int64_t forward_entry,
+                    int64_t backward_entry, int64_t ignore_index, bool mean, int64_t threads) {
+  return NllNode::apply(input, target, forward_entry, backward_entry, ignore_index, mean,
+                        threads);
+}
+
 std::tuple<at::Tensor, bool> cross_entropy(const at::Tensor& logits, const at::Tensor& target,
                                            int64_t threads, int64_t entry, int64_t ignore_index,
                                            double eps, double z_loss, bool mean,
@@ -147,4 +231,5 @@ at::Tensor softmax(const at::Tensor& x, int64_t forward_entry, int64_t backward_
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("softmax", &softmax, "log_softmax (log=True) or softmax of contiguous CPU input");
   m.def("cross_entropy", &cross_entropy, "(reduced loss, probe verdict) of (R, C) logits");
+  m.def("nll_loss", &nll_loss, "reduced, unweighted nll_loss of (N, C) input");
 }
