@@ -55,9 +55,10 @@ def nll(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
     return loss.reshape(()) if input.dim() == 1 and reduction == "none" else loss
 
 
-# (impl, dtype, target dtype, ignore_index, reduction) -> (``NLLLossLane``'s C entry, its plan,
-# the compiled node's two C entries or None), or None for calls the lane does not take; kept
-# once numba is ready.
+_NUMBA = ("auto", "numba")  # the impls whose calls the compiled node may take, once loaded
+_REDUCED = ("mean", "sum")
+# (impl, dtype, target dtype, ignore_index, reduction) -> (``NLLLossLane``'s C entry, its plan), or
+# None for calls the lane does not take; kept once numba is ready.
 _PLANS: dict[tuple, tuple | None] = {}
 
 
@@ -67,7 +68,20 @@ def lane(input: Tensor, target: Tensor, ignore_index: int, reduction: str, impl:
     int64 or uint8 indices, no weight, "mean" or "sum", eager) on the numba kernels in as few
     torch calls as it takes (each costs more than the kernel at (64, 10)); ``None`` for every
     other call, which the public function checks and dispatches."""
-    if torch.compiler.is_compiling() or type(input) is not Tensor or type(target) is not Tensor:
+    if torch.compiler.is_compiling():
+        return None
+    node = _native.module
+    if node is not None and impl in _NUMBA and reduction in _REDUCED and not _composite.active():
+        # the compiled node (``backends.native``) where a Python node's own cost shows: its lane
+        # checks the call in C++
+        try:
+            loss = node.nll_lane(input, target, ignore_index, reduction == "mean")
+        except IndexError:  # the kernel's own check: name the offender as the general path does
+            _validate.check_target_values(target, input.shape[1], ignore_index)
+            raise
+        if loss is not None:
+            return loss
+    if type(input) is not Tensor or type(target) is not Tensor:
         return None
     shape = input.shape
     if len(shape) != 2 or target.shape != shape[:1] or not (input.is_cpu and target.is_cpu):
@@ -79,6 +93,8 @@ def lane(input: Tensor, target: Tensor, ignore_index: int, reduction: str, impl:
     plan = _PLANS.get(key, _dispatch.UNPLANNED)
     if plan is _dispatch.UNPLANNED:
         plan = _plan(key, input)
+        if node is None and _native.module is not None:  # the plan loaded the compiled node
+            return lane(input, target, ignore_index, reduction, impl)
     if plan is None or not target.is_contiguous() or input.is_neg() or _composite.active():
         return None  # (a negative-bit view: see ``_validate.resolved``)
     try:  # (a functorch tensor that escaped its transform has no data: general path)
@@ -86,15 +102,8 @@ def lane(input: Tensor, target: Tensor, ignore_index: int, reduction: str, impl:
     except RuntimeError:
         return None
     st = input.stride()
-    apply, plan, entries = plan
-    numel = shape[0] * shape[1]
+    apply, plan = plan
     try:
-        if entries is not None and numel < _native.MAX_ELEMENTS:
-            # the compiled node (``backends.native``), where a Python node's own cost shows
-            threads = _native.threads(numel, shape[0])
-            if threads:
-                return _native.module.nll_loss(input, target, *entries, ignore_index,
-                                               reduction == "mean", threads)
         return apply(input if torch.is_grad_enabled() else input.detach(), target, plan, xa, ta,
                      (shape[0], shape[1], 1), (st[0], st[1], 0))
     except IndexError:  # the kernel's own check: name the offender as the general path does
@@ -114,9 +123,7 @@ def _plan(key: tuple, input: Tensor) -> tuple | None:
             and dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)):
         from ..backends import numba_nll
 
-        # (load_built: done by the background load unless CROSSENT_BACKGROUND_LOAD=0)
-        native = target_dtype == torch.int64 and _native.load_built()
-        entries = _native.nll_entries.get(dtype) if native else None
-        plan = (c_apply(numba_nll.NLLLossLane), (numba_nll.LIKE[dtype],
-                numba_nll.LIKE[target_dtype], ignore_index, reduction, dtype), entries)
+        _native.load_built()  # (done by the background load unless CROSSENT_BACKGROUND_LOAD=0)
+        plan = c_apply(numba_nll.NLLLossLane), (numba_nll.LIKE[dtype], numba_nll.LIKE[target_dtype],
+                                              ignore_index, reduction, dtype)
     return _dispatch.keep_plan(_PLANS, key, plan)

@@ -192,13 +192,23 @@ class LogSoftmaxLane(SoftmaxLane):
 # backend); kept once numba is ready.
 _PLANS: dict[tuple, _Plan | None] = {}
 _LANE_APPLY = {True: c_apply(LogSoftmaxLane), False: c_apply(SoftmaxLane)}  # by ``log``
+_NUMBA = ("auto", "numba")  # the impls whose calls the compiled node may take, once loaded
 
 
 def _lane(input: Tensor, dim: int, impl: str, log: bool) -> Tensor | None:
     """The common call (contiguous CPU input of a numba format, eager, ``dim`` in range) in
     as few torch calls as it takes; ``None`` for every other call (``apply`` then checks and
     dispatches it)."""
-    if torch.compiler.is_compiling() or not input.is_cpu:
+    if torch.compiler.is_compiling():
+        return None
+    node = _native.module
+    if node is not None and impl in _NUMBA and not _composite.active():
+        # the compiled node (``backends.native``) where a Python node's own cost shows: its lane
+        # checks the call in C++
+        out = node.softmax_lane(input, dim, log)
+        if out is not None:
+            return out
+    if not input.is_cpu:
         return None
     shape = input.shape
     ndim = len(shape)
@@ -210,6 +220,8 @@ def _lane(input: Tensor, dim: int, impl: str, log: bool) -> Tensor | None:
     plan = _PLANS.get(key, _dispatch.UNPLANNED)
     if plan is _dispatch.UNPLANNED:
         plan = _plan(key, input)
+        if node is None and _native.module is not None:  # the plan loaded the compiled node
+            return _lane(input, dim, impl, log)
     if plan is None or not input.is_contiguous() or input.is_neg() or _composite.active():
         return None  # (a negative-bit view: see ``_validate.resolved``)
     try:  # (a functorch tensor that escaped its transform has no data: general path)
@@ -220,13 +232,6 @@ def _lane(input: Tensor, dim: int, impl: str, log: bool) -> Tensor | None:
         dims = (shape[0], shape[1], 1)
     else:
         dims = (math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:]))
-    node, numel = _native.module, dims[0] * dims[1] * dims[2]
-    if node is not None and numel < _native.MAX_ELEMENTS:
-        # the compiled node (``backends.native``), where a Python node's own cost shows
-        threads = _native.threads(numel, numel)  # (the kernels split units themselves)
-        if threads:
-            forward, backward = _native.entries[input.dtype]
-            return node.softmax(input, forward, backward, *dims, log, threads)
     # (under no_grad apply records nothing and the output is all forward makes: no detach)
     return _LANE_APPLY[log](input, xa, plan, dims, log)
 

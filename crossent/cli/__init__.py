@@ -149,7 +149,7 @@ def env(plain: bool = False) -> int:
         node = f"not available: {native.why_not_buildable()}"
     else:
         node = "built, not loaded" if native.built() else "not built (run: crossent build)"
-    console.line(f"native softmax node: {node}")
+    console.line(f"native nodes (cross_entropy, nll_loss, softmax): {node}")
     console.line(f"misuse diagnostics: {'on' if diagnostics_enabled() else 'off'} "
                  "(crossent.set_diagnostics, CROSSENT_DIAGNOSTICS=0)")
     return 0

@@ -40,9 +40,7 @@ ENABLED = os.environ.get("CROSSENT_NATIVE", "1").strip().lower() not in ("0", "f
 ONE_THREAD = 1 << 14
 MAX_ELEMENTS = 1 << 22
 module: ModuleType | None = None  # the loaded extension, once ready
-entries: dict[torch.dtype, tuple[int, int]] = {}  # dtype -> the softmax kernels' C entries
 ce_entries: dict[tuple[torch.dtype, bool], int] = {}  # (dtype, few classes) -> CE launch
-nll_entries: dict[torch.dtype, tuple[int, int]] = {}  # dtype -> nll_loss's two C entries
 _tried = False  # load_built ran (once per process: it reads the file system)
 _lock = threading.Lock()
 
@@ -110,19 +108,31 @@ def load_built() -> bool:
 
 
 def _load(verbose: bool) -> ModuleType:
-    global module, entries, ce_entries, nll_entries
+    global module, ce_entries
     from torch.utils import cpp_extension
 
     from . import kernels
 
-    found, found_ce, found_nll = kernels.entries(), kernels.ce_entries(), kernels.nll_entries()
+    softmax, nll, found_ce = kernels.entries(), kernels.nll_entries(), kernels.ce_entries()
     source = _directory() / "node.cpp"  # the build's own copy: no other checkout's path in it
     if not source.exists() or source.read_bytes() != _TEXT:
         source.write_bytes(_TEXT)
     loaded = cpp_extension.load(NAME, [str(source)], extra_cflags=["-O2"], verbose=verbose)
-    entries, ce_entries, nll_entries = found, found_ce, found_nll
+    order = (torch.float32, torch.bfloat16, torch.float16)  # the node's slots
+    loaded.configure([a for d in order for a in softmax[d]], [a for d in order for a in nll[d]],
+                     ONE_THREAD, MAX_ELEMENTS, _team_usable())
+    ce_entries = found_ce
     module = loaded
     return loaded
+
+
+def _forked() -> None:
+    if module is not None:
+        module.set_team(False)  # libgomp's team is not valid in a forked child (``_omp_team``)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
 
 
 def threads(numel: int, units: int) -> int:

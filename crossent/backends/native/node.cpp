@@ -4,10 +4,14 @@
 // A Python autograd.Function costs more than torch's whole (64, 10) log_softmax: its apply and
 // its backward each run Python frames and take the GIL (measured, BENCHMARKS.md). These nodes
 // are the lanes' Functions in C++, calling the kernels' C entries (numba cfuncs, kernels.py).
-// The callers (``_core.softmax``'s, ``_core.lane``'s and ``_core.nll``'s lanes) pass CPU
-// tensors of the kernels' dtypes and layouts, their dims, and thread counts.
+// The softmax and nll_loss nodes are reached through their lanes (``softmax_lane``,
+// ``nll_lane``: the common call's checks, below); ``_core.lane`` calls ``cross_entropy`` with
+// checked tensors.
+#include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/extension.h>
+
+#include <optional>
 
 namespace {
 
@@ -22,8 +26,6 @@ struct SoftmaxNode : public torch::autograd::Function<SoftmaxNode> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t forward_entry,
                             int64_t backward_entry, int64_t n_out, int64_t n_cls, int64_t n_in,
                             bool log, int64_t threads) {
-    TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.numel() == n_out * n_cls * n_in,
-                "crossent native softmax: contiguous CPU input of the given dims expected");
     at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
     if (x.numel() > 0) {
       reinterpret_cast<Forward>(forward_entry)(address(x), address(out), n_out, n_cls, n_in,
@@ -142,11 +144,6 @@ struct NllNode : public torch::autograd::Function<NllNode> {
                             const at::Tensor& target, int64_t forward_entry,
                             int64_t backward_entry, int64_t ignore_index, bool mean,
                             int64_t threads) {
-    TORCH_CHECK(input.device().is_cpu() && input.dim() == 2 && target.is_contiguous() &&
-                    target.scalar_type() == at::kLong && target.dim() == 1 &&
-                    target.size(0) == input.size(0),
-                "crossent native nll_loss: (N, C) input and contiguous (N,) int64 targets "
-                "expected");
     at::Tensor loss = at::empty({}, input.options());
     double verdicts[2] = {-1.0, 0.0};
     reinterpret_cast<NllForward>(forward_entry)(
@@ -204,12 +201,6 @@ struct NllNode : public torch::autograd::Function<NllNode> {
   }
 };
 
-at::Tensor nll_loss(const at::Tensor& input, const at::Tensor& target, int64_t forward_entry,
-                    int64_t backward_entry, int64_t ignore_index, bool mean, int64_t threads) {
-  return NllNode::apply(input, target, forward_entry, backward_entry, ignore_index, mean,
-                        threads);
-}
-
 std::tuple<at::Tensor, bool> cross_entropy(const at::Tensor& logits, const at::Tensor& target,
                                            int64_t threads, int64_t entry, int64_t ignore_index,
                                            double eps, double z_loss, bool mean,
@@ -221,15 +212,117 @@ std::tuple<at::Tensor, bool> cross_entropy(const at::Tensor& logits, const at::T
   return {loss, probe_seen};
 }
 
-at::Tensor softmax(const at::Tensor& x, int64_t forward_entry, int64_t backward_entry,
-                   int64_t n_out, int64_t n_cls, int64_t n_in, bool log, int64_t threads) {
-  return SoftmaxNode::apply(x, forward_entry, backward_entry, n_out, n_cls, n_in, log, threads);
+// ---- the lanes: the common calls' checks, here rather than in Python (each tensor attribute
+// read from Python costs a (64, 10) call ~0.2 us; the checks were a third of its time) -------
+
+struct Config {
+  int64_t softmax[3][2] = {};  // C entries (forward, backward) by slot (float32, bf16, fp16)
+  int64_t nll[3][2] = {};
+  int64_t one_thread = 0, max_elements = 0;  // see backends.native's ONE_THREAD, MAX_ELEMENTS
+  c10::DispatchKeySet plain, inference;  // the keys of a plain CPU tensor, outside and inside
+                                         // inference mode
+  bool team = false;  // torch's OpenMP team can run a launch (false in a forked child)
+  bool ready = false;
+};
+Config config;
+
+int slot(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return 0;
+    case at::kBFloat16: return 1;
+    case at::kHalf: return 2;
+    default: return -1;
+  }
+}
+
+// A dense CPU tensor with no wrapper, view bit or subclass dispatch: functorch wrappers, negative
+// or conjugate views, sparse and Python-dispatch tensors have other keys.
+bool plain(const at::Tensor& t) {
+  c10::DispatchKeySet keys = t.key_set();
+  return keys == config.plain || keys == config.inference;
+}
+
+// Threads for a launch of numel elements in units blocks: one below one_thread, else torch's
+// count; 0 where the team cannot run (the Python node then splits the work).
+int64_t threads_for(int64_t numel, int64_t units) {
+  if (numel < config.one_thread) return 1;
+  if (!config.team) return 0;
+  return std::min<int64_t>(at::get_num_threads(), units);
+}
+
+void configure(const std::vector<int64_t>& softmax_entries,
+               const std::vector<int64_t>& nll_entries, int64_t one_thread,
+               int64_t max_elements, bool team) {
+  TORCH_CHECK(softmax_entries.size() == 6 && nll_entries.size() == 6,
+              "crossent native: six entries each expected");
+  for (int i = 0; i < 3; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      config.softmax[i][j] = softmax_entries[2 * i + j];
+      config.nll[i][j] = nll_entries[2 * i + j];
+    }
+  }
+  config.one_thread = one_thread;
+  config.max_elements = max_elements;
+  config.plain = at::empty({0}).key_set();
+  {
+    c10::InferenceMode guard;
+    config.inference = at::empty({0}).key_set();
+  }
+  config.team = team;
+  config.ready = true;
+}
+
+void set_team(bool team) { config.team = team; }
+
+// log_softmax (log) or softmax of a contiguous CPU input along dim, or None where the lane does
+// not take the call (the caller's general path then checks and dispatches it).
+std::optional<at::Tensor> softmax_lane(const at::Tensor& x, int64_t dim, bool log) {
+  int s = slot(x.scalar_type());
+  int64_t ndim = x.dim();
+  if (dim < 0) dim += ndim;
+  if (!config.ready || s < 0 || dim < 0 || dim >= ndim || !plain(x) || !x.is_contiguous()) {
+    return std::nullopt;
+  }
+  int64_t numel = x.numel();
+  if (numel >= config.max_elements) return std::nullopt;
+  int64_t threads = threads_for(numel, numel);  // (the kernels split units themselves)
+  if (threads == 0) return std::nullopt;
+  at::IntArrayRef sizes = x.sizes();
+  int64_t n_out = 1, n_in = 1;
+  for (int64_t d = 0; d < dim; ++d) n_out *= sizes[d];
+  for (int64_t d = dim + 1; d < ndim; ++d) n_in *= sizes[d];
+  return SoftmaxNode::apply(x, config.softmax[s][0], config.softmax[s][1], n_out, sizes[dim],
+                            n_in, log, threads);
+}
+
+// The reduced (mean, or sum), unweighted nll_loss of (N, C) input at any strides and (N,)
+// contiguous int64 targets, or None where the lane does not take the call. An out-of-range
+// target raises IndexError (nothing written; the caller names the offender).
+std::optional<at::Tensor> nll_lane(const at::Tensor& input, const at::Tensor& target,
+                                   int64_t ignore_index, bool mean) {
+  int s = slot(input.scalar_type());
+  if (!config.ready || s < 0 || input.dim() != 2 || target.dim() != 1 ||
+      target.size(0) != input.size(0) || target.scalar_type() != at::kLong || !plain(input) ||
+      !plain(target) || !target.is_contiguous()) {
+    return std::nullopt;
+  }
+  if (s > 0 && at::autocast::is_autocast_enabled(at::kCPU)) {
+    return std::nullopt;  // autocast: nll_loss in float32 (the general path)
+  }
+  int64_t numel = input.numel();
+  if (numel >= config.max_elements) return std::nullopt;
+  int64_t threads = threads_for(numel, input.size(0));
+  if (threads == 0) return std::nullopt;
+  return NllNode::apply(input, target, config.nll[s][0], config.nll[s][1], ignore_index, mean,
+                        threads);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("softmax", &softmax, "log_softmax (log=True) or softmax of contiguous CPU input");
+  m.def("configure", &configure, "the kernels' C entries, the size limits, the team's state");
+  m.def("set_team", &set_team, "whether torch's OpenMP team can run a launch");
+  m.def("softmax_lane", &softmax_lane, "log_softmax / softmax of contiguous CPU input, or None");
+  m.def("nll_lane", &nll_lane, "reduced, unweighted nll_loss of (N, C) input, or None");
   m.def("cross_entropy", &cross_entropy, "(reduced loss, probe verdict) of (R, C) logits");
-  m.def("nll_loss", &nll_loss, "reduced, unweighted nll_loss of (N, C) input");
 }
