@@ -271,9 +271,13 @@ def test_the_lane_keeps_a_bounded_number_of_plans():
 
 def test_the_lane_keeps_no_plan_while_the_backend_is_unsettled(monkeypatch):
     """While numba loads, ``auto`` runs on torch: the lane uses that call for the call only,
-    and keeps the plan once numba is ready (the numba kernel then runs)."""
+    and keeps the plan once numba is ready (the numba kernel then runs). (The Python lane's:
+    the compiled node is loaded only once numba is.)"""
     from crossent._core import dispatch, lane
+    from crossent.backends import native
 
+    monkeypatch.setattr(native, "module", None)
+    monkeypatch.setattr(native, "_tried", True)
     monkeypatch.setattr(lane, "_PLANS", {})
     monkeypatch.setattr(dispatch, "_RESOLVED", {})
     monkeypatch.setattr(dispatch, "ready", lambda name: name != "numba")

@@ -8,7 +8,8 @@ and the call goes straight to an autograd Function's C entry. A (64, 10) call pa
 step and more per torch call (a tensor attribute read costs ~0.4 us alone and 1-2 us inside a
 training step's cold caches, measured): this path reads each attribute it needs once. Any
 other call returns ``None`` here and takes the general path, which raises torch's errors,
-handles every layout, and sees tracing.
+handles every layout, and sees tracing. Where the compiled node is loaded
+(``backends.native``), its lane checks the tensors in C++ and the options alone pick its plan.
 """
 from __future__ import annotations
 
@@ -32,13 +33,17 @@ _lane_apply = c_apply(CrossEntropyLane)
 
 class _Plan(NamedTuple):
     """What a call with the same options, dtypes and class count needs: the checked options,
-    the backend's whole call, its launch for contiguous calls (``lane_launch``, or None), and
-    the compiled node's arguments after the tensors (``backends.native.ce_args``, or None)."""
+    the backend's whole call, and its launch for contiguous calls (``lane_launch``, or None)."""
 
     params: CEParams
     call: Callable[..., Any]
     launch: Callable[..., Any] | None
-    native: tuple | None = None
+
+
+_NUMBA = ("auto", "numba")  # the impls whose calls the compiled node may take, once loaded
+# (impl, ignore_index, reduction, label_smoothing, z_loss, diagnostics on) -> the compiled
+# node's options after the tensors, or None (reduction "none"); bounded as _PLANS.
+_NATIVE: dict[tuple, tuple | None] = {}
 
 
 # (impl, dtype, target dtype, C, ignore_index, reduction, label_smoothing, z_loss, softcap,
@@ -54,7 +59,28 @@ def cross_entropy(
 ) -> Tensor | None:
     """``crossent.cross_entropy(input, target, ...)`` without a weight, the legacy arguments or
     an in-place gradient, for the common call (see the module docstring); ``None`` otherwise."""
-    if torch.compiler.is_compiling() or type(input) is not Tensor or type(target) is not Tensor:
+    if torch.compiler.is_compiling():
+        return None
+    node = _native.module
+    if (node is not None and softcap is None and impl in _NUMBA and not _composite.active()
+            and stats_sink.get() is None):
+        # the compiled node (``backends.native``) where a Python node's own cost shows: its lane
+        # checks the tensors in C++, so the options alone pick its plan
+        key = (impl, ignore_index, reduction, label_smoothing, z_loss, _diagnostics._enabled)
+        options = _NATIVE.get(key, UNPLANNED)
+        if options is UNPLANNED:
+            options = _native_options(key)
+        if options is not None:
+            try:
+                out = node.ce_lane(input, target, *options)
+            except IndexError:  # the kernel's check: name the offender as the general path does
+                _validate.check_target_values(target, input.shape[1], ignore_index)
+                raise
+            if out is not None:
+                if out[1]:
+                    _diagnostics.warn_probabilities(input)
+                return out[0]
+    if type(input) is not Tensor or type(target) is not Tensor:
         return None
     shape = input.shape
     if len(shape) != 2 or target.shape != shape[:1] or not (input.is_cpu and target.is_cpu):
@@ -68,6 +94,9 @@ def cross_entropy(
     plan = _PLANS.get(key, UNPLANNED)
     if plan is UNPLANNED:
         plan = _plan(key, input)
+        if node is None and _native.module is not None:  # the plan loaded the compiled node
+            return cross_entropy(input, target, ignore_index, reduction, label_smoothing, z_loss,
+                                 softcap, impl)
     if plan is None or input.is_neg() or _composite.active() or stats_sink.get() is not None:
         return None  # (a negative-bit view: see ``_validate.resolved``)
     logits = input if torch.is_grad_enabled() else input.detach()  # see _cross_entropy
@@ -77,18 +106,7 @@ def cross_entropy(
                 xa, ta = input.data_ptr(), target.data_ptr()
             except RuntimeError:
                 return None
-            threads = 0
-            if plan.native is not None and 0 < n_rows * n_cls < _native.MAX_ELEMENTS:
-                threads = _native.threads(n_rows * n_cls, n_rows)
-            if threads:  # the compiled node, where a Python node's own cost shows
-                try:
-                    loss, seen = _native.module.cross_entropy(logits, target, threads,
-                                                              *plan.native)
-                except IndexError:  # the kernel's check: name the offender as below
-                    _validate.check_target_values(target, n_cls, ignore_index)
-                    raise
-            else:
-                loss, seen = _lane_apply(logits, target, plan.launch, xa, ta, n_rows)
+            loss, seen = _lane_apply(logits, target, plan.launch, xa, ta, n_rows)
         elif input.stride(1) == 1 and eager(input, target):
             loss, _, seen = _apply(logits, target, None, plan.params, plan.call, input.dtype)
         else:
@@ -119,8 +137,23 @@ def _plan(key: tuple, input: Tensor) -> _Plan | None:
             return _Plan(params, call, None)
         launcher = getattr(backend, "lane_launch", None)
         launch = None if launcher is None else launcher(dtype, n_cls, params)
-        native = None
-        if launch is not None and _native.load_built():
-            native = _native.ce_args(dtype, n_cls, params)
-        plan = _Plan(params, call, launch, native)
+        if launch is not None:
+            _native.load_built()  # (done by the background load unless CROSSENT_BACKGROUND_LOAD=0)
+        plan = _Plan(params, call, launch)
     return keep_plan(_PLANS, key, plan)
+
+
+def _native_options(key: tuple) -> tuple | None:
+    """The compiled node's options for ``key``'s calls (checked: torch's errors), or None for
+    the calls it does not take (reduction "none")."""
+    from ..functional import _options  # (functional imports this module)
+
+    impl, ignore_index, reduction, label_smoothing, z_loss, probe = key
+    params = _options(ignore_index, reduction,
+                      _validate.real_arg("label_smoothing", label_smoothing),
+                      _validate.real_arg("z_loss", z_loss), None, False, False, None)
+    options = None
+    if params.reduction != "none":
+        ignore_index, eps, z_loss, mean, _, _ = params.whole_call
+        options = (ignore_index, eps, z_loss, mean, probe)
+    return keep_plan(_NATIVE, key, options)

@@ -40,7 +40,6 @@ ENABLED = os.environ.get("CROSSENT_NATIVE", "1").strip().lower() not in ("0", "f
 ONE_THREAD = 1 << 14
 MAX_ELEMENTS = 1 << 22
 module: ModuleType | None = None  # the loaded extension, once ready
-ce_entries: dict[tuple[torch.dtype, bool], int] = {}  # (dtype, few classes) -> CE launch
 _tried = False  # load_built ran (once per process: it reads the file system)
 _lock = threading.Lock()
 
@@ -108,20 +107,24 @@ def load_built() -> bool:
 
 
 def _load(verbose: bool) -> ModuleType:
-    global module, ce_entries
+    global module
     from torch.utils import cpp_extension
 
     from . import kernels
 
-    softmax, nll, found_ce = kernels.entries(), kernels.nll_entries(), kernels.ce_entries()
+    from ..._core.diagnostics import _tolerance
+    from .._numba_kdim_call import FEW_CLASSES
+
+    softmax, nll, ce = kernels.entries(), kernels.nll_entries(), kernels.ce_entries()
     source = _directory() / "node.cpp"  # the build's own copy: no other checkout's path in it
     if not source.exists() or source.read_bytes() != _TEXT:
         source.write_bytes(_TEXT)
     loaded = cpp_extension.load(NAME, [str(source)], extra_cflags=["-O2"], verbose=verbose)
     order = (torch.float32, torch.bfloat16, torch.float16)  # the node's slots
     loaded.configure([a for d in order for a in softmax[d]], [a for d in order for a in nll[d]],
-                     ONE_THREAD, MAX_ELEMENTS, _team_usable())
-    ce_entries = found_ce
+                     [ce[d, few] for d in order for few in (False, True)],
+                     [_tolerance(d) for d in order], FEW_CLASSES, ONE_THREAD, MAX_ELEMENTS,
+                     _team_usable())
     module = loaded
     return loaded
 
@@ -135,29 +138,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forked)
 
 
-def threads(numel: int, units: int) -> int:
-    """Threads for a node's launch of ``numel`` elements in ``units`` independent blocks (rows):
-    one below ``ONE_THREAD``, else torch's count; 0 where torch's OpenMP team cannot run a
-    launch (the Python node then splits the work over Python threads)."""
-    if numel < ONE_THREAD:
-        return 1
-    return min(torch.get_num_threads(), units) if _team_usable() else 0
-
-
 def _team_usable() -> bool:
     from .. import _omp_team
 
     return _omp_team.usable()
-
-
-def ce_args(dtype: torch.dtype, n_cls: int, params) -> tuple | None:
-    """The cross-entropy node's arguments after ``(logits, target)`` for the lane's calls of
-    ``params`` (``numba_cpu.lane_launch``'s: reduced, unweighted, int64 indices), or None where
-    it has no entry (softcap)."""
-    from .._numba_kdim_call import side_by_side
-
-    entry = ce_entries.get((dtype, side_by_side(n_cls)))
-    if entry is None or params.softcap is not None:
-        return None
-    ignore_index, eps, z_loss, mean, _, probe_tol = params.whole_call
-    return entry, ignore_index, eps, z_loss, mean, probe_tol

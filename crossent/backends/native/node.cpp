@@ -4,9 +4,8 @@
 // A Python autograd.Function costs more than torch's whole (64, 10) log_softmax: its apply and
 // its backward each run Python frames and take the GIL (measured, BENCHMARKS.md). These nodes
 // are the lanes' Functions in C++, calling the kernels' C entries (numba cfuncs, kernels.py).
-// The softmax and nll_loss nodes are reached through their lanes (``softmax_lane``,
-// ``nll_lane``: the common call's checks, below); ``_core.lane`` calls ``cross_entropy`` with
-// checked tensors.
+// The nodes are reached through their lanes (``softmax_lane``, ``nll_lane``, ``ce_lane``: the
+// common call's checks, below).
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/extension.h>
@@ -85,11 +84,6 @@ struct CrossEntropyNode : public torch::autograd::Function<CrossEntropyNode> {
                             const at::Tensor& target, int64_t entry, int64_t ignore_index,
                             double eps, double z_loss, bool mean, double probe_tol,
                             int64_t threads, bool want_grad) {
-    TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.is_contiguous() &&
-                    target.is_contiguous() && target.scalar_type() == at::kLong &&
-                    target.dim() == 1 && target.size(0) == logits.size(0),
-                "crossent native cross_entropy: contiguous (R, C) logits and (R,) int64 "
-                "indices expected");
     at::Tensor grad = want_grad ? at::empty_like(logits, at::MemoryFormat::Contiguous)
                                 : at::Tensor();
     at::Tensor loss = at::empty({}, logits.options());
@@ -201,23 +195,15 @@ struct NllNode : public torch::autograd::Function<NllNode> {
   }
 };
 
-std::tuple<at::Tensor, bool> cross_entropy(const at::Tensor& logits, const at::Tensor& target,
-                                           int64_t threads, int64_t entry, int64_t ignore_index,
-                                           double eps, double z_loss, bool mean,
-                                           double probe_tol) {
-  // (needs_input_grad is not defined in forward when no input requires grad)
-  bool want_grad = at::GradMode::is_enabled() && logits.requires_grad();
-  at::Tensor loss = CrossEntropyNode::apply(logits, target, entry, ignore_index, eps, z_loss,
-                                            mean, probe_tol, threads, want_grad);
-  return {loss, probe_seen};
-}
-
 // ---- the lanes: the common calls' checks, here rather than in Python (each tensor attribute
 // read from Python costs a (64, 10) call ~0.2 us; the checks were a third of its time) -------
 
 struct Config {
   int64_t softmax[3][2] = {};  // C entries (forward, backward) by slot (float32, bf16, fp16)
   int64_t nll[3][2] = {};
+  int64_t ce[3][2] = {};         // cross-entropy launches by slot: row kernel, few-class rows
+  double probe_tol[3] = {};      // the misuse probe's tolerance by slot
+  int64_t few_classes = 0;       // rows of up to this many classes run side by side
   int64_t one_thread = 0, max_elements = 0;  // see backends.native's ONE_THREAD, MAX_ELEMENTS
   c10::DispatchKeySet plain, inference;  // the keys of a plain CPU tensor, outside and inside
                                          // inference mode
@@ -251,16 +237,21 @@ int64_t threads_for(int64_t numel, int64_t units) {
 }
 
 void configure(const std::vector<int64_t>& softmax_entries,
-               const std::vector<int64_t>& nll_entries, int64_t one_thread,
+               const std::vector<int64_t>& nll_entries, const std::vector<int64_t>& ce_entries,
+               const std::vector<double>& probe_tol, int64_t few_classes, int64_t one_thread,
                int64_t max_elements, bool team) {
-  TORCH_CHECK(softmax_entries.size() == 6 && nll_entries.size() == 6,
-              "crossent native: six entries each expected");
+  TORCH_CHECK(softmax_entries.size() == 6 && nll_entries.size() == 6 && ce_entries.size() == 6 &&
+                  probe_tol.size() == 3,
+              "crossent native: six entries each and three tolerances expected");
   for (int i = 0; i < 3; ++i) {
     for (int j = 0; j < 2; ++j) {
       config.softmax[i][j] = softmax_entries[2 * i + j];
       config.nll[i][j] = nll_entries[2 * i + j];
+      config.ce[i][j] = ce_entries[2 * i + j];
     }
+    config.probe_tol[i] = probe_tol[i];
   }
+  config.few_classes = few_classes;
   config.one_thread = one_thread;
   config.max_elements = max_elements;
   config.plain = at::empty({0}).key_set();
@@ -317,6 +308,36 @@ std::optional<at::Tensor> nll_lane(const at::Tensor& input, const at::Tensor& ta
                         threads);
 }
 
+// The reduced, unweighted, uncapped cross-entropy of contiguous (R, C) logits and (R,)
+// contiguous int64 indices, with the misuse probe's verdict (probe: whether diagnostics are
+// on), or None where the lane does not take the call. An out-of-range target raises IndexError
+// (nothing written; the caller names the offender).
+std::optional<std::tuple<at::Tensor, bool>> ce_lane(const at::Tensor& logits,
+                                                    const at::Tensor& target,
+                                                    int64_t ignore_index, double eps,
+                                                    double z_loss, bool mean, bool probe) {
+  int s = slot(logits.scalar_type());
+  if (!config.ready || s < 0 || logits.dim() != 2 || target.dim() != 1 ||
+      target.size(0) != logits.size(0) || target.scalar_type() != at::kLong ||
+      !plain(logits) || !plain(target) || !logits.is_contiguous() || !target.is_contiguous()) {
+    return std::nullopt;
+  }
+  if (s > 0 && at::autocast::is_autocast_enabled(at::kCPU)) {
+    return std::nullopt;  // autocast: a float32 loss (the general path)
+  }
+  int64_t n_rows = logits.size(0), n_cls = logits.size(1), numel = logits.numel();
+  if (numel == 0 || numel >= config.max_elements) return std::nullopt;
+  int64_t threads = threads_for(numel, n_rows);
+  if (threads == 0) return std::nullopt;
+  int64_t entry = config.ce[s][n_cls <= config.few_classes ? 1 : 0];
+  double probe_tol = probe && n_cls >= 2 ? config.probe_tol[s] : -1.0;  // (-1: no probe)
+  // (needs_input_grad is not defined in forward when no input requires grad)
+  bool want_grad = at::GradMode::is_enabled() && logits.requires_grad();
+  at::Tensor loss = CrossEntropyNode::apply(logits, target, entry, ignore_index, eps, z_loss,
+                                            mean, probe_tol, threads, want_grad);
+  return std::make_tuple(loss, probe_seen);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -324,5 +345,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_team", &set_team, "whether torch's OpenMP team can run a launch");
   m.def("softmax_lane", &softmax_lane, "log_softmax / softmax of contiguous CPU input, or None");
   m.def("nll_lane", &nll_lane, "reduced, unweighted nll_loss of (N, C) input, or None");
-  m.def("cross_entropy", &cross_entropy, "(reduced loss, probe verdict) of (R, C) logits");
+  m.def("ce_lane", &ce_lane, "(reduced loss, probe verdict) of (R, C) logits, or None");
 }
