@@ -346,3 +346,95 @@ def test_nll_node_create_graph_is_torchs(dtype):
     torch.testing.assert_close(torch.autograd.grad((got.float() * v.float()).sum(), up)[0],
                                torch.autograd.grad((want.float() * v.float()).sum(), up)[0],
                                **tol)
+
+
+_LANE_CALLS = {
+    "cross_entropy": lambda lib, x, t: lib.cross_entropy(x, t),
+    "nll_loss": lambda lib, x, t: lib.nll_loss(x.log_softmax(1), t),
+    "log_softmax": lambda lib, x, t: lib.log_softmax(x, 1),
+    "softmax": lambda lib, x, t: lib.softmax(x, -1),
+}
+
+
+def _lane_results(call, x, t):
+    out = []
+    for lib in (crossent, F):
+        a = x.detach().clone().requires_grad_()
+        y = _LANE_CALLS[call](lib, a, t)
+        (g,) = torch.autograd.grad((y.float() * torch.linspace(-1, 1, y.numel()).view(y.shape))
+                                   .sum(), a)
+        out.append((y.detach(), g, type(y.grad_fn).__name__))
+    return out
+
+
+@pytest.mark.parametrize("call", _LANE_CALLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_lanes_leave_autocast_to_the_general_path(call, dtype):
+    """Under CPU autocast torch computes the losses of 16-bit input in float32 (softmax keeps
+    the dtype): the C++ lanes decline those calls, the general path follows torch."""
+    gen = torch.Generator().manual_seed(2)
+    x, t = logits((8, 5), dtype, gen), torch.randint(0, 5, (8,), generator=gen)
+    with torch.autocast("cpu", dtype=dtype):
+        (ours, g_ours, node), (theirs, g_theirs, _) = _lane_results(call, x, t)
+    assert ours.dtype == theirs.dtype and g_ours.dtype == g_theirs.dtype
+    assert ("Cpp" in node) == call.endswith("softmax")
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(g_ours.float(), g_theirs.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("call", _LANE_CALLS)
+def test_the_lanes_take_parameters_and_inference_tensors(call):
+    """A Parameter is a plain tensor to the lanes (the node, torch's values); inference-mode
+    calls give torch's values without a graph."""
+    gen = torch.Generator().manual_seed(4)
+    x, t = logits((16, 7), torch.float32, gen), torch.randint(0, 7, (16,), generator=gen)
+    p = torch.nn.Parameter(x.clone())
+    y = _LANE_CALLS[call](crossent, p, t)
+    assert "Cpp" in type(y.grad_fn).__name__
+    (g,) = torch.autograd.grad(y.sum(), p)
+    (want,) = torch.autograd.grad(_LANE_CALLS[call](F, p, t).sum(), p)
+    torch.testing.assert_close(g, want)
+    with torch.inference_mode():
+        xi = x.clone()
+        got, want = _LANE_CALLS[call](crossent, xi, t), _LANE_CALLS[call](F, xi, t)
+    assert got.is_inference() and got.grad_fn is None
+    torch.testing.assert_close(got, want)
+
+
+def _forked_child(queue):
+    # one thread: torch's own ops would enter libgomp's team, which hangs in a forked child (as
+    # the kernels would); the lanes' check is not the thread count but the team's state
+    torch.set_num_threads(1)
+    results = {}
+    for call in _LANE_CALLS:
+        # (numpy arrays: pickled by value; tensors would be shared through the child's files)
+        y, g, node = _lane_results(call, *_team_sized())[0]
+        results[call] = (y.numpy(), g.numpy(), node)
+    queue.put(results)
+
+
+def _team_sized():
+    gen = torch.Generator().manual_seed(6)
+    x = logits((8, 2 * native.ONE_THREAD // 8), torch.float32, gen)  # (on the team at home)
+    return x, torch.randint(0, x.shape[1], (8,), generator=gen)
+
+
+def test_a_forked_child_leaves_team_sized_calls_to_the_python_nodes():
+    """libgomp's team is not valid in a forked child: the lanes decline calls they would run on
+    it there, and the Python nodes split them over Python threads: the bits of the node on the
+    team in the parent."""
+    import multiprocessing as mp
+
+    home = {call: _lane_results(call, *_team_sized())[0] for call in _LANE_CALLS}
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_forked_child, args=(queue,))
+    proc.start()
+    results = queue.get(timeout=300)
+    proc.join(timeout=60)
+    assert proc.exitcode == 0
+    for call, (y, g, node) in results.items():
+        want_y, want_g, home_node = home[call]
+        assert "Cpp" in home_node and "Cpp" not in node, call
+        assert torch.equal(torch.from_numpy(y), want_y), call
+        assert torch.equal(torch.from_numpy(g), want_g), call

@@ -208,7 +208,7 @@ def _lane(input: Tensor, dim: int, impl: str, log: bool) -> Tensor | None:
         out = node.softmax_lane(input, dim, log)
         if out is not None:
             return out
-    if not input.is_cpu:
+    if type(input) is not Tensor or not input.is_cpu:
         return None
     shape = input.shape
     ndim = len(shape)
@@ -258,7 +258,7 @@ def apply(run: Callable[..., Tensor], name: str, input: Tensor, dim: int | None,
           dtype: torch.dtype | None, impl: str) -> Tensor:
     """The public ``log_softmax`` / ``softmax`` (``run`` is ``LOG_SOFTMAX`` or ``SOFTMAX``):
     cast, check, 0-d handling, dispatch."""
-    if dtype is None and type(input) is Tensor and type(dim) is int:
+    if dtype is None and type(dim) is int and isinstance(input, Tensor):
         out = _lane(input, dim, impl, run is LOG_SOFTMAX)
         if out is not None:
             return out
