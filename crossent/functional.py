@@ -297,10 +297,14 @@ def nll_loss(
         if loss is not None:  # the common call (``_core.nll.lane``)
             return loss
     reduction = _validate.resolve_reduction(size_average, reduce, reduction)
+    for arg, what in ((input, "input"), (target, "target")):
+        if not isinstance(arg, Tensor):  # torch's class
+            raise TypeError(f"nll_loss(): argument '{what}' must be a torch.Tensor, not "
+                            f"{type(arg).__name__}")
     input, weight = _validate.resolved(input), _validate.resolved(weight)
-    if isinstance(input, Tensor) and _validate.autocast_fp32(input):
+    if _validate.autocast_fp32(input):
         input, target, weight = _validate.autocast_args(input, target, weight)
-    if isinstance(input, Tensor) and input.dim() == 0:
+    if input.dim() == 0:
         raise ValueError(
             "Expected 1 or more dimensions (got 0): nll_loss needs log-probabilities of shape "
             "(C,), (N, C) or (N, C, d1, ..., dk), e.g. log_softmax(logits, dim) of the logits"

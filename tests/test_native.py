@@ -438,3 +438,50 @@ def test_a_forked_child_leaves_team_sized_calls_to_the_python_nodes():
         assert "Cpp" in home_node and "Cpp" not in node, call
         assert torch.equal(torch.from_numpy(y), want_y), call
         assert torch.equal(torch.from_numpy(g), want_g), call
+
+
+@pytest.mark.parametrize("case", ["mean, every row ignored", "sum, infinite upstream"])
+def test_nll_node_double_backward_keeps_ignored_rows_zero(case):
+    """An upstream that requires grad (a double-backward product) with no kept row (mean: the
+    scale is g / 0) or an infinite upstream (65536 in float16): ignored rows' gradient is 0, as
+    torch's; 0 * inf had made NaN there."""
+    gen = torch.Generator().manual_seed(8)
+    dtype = torch.float32 if case.startswith("mean") else torch.float16
+    x = torch.randn(4, 3, generator=gen).log_softmax(1).to(dtype).requires_grad_()
+    t = torch.full((4,), -100) if case.startswith("mean") else torch.tensor([0, -100, 2, -100])
+    reduction = case.split(",")[0]
+    up = torch.tensor(65536.0 if dtype == torch.float16 else 1.0, dtype=dtype,
+                      requires_grad=True)
+    loss = crossent.nll_loss(x, t, reduction=reduction)
+    assert "Cpp" in type(loss.grad_fn).__name__
+    (got,) = torch.autograd.grad(loss, x, up, create_graph=True)
+    (want,) = torch.autograd.grad(F.nll_loss(x, t, reduction=reduction), x, up,
+                                  create_graph=True)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    assert not got[t == -100].isnan().any() and not got[t == -100].signbit().any()
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, t: crossent.cross_entropy(x, t.tolist()),
+    lambda x, t: crossent.cross_entropy(x.tolist(), t),
+    lambda x, t: crossent.nll_loss(x, t.tolist()),
+    lambda x, t: crossent.nll_loss(x.numpy(), t),
+    lambda x, t: crossent.nll_loss(x, None),
+], ids=["ce target", "ce input", "nll target", "nll input", "nll None"])
+def test_non_tensor_arguments_get_torchs_class_and_a_named_message(call):
+    """torch raises TypeError for an argument that is not a tensor; the C++ lanes' binding
+    would say "incompatible function arguments" with its own signature: the general path
+    names the argument instead."""
+    x, t = torch.randn(3, 4).log_softmax(1), torch.tensor([0, 1, 2])
+    with pytest.raises(TypeError, match="must be a torch.Tensor") as error:
+        call(x, t)
+    assert "incompatible" not in str(error.value)
+
+
+@pytest.mark.parametrize("fn", [crossent.softmax, crossent.log_softmax])
+@pytest.mark.parametrize("dim", [1 << 63, -(1 << 63) - 1])
+def test_a_dim_beyond_int64_raises_torchs_value_error(fn, dim):
+    with pytest.raises(ValueError, match="64-bit"):
+        fn(torch.randn(3, 4), dim)
+    with pytest.raises(ValueError):
+        getattr(F, fn.__name__)(torch.randn(3, 4), dim)

@@ -76,6 +76,8 @@ def cross_entropy(
             except IndexError:  # the kernel's check: name the offender as the general path does
                 _validate.check_target_values(target, input.shape[1], ignore_index)
                 raise
+            except TypeError:  # not tensors: the general path raises torch's error, named
+                out = None
             if out is not None:
                 if out[1]:
                     _diagnostics.warn_probabilities(input)

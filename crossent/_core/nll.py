@@ -79,6 +79,8 @@ def lane(input: Tensor, target: Tensor, ignore_index: int, reduction: str, impl:
         except IndexError:  # the kernel's own check: name the offender as the general path does
             _validate.check_target_values(target, input.shape[1], ignore_index)
             raise
+        except TypeError:  # not tensors: the general path raises torch's error, named
+            loss = None
         if loss is not None:
             return loss
     if type(input) is not Tensor or type(target) is not Tensor:

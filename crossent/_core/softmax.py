@@ -29,7 +29,11 @@ def softmax_dim(name: str, ndim: int, dim: int | None) -> int:
     if dim is not None:
         if isinstance(dim, bool) or not hasattr(type(dim), "__index__"):
             raise TypeError(f"{name}(): dim must be an int, got {type(dim).__name__} {dim!r}")
-        return operator.index(dim)
+        dim = operator.index(dim)
+        if not -(1 << 63) <= dim < 1 << 63:  # torch's class for an argument beyond int64
+            raise ValueError(f"{name}(): dim={dim} does not fit in a 64-bit integer "
+                             "(Overflow when unpacking long long)")
+        return dim
     warnings.warn(
         f"Implicit dimension choice for {name} has been deprecated. "
         "Change the call to include dim=X as an argument.",
@@ -205,7 +209,10 @@ def _lane(input: Tensor, dim: int, impl: str, log: bool) -> Tensor | None:
     if node is not None and impl in _NUMBA and not _composite.active():
         # the compiled node (``backends.native``) where a Python node's own cost shows: its lane
         # checks the call in C++
-        out = node.softmax_lane(input, dim, log)
+        try:
+            out = node.softmax_lane(input, dim, log)
+        except TypeError:  # a dim beyond int64: the general path raises torch's error, named
+            out = None
         if out is not None:
             return out
     if type(input) is not Tensor or not input.is_cpu:

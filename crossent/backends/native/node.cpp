@@ -170,10 +170,11 @@ struct NllNode : public torch::autograd::Function<NllNode> {
     if (graph && g.requires_grad()) {
       // a double-backward product through an upstream that requires grad: the gradient in
       // differentiable ops of g (nll_loss is linear in its input: the same at every input)
+      // (ignored rows: 0, never 0 * scale, which is NaN for an infinite upstream or no kept row)
       at::Tensor keep = target != ignore_index;
       at::Tensor index = target.masked_fill(keep.logical_not(), 0).unsqueeze(1);
       at::Tensor scale = mean ? g / kept : g;
-      at::Tensor values = -(keep.to(scale.scalar_type()) * scale);
+      at::Tensor values = at::where(keep, -scale, at::zeros({}, scale.options()));
       grad = at::zeros({n, n_cls}, input.options())
                  .scatter(1, index, values.to(input.scalar_type()).unsqueeze(1));
     } else {
