@@ -39,16 +39,24 @@ def node():
 
 
 @contextlib.contextmanager
-def python_node():
-    """The softmax lane's Python node, as where the native one is not built."""
+def python_nodes(*plans: dict):
+    """The lanes' Python nodes, as where the compiled node is not built: the node unloaded and
+    ``plans`` (the lanes' plan caches) made again without it."""
     module, native.module = native.module, None
     tried, native._tried = native._tried, True
-    sm._PLANS.clear()
+    for cache in plans:
+        cache.clear()
     try:
         yield
     finally:
         native.module, native._tried = module, tried
-        sm._PLANS.clear()
+        for cache in plans:
+            cache.clear()
+
+
+def python_node():
+    """The softmax lane's Python node."""
+    return python_nodes(sm._PLANS)
 
 
 def _run(fn, x, dim, up):
@@ -159,19 +167,11 @@ def test_a_fresh_process_loads_the_built_node():
     assert "native nodes (cross_entropy, nll_loss, softmax): loaded" in env.stdout
 
 
-@contextlib.contextmanager
 def python_lane():
-    """The cross-entropy lane's Python node: its plans made without the compiled node."""
+    """The cross-entropy lane's Python node."""
     from crossent._core import lane
 
-    module, native.module = native.module, None
-    tried, native._tried = native._tried, True
-    lane._PLANS.clear()
-    try:
-        yield
-    finally:
-        native.module, native._tried = module, tried
-        lane._PLANS.clear()
+    return python_nodes(lane._PLANS)
 
 
 CE_OPTIONS = [dict(), dict(label_smoothing=0.1), dict(reduction="sum"), dict(ignore_index=3),
@@ -232,19 +232,11 @@ def test_the_cross_entropy_node_behaves_as_the_python_lane():
         == "CrossEntropyLaneBackward"
 
 
-@contextlib.contextmanager
 def python_nll_lane():
-    """The nll_loss lane's Python node: its plans made without the compiled node."""
+    """The nll_loss lane's Python node."""
     from crossent._core import nll
 
-    module, native.module = native.module, None
-    tried, native._tried = native._tried, True
-    nll._PLANS.clear()
-    try:
-        yield
-    finally:
-        native.module, native._tried = module, tried
-        nll._PLANS.clear()
+    return python_nodes(nll._PLANS)
 
 
 def _log_probs(shape, dtype, gen):
