@@ -218,7 +218,7 @@ def _load_numba_kernels() -> None:
         _load_numba().warm_up()
         from ..backends import native
 
-        native.load_built()  # the compiled softmax node, if `crossent build` made it (no compile)
+        native.load_built()  # the compiled nodes, if `crossent build` made them (no compile)
     except Exception:  # noqa: BLE001 - reported by the foreground load, not lost in a thread
         pass
     _loaded = True
