@@ -93,6 +93,8 @@ def test_sweep_quick_end_to_end(tmp_path):
         assert r["ours_ms"] > 0 and r["torch_ms"] > 0 and r["ratio"] > 0 and r["pairs"] >= 3
         assert r["pass"] in (True, False)
     assert [r for r in result["rows"] if "memory_x" in r][0]["case"].startswith("seg ")
+    assert result["machine"]["native"] in (True, False)  # (the measured configuration)
+    assert ("compiled nodes: loaded" in proc.stdout) == result["machine"]["native"]
     lines = proc.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("case "))
     body = lines[header + 1:header + 1 + len(names)]

@@ -258,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     from .._core.dispatch import ready
 
     ready("numba", wait=True)
+    from ..backends import native
+
+    # the measured configuration: the small calls' nodes are compiled ones only once built
+    machine["native"] = native.load_built()
+    console.line("compiled nodes: " + ("loaded" if machine["native"] else
+                                       "not loaded (Python nodes; `crossent build` makes them)"))
     rows = []
     with console.progress("sweep", len(chosen)) as step_done:
         for case in chosen:
