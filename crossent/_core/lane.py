@@ -40,7 +40,6 @@ class _Plan(NamedTuple):
     launch: Callable[..., Any] | None
 
 
-_NUMBA = ("auto", "numba")  # the impls whose calls the compiled node may take, once loaded
 # (impl, ignore_index, reduction, label_smoothing, z_loss, diagnostics on) -> the compiled
 # node's options after the tensors, or None (reduction "none"); bounded as _PLANS.
 _NATIVE: dict[tuple, tuple | None] = {}
@@ -62,8 +61,8 @@ def cross_entropy(
     if torch.compiler.is_compiling():
         return None
     node = _native.module
-    if (node is not None and softcap is None and impl in _NUMBA and not _composite.active()
-            and stats_sink.get() is None):
+    if (node is not None and softcap is None and impl in _native.IMPLS
+            and not _composite.active() and stats_sink.get() is None):
         # the compiled node (``backends.native``) where a Python node's own cost shows: its lane
         # checks the tensors in C++, so the options alone pick its plan
         key = (impl, ignore_index, reduction, label_smoothing, z_loss, _diagnostics._enabled)

@@ -55,7 +55,6 @@ def nll(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
     return loss.reshape(()) if input.dim() == 1 and reduction == "none" else loss
 
 
-_NUMBA = ("auto", "numba")  # the impls whose calls the compiled node may take, once loaded
 _REDUCED = ("mean", "sum")
 # (impl, dtype, target dtype, ignore_index, reduction) -> (``NLLLossLane``'s C entry, its plan), or
 # None for calls the lane does not take; kept once numba is ready.
@@ -71,7 +70,8 @@ def lane(input: Tensor, target: Tensor, ignore_index: int, reduction: str, impl:
     if torch.compiler.is_compiling():
         return None
     node = _native.module
-    if node is not None and impl in _NUMBA and reduction in _REDUCED and not _composite.active():
+    if (node is not None and impl in _native.IMPLS and reduction in _REDUCED
+            and not _composite.active()):
         # the compiled node (``backends.native``) where a Python node's own cost shows: its lane
         # checks the call in C++
         try:

@@ -196,7 +196,6 @@ class LogSoftmaxLane(SoftmaxLane):
 # backend); kept once numba is ready.
 _PLANS: dict[tuple, _Plan | None] = {}
 _LANE_APPLY = {True: c_apply(LogSoftmaxLane), False: c_apply(SoftmaxLane)}  # by ``log``
-_NUMBA = ("auto", "numba")  # the impls whose calls the compiled node may take, once loaded
 
 
 def _lane(input: Tensor, dim: int, impl: str, log: bool) -> Tensor | None:
@@ -206,7 +205,7 @@ def _lane(input: Tensor, dim: int, impl: str, log: bool) -> Tensor | None:
     if torch.compiler.is_compiling():
         return None
     node = _native.module
-    if node is not None and impl in _NUMBA and not _composite.active():
+    if node is not None and impl in _native.IMPLS and not _composite.active():
         # the compiled node (``backends.native``) where a Python node's own cost shows: its lane
         # checks the call in C++
         try:

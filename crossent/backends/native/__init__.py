@@ -39,6 +39,7 @@ ENABLED = os.environ.get("CROSSENT_NATIVE", "1").strip().lower() not in ("0", "f
 # cache and the Python node runs them, its cost small beside theirs.
 ONE_THREAD = 1 << 14
 MAX_ELEMENTS = 1 << 22
+IMPLS = ("auto", "numba")  # the impls whose calls the nodes may take (they run numba's kernels)
 module: ModuleType | None = None  # the loaded extension, once ready
 _tried = False  # load_built ran (once per process: it reads the file system)
 _lock = threading.Lock()
